@@ -1,0 +1,137 @@
+//! The CUDA backend: device context, stream, the embedded PTX modules and kernel lookup, on
+//! cudarc with dynamic loading (no CUDA library is needed to build, only to run on a GPU).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{Error, Result};
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// PTX modules embedded at build time: (module name, PTX text).
+pub const PTX: &[(&str, &str)] = embedded::PTX;
+/// The architecture the PTX targets (`IMDM_CUDA_ARCH` at build time).
+pub const ARCH: &str = embedded::ARCH;
+
+/// Where to run: the `--device` flag of every subcommand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceChoice {
+    /// The CPU reference path.
+    Cpu,
+    /// The GPU; an error if there is none or the binary has no kernels.
+    Cuda,
+    /// The GPU when a device and kernels exist, else the CPU.
+    Auto,
+}
+
+/// An open CUDA device with every kernel module loaded.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and loads all embedded PTX. Fails cleanly (never panics) when the
+    /// binary has no kernels, the driver library is absent, or there is no device.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if PTX.is_empty() {
+            return Err(Error::NoKernels);
+        }
+        // cudarc panics if the driver library is missing, so look for it first.
+        // SAFETY: this only tries to dlopen the driver library by its candidate names.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::NoDevice(
+                "the CUDA driver library (libcuda.so) was not found".into(),
+            ));
+        }
+        let n = CudaContext::device_count()?;
+        if n as usize <= ordinal {
+            return Err(Error::NoDevice(format!(
+                "device {ordinal} requested, {n} device(s) present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.default_stream();
+        let mut modules = HashMap::new();
+        for (name, src) in PTX {
+            let m = ctx.load_module(Ptx::from_src(*src)).map_err(|e| {
+                Error::Cuda(format!(
+                    "loading PTX module {name} (built for {ARCH}) failed: {e}; \
+                     PTX from a newer nvcc than the driver supports fails this way"
+                ))
+            })?;
+            modules.insert(*name, m);
+        }
+        Ok(Gpu {
+            ctx,
+            stream,
+            modules,
+        })
+    }
+
+    /// The kernel `function` of module `module` (the .cu file stem).
+    pub fn function(&self, module: &str, function: &str) -> Result<CudaFunction> {
+        let m = self
+            .modules
+            .get(module)
+            .ok_or_else(|| Error::Cuda(format!("no PTX module named {module}")))?;
+        m.load_function(function)
+            .map_err(|e| Error::Cuda(format!("kernel {function} in module {module}: {e}")))
+    }
+
+    /// Device name as the driver reports it.
+    pub fn name(&self) -> String {
+        self.ctx
+            .name()
+            .unwrap_or_else(|_| "unknown CUDA device".into())
+    }
+
+    /// Number of loaded modules.
+    pub fn module_count(&self) -> usize {
+        self.modules.len()
+    }
+
+    /// Waits for all queued work.
+    pub fn sync(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+}
+
+/// The resolved backend for a `--device` choice.
+pub enum Backend {
+    Cpu,
+    Cuda(Gpu),
+}
+
+impl Backend {
+    /// `cpu` -> CPU; `cuda` -> the GPU or the reason it is unusable; `auto` -> the GPU if usable.
+    pub fn resolve(choice: DeviceChoice) -> Result<Self> {
+        match choice {
+            DeviceChoice::Cpu => Ok(Backend::Cpu),
+            DeviceChoice::Cuda => Gpu::new(0).map(Backend::Cuda),
+            DeviceChoice::Auto => Ok(Gpu::new(0).map(Backend::Cuda).unwrap_or(Backend::Cpu)),
+        }
+    }
+}
+
+/// For GPU tests: the device, or `None` after printing "skipped: no CUDA device" — unless
+/// `IMDM_REQUIRE_GPU=1`, where a missing device is a test failure (so nothing passes by
+/// skipping on the GPU machine).
+pub fn gpu_for_tests() -> Option<Gpu> {
+    match Gpu::new(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            if std::env::var("IMDM_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("IMDM_REQUIRE_GPU=1 but the GPU is unusable: {e}");
+            }
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! # imdm-engine
+//!
+//! Masked diffusion language models (MDLM) and Infinite Mask Diffusion (IMDM) with
+//! hand-written CUDA kernels, each checked against a CPU twin.
+//!
+//! How the pieces fit:
+//! - [`model`]: the DiT denoiser of the reference. `config` holds the presets (spec 2.1),
+//!   `params` the per-layer parameter structs and the reference's tensor names (spec 2.5),
+//!   `init` the reference initialisation, `checkpoint` safetensors I/O with named errors, and
+//!   `dit_ref` the CPU reference forward that everything else is measured against. `dit_ref`
+//!   itself is checked against an independent PyTorch implementation (`tools/reference/`)
+//!   through committed fixtures (`tests/fixtures/`).
+//! - [`gpu`]: the CUDA context on cudarc (dynamic loading), the PTX that `build.rs` compiles
+//!   from `kernels/*.cu`, kernel lookup, and the `--device cpu|cuda|auto` choice.
+//! - [`ops`]: one module per kernel file: its only launcher, its CPU twin, its tests.
+//! - [`rng`]: the reference's counter-hash seeded noise (spec 5.8), bit-exact.
+//! - [`stio`] and [`tensor`]: safetensors helpers and plain host tensors.
+//! - [`cli`]: the `imdm-engine` subcommands; `main.rs` only parses and reports errors.
+//!
+//! Numerics: f32 master weights; the CPU reference accumulates in f64; GPU kernels keep the
+//! residual stream and statistics in f32 and feed bf16 to the GEMMs.
+
+pub mod cli;
+pub mod error;
+pub mod gpu;
+pub mod model;
+pub mod ops;
+pub mod rng;
+pub mod stio;
+pub mod tensor;
+pub mod testing;
+
+pub use error::{Error, Result};
