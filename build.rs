@@ -44,7 +44,13 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     let kdir = root.join("kernels");
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["NVCC", "CUDA_HOME", "IMDM_CUDA_ARCH", "PATH"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "IMDM_CUDA_ARCH",
+        "IMDM_EXPECT_KERNELS",
+        "PATH",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=.cuda/.installed");
@@ -60,6 +66,9 @@ fn main() {
     let arch = env::var("IMDM_CUDA_ARCH").unwrap_or_else(|_| "sm_90a".to_string());
     let mut entries = Vec::new();
     match &nvcc {
+        None if env::var("IMDM_EXPECT_KERNELS").is_ok_and(|v| v == "1") => {
+            panic!("IMDM_EXPECT_KERNELS=1 but nvcc was not found (run scripts/setup-cuda.sh)")
+        }
         None => println!(
             "cargo:warning=nvcc not found: building without CUDA kernels \
              (run scripts/setup-cuda.sh, or set NVCC / CUDA_HOME, then rebuild)"

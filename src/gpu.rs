@@ -135,3 +135,30 @@ pub fn gpu_for_tests() -> Option<Gpu> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// CI installs nvcc and sets IMDM_EXPECT_KERNELS=1: there a build without PTX is a failure,
+    /// not a silent CPU-only binary.
+    #[test]
+    fn kernels_are_embedded_when_expected() {
+        if std::env::var("IMDM_EXPECT_KERNELS").is_ok_and(|v| v == "1") {
+            assert!(
+                !super::PTX.is_empty(),
+                "IMDM_EXPECT_KERNELS=1 but no PTX was embedded"
+            );
+            for (name, src) in super::PTX {
+                assert!(src.contains(".entry"), "module {name} has no kernel entry");
+            }
+        }
+    }
+
+    /// Without a device (or without kernels) opening the GPU is an error, never a panic.
+    #[test]
+    fn opening_without_a_device_is_an_error_not_a_panic() {
+        if let Err(e) = super::Gpu::new(0) {
+            let msg = e.to_string();
+            assert!(msg.contains("CUDA") || msg.contains("kernels"), "{msg}");
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! `tokens` (B, L) int64 and, for IMDM, optionally `eps` (B, L, noise_dim) f32 (drawn from the
 //! reference's seeded hash with seed `--seed + b` for row b when absent). Masked positions are
 //! those holding the mask id. Output: `logits` (raw) and `log_probs` (after SUBS), both
-//! (B, L, V) f32, plus the `eps` that was used. Keep this format stable.
+//! (B, L, V) f32, plus the `tokens` and the `eps` that were used. Keep this format stable.
 
 use clap::Args;
 use std::collections::HashMap;
@@ -24,7 +24,8 @@ pub struct ForwardArgs {
     /// Input safetensors: `tokens` (B, L) int64, optional `eps` (B, L, noise_dim) f32.
     #[arg(long)]
     pub input: PathBuf,
-    /// Output safetensors: `logits`, `log_probs` (B, L, V) f32 and `eps`; written atomically.
+    /// Output safetensors: `logits`, `log_probs` (B, L, V) f32, `tokens` and `eps`; written
+    /// atomically.
     #[arg(long)]
     pub out: PathBuf,
     /// Seed of eps when the input has none (row b uses seed + b).
@@ -91,7 +92,15 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     }
     let logits = dit_ref::forward(&params, &tokens, eps.as_ref())?;
     let log_probs = dit_ref::subs_log_probs(&logits, &tokens, c.mask_index);
+    let ids: Vec<i64> = tokens.ids.iter().map(|&t| t as i64).collect();
     let mut out = vec![
+        (
+            "tokens".to_string(),
+            OutTensor::I64 {
+                shape: vec![batch, len],
+                data: &ids,
+            },
+        ),
         ("logits".to_string(), OutTensor::F32(&logits)),
         ("log_probs".to_string(), OutTensor::F32(&log_probs)),
     ];

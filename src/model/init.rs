@@ -75,6 +75,33 @@ pub fn init_params(config: &DitConfig, seed: u64) -> DitParams {
     p
 }
 
+/// Fully random weights for tests and parity checks: every tensor non-zero (adaLN, final layer
+/// and eps MLP included, unlike [`init_params`]), matrices N(0, 1/fan_in), vectors around
+/// their natural values, so that every code path contributes to the logits.
+pub fn random_params(config: &DitConfig, seed: u64) -> DitParams {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+    let mut p = DitParams::zeros(config);
+    for (name, t) in p.named_mut() {
+        let fan_in = *t.shape.last().unwrap_or(&1) as f32;
+        if name.ends_with("norm1.weight")
+            || name.ends_with("norm2.weight")
+            || name.ends_with("norm_final.weight")
+        {
+            normal(&mut rng, t, 0.1);
+            t.data.iter_mut().for_each(|x| *x += 1.0);
+        } else if name == "vocab_embed.embedding" {
+            normal(&mut rng, t, 1.0);
+        } else if name.contains("adaLN") {
+            normal(&mut rng, t, 0.2);
+        } else if t.shape.len() == 2 {
+            normal(&mut rng, t, 1.0 / fan_in.sqrt());
+        } else {
+            normal(&mut rng, t, 0.1);
+        }
+    }
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
