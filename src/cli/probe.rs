@@ -50,7 +50,8 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         s.clone_htod(&shift)?,
         s.clone_htod(&scale)?,
     );
-    let out = ln_modulate::ln_modulate_fwd(&gpu, &dx, &dw, Some((&dsh, &dsc)), rows, d, len)?;
+    let mut out = ln_modulate::LnModulateOut::new(&gpu, rows, d)?;
+    ln_modulate::ln_modulate_fwd(&gpu, &mut out, &dx, &dw, Some((&dsh, &dsc)), rows, d, len)?;
     let y: Vec<f32> = s.clone_dtoh(&out.y)?.iter().map(|v| v.to_f32()).collect();
     let rstd = s.clone_dtoh(&out.rstd)?;
     let (y_ref, _, rstd_ref) =

@@ -11,7 +11,8 @@ const MODULE: &str = "ln_modulate";
 /// Must equal ROWS_PER_BLOCK in the kernel.
 const ROWS_PER_BLOCK: usize = 8;
 
-/// Forward outputs: the normalised, modulated rows and the statistics saved for the backward.
+/// Forward outputs, written by the kernel: the normalised, modulated rows and the statistics
+/// saved for the backward. Allocate once with [`LnModulateOut::new`] and reuse.
 pub struct LnModulateOut {
     /// (rows, D) bf16
     pub y: CudaSlice<bf16>,
@@ -21,22 +22,45 @@ pub struct LnModulateOut {
     pub rstd: CudaSlice<f32>,
 }
 
-/// Launches `ln_modulate_fwd_bf16`. `x`: (rows, d) f32; `weight`: (d); `modulation`:
-/// `(shift, scale)`, each (rows / rows_per_batch, d), or `None` for plain LayerNorm.
+impl LnModulateOut {
+    pub fn new(gpu: &Gpu, rows: usize, d: usize) -> Result<Self> {
+        let s = &gpu.stream;
+        Ok(LnModulateOut {
+            y: s.alloc_zeros::<bf16>(rows * d)?,
+            mean: s.alloc_zeros::<f32>(rows)?,
+            rstd: s.alloc_zeros::<f32>(rows)?,
+        })
+    }
+}
+
+/// Launches `ln_modulate_fwd_bf16` into `out`. `x`: (rows, d) f32; `weight`: (d);
+/// `modulation`: `(shift, scale)`, each (rows / rows_per_batch, d), or `None` for plain
+/// LayerNorm. Every buffer length is checked before the launch.
+#[allow(clippy::too_many_arguments)]
 pub fn ln_modulate_fwd(
     gpu: &Gpu,
+    out: &mut LnModulateOut,
     x: &CudaSlice<f32>,
     weight: &CudaSlice<f32>,
     modulation: Option<(&CudaSlice<f32>, &CudaSlice<f32>)>,
     rows: usize,
     d: usize,
     rows_per_batch: usize,
-) -> Result<LnModulateOut> {
+) -> Result<()> {
     if x.len() != rows * d || weight.len() != d {
         return Err(Error::Shape(format!(
             "ln_modulate: x has {} elements for rows {rows} x d {d}, weight {} for d {d}",
             x.len(),
             weight.len()
+        )));
+    }
+    if out.y.len() != rows * d || out.mean.len() != rows || out.rstd.len() != rows {
+        return Err(Error::Shape(format!(
+            "ln_modulate: outputs hold {}/{}/{} elements, expected {}/{rows}/{rows}",
+            out.y.len(),
+            out.mean.len(),
+            out.rstd.len(),
+            rows * d
         )));
     }
     if rows_per_batch == 0 || rows % rows_per_batch != 0 {
@@ -54,12 +78,6 @@ pub fn ln_modulate_fwd(
             )));
         }
     }
-    let s = &gpu.stream;
-    let mut out = LnModulateOut {
-        y: s.alloc_zeros::<bf16>(rows * d)?,
-        mean: s.alloc_zeros::<f32>(rows)?,
-        rstd: s.alloc_zeros::<f32>(rows)?,
-    };
     let f = gpu.function(MODULE, "ln_modulate_fwd_bf16")?;
     let (rows_i, d_i, rpb_i) = (rows as i32, d as i32, rows_per_batch as i32);
     let null: u64 = 0;
@@ -68,7 +86,7 @@ pub fn ln_modulate_fwd(
         block_dim: ((ROWS_PER_BLOCK * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = s.launch_builder(&f);
+    let mut b = gpu.stream.launch_builder(&f);
     b.arg(&mut out.y)
         .arg(&mut out.mean)
         .arg(&mut out.rstd)
@@ -83,7 +101,7 @@ pub fn ln_modulate_fwd(
     // above to hold rows*d (x, y), d (weight), rows (mean, rstd) or B*d (shift, scale) elements,
     // and the grid covers exactly ceil(rows / ROWS_PER_BLOCK) blocks with a bounds check inside.
     unsafe { b.launch(cfg) }?;
-    Ok(out)
+    Ok(())
 }
 
 /// CPU twin of the kernel: same maths and outputs, f32 result with f64 statistics.

@@ -1,4 +1,10 @@
 //! GPU ops: one module per `kernels/<op>.cu`, each holding the op's only launcher, its CPU twin
-//! (`mod cpu`) and the tests comparing the two.
+//! (`mod cpu`) and the tests comparing the two. `gemm` wraps cuBLASLt (no kernel file).
 
+pub mod attention;
+pub mod embedding;
+pub mod gelu;
+pub mod gemm;
 pub mod ln_modulate;
+pub mod residual;
+pub mod subs;
