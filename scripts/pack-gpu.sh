@@ -10,7 +10,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup-cuda.sh >/dev/null
 export IMDM_EXPECT_KERNELS=1
-cargo build --release --bins --benches
+cargo build --release --bins
 json="$(cargo test --release --no-run --message-format=json 2>/dev/null)"
 rm -rf .gpu && mkdir -p .gpu/bin .gpu/tests
 cp target/release/imdm-engine .gpu/bin/
@@ -28,9 +28,6 @@ for line in sys.stdin:
         shutil.copy(m["executable"], dst)
         print("packed", t["name"])
 '
-for b in target/release/deps/kernels-*; do
-  [[ -x "$b" && ! "$b" == *.d ]] && cp "$b" .gpu/bin/bench-kernels && echo "packed bench kernels"
-done 2>/dev/null || true
 strip .gpu/bin/* .gpu/tests/* 2>/dev/null || true
 tar czf .gpu/bundle.tar.gz -C .gpu bin tests
 rm -rf .gpu/bin .gpu/tests

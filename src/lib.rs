@@ -20,10 +20,12 @@
 //! Numerics: f32 master weights; the CPU reference accumulates in f64; GPU kernels keep the
 //! residual stream and statistics in f32 and feed bf16 to the GEMMs.
 
+pub mod bench;
 pub mod cli;
 pub mod error;
 pub mod gpu;
 pub mod model;
+pub mod nvtx;
 pub mod ops;
 pub mod rng;
 pub mod stio;

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::gpu::DeviceChoice;
 use crate::model::{Algo, DitConfig, NoiseType, Preset};
 
+pub mod bench;
 pub mod forward;
 pub mod info;
 pub mod init;
@@ -37,6 +38,8 @@ pub enum Command {
     Forward(forward::ForwardArgs),
     /// Check the GPU: load the embedded PTX, run each kernel, compare with its CPU twin.
     Probe(probe::ProbeArgs),
+    /// GPU benchmarks: kernels, whole forward.
+    Bench(bench::BenchArgs),
 }
 
 /// Model configuration flags shared by the subcommands that build or check a config.
@@ -135,6 +138,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Forward(a) => forward::run(a),
         Command::Probe(a) => probe::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dit;
 pub mod dit_ref;
 pub mod init;
 pub mod params;

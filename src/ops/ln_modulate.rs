@@ -173,16 +173,9 @@ mod tests {
         let dw = s.clone_htod(&w).unwrap();
         let dsh = s.clone_htod(&shift).unwrap();
         let dsc = s.clone_htod(&scale).unwrap();
-        let out = ln_modulate_fwd(
-            gpu,
-            &dx,
-            &dw,
-            modulated.then_some((&dsh, &dsc)),
-            rows,
-            d,
-            len,
-        )
-        .unwrap();
+        let mut out = LnModulateOut::new(gpu, rows, d).unwrap();
+        let md = modulated.then_some((&dsh, &dsc));
+        ln_modulate_fwd(gpu, &mut out, &dx, &dw, md, rows, d, len).unwrap();
         let y: Vec<f32> = s
             .clone_dtoh(&out.y)
             .unwrap()

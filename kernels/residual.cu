@@ -1,0 +1,110 @@
+// residual: gated residual add with dropout (spec 2.3: h = h + gate · dropout_p(branch)).
+//
+// Maths, per row r (rows = B*L), column j < D, b = r / rows_per_batch, flat index i = r*D + j:
+//   keep(i) = p == 0 || u(i) >= p,   u(i) = (x(i) >> 8) * 2^-24          (24-bit uniform)
+//   h[r,j] += gate[b,j] * (keep(i) ? branch[r,j] * (1 / (1 - p)) : 0)   (gate null: 1)
+// Dropout stream (shared bit for bit with `rng::dropout_keep`, which the CPU twin calls):
+//   key     = (seed low 32, seed high 32)
+//   counter = (i/4 low 32, i/4 high 32, offset low 32, offset high 32)
+//   x(i)    = word (i % 4) of philox4x32_10(counter, key)
+//   `offset` (u64) names the call (the caller derives it from step, layer and branch); p = 0
+//   draws nothing. The scale 1/(1-p) is an IEEE f32 division on both sides.
+// Shapes and dtypes: h (rows, D) f32, the residual stream, updated in place; branch (rows, D)
+//   bf16; gate (B, D) f32 or null (AR baseline); p in [0, 1).
+// Saved for the backward: nothing. The backward regenerates keep(i) from (seed, offset) and
+//   needs branch (kept by the caller) only for the gate gradient.
+// Thread mapping: flat grid-stride loop over units of 8 consecutive elements of one row (D % 8
+//   == 0 and 16-byte aligned buffers: two float4 loads and stores of h, one 16-byte load of 8
+//   bf16, two float4 loads of the gate (L1/L2 hits), two Philox calls); otherwise over groups of
+//   4 elements aligned to the Philox counter (one call each) with scalar accesses. The host sizes
+//   the grid for the 8-element units; the loop covers any grid.
+// Accumulation rule: h += (the residual stream); the backward writes d branch (=) and
+//   accumulates d gate (+=).
+#include "common.cuh"
+
+#define RES_THREADS 256
+
+__device__ __forceinline__ uint4 res_words(size_t group, uint64_t seed, uint64_t offset) {
+    return philox4x32_10(make_uint4((uint32_t)group, (uint32_t)((uint64_t)group >> 32),
+                                    (uint32_t)offset, (uint32_t)(offset >> 32)),
+                         make_uint2((uint32_t)seed, (uint32_t)(seed >> 32)));
+}
+
+// The dropout factor for one Philox word: scale when kept, 0 when dropped. The uniform is an
+// integer below 2^24 times 2^-24, exact in f32, so the comparison matches the CPU exactly.
+__device__ __forceinline__ float res_factor(uint32_t w, float p, float scale) {
+    return __uint2float_rn(w >> 8) * 5.9604644775390625e-8f >= p ? scale : 0.f;
+}
+
+// Batch index of row r (r < rows <= INT_MAX, so a 32-bit division).
+__device__ __forceinline__ size_t res_batch(size_t r, int rows_per_batch) {
+    return (uint32_t)r / (uint32_t)rows_per_batch;
+}
+
+__device__ __forceinline__ uint32_t res_word(const uint4 v, int k) {
+    return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
+}
+
+extern "C" __global__ void __launch_bounds__(RES_THREADS)
+residual_fwd_bf16(float* __restrict__ h, const __nv_bfloat16* __restrict__ branch,
+                  const float* __restrict__ gate, int rows, int d, int rows_per_batch, float p,
+                  uint64_t seed, uint64_t offset) {
+    const size_t n = (size_t)rows * d;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    const size_t t0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool drop = p > 0.f;
+    const float scale = 1.f / (1.f - p);
+    const bool vec = d % 8 == 0 && imdm_aligned16(h) && imdm_aligned16(branch) &&
+                     imdm_aligned16(gate);
+    if (vec) {
+        for (size_t q = t0; q < n / 8; q += stride) {
+            const size_t i = q * 8;
+            float f[8], g[8];
+            bf16x8_to_f32(*reinterpret_cast<const uint4*>(branch + i), f);
+            if (gate != nullptr) {
+                const size_t r = imdm_row_of(i, d);
+                // b*d + col is a multiple of 8: both float4 loads are 16-byte aligned.
+                const float* gr = gate + res_batch(r, rows_per_batch) * d + (i - r * d);
+                const float4 g0 = *reinterpret_cast<const float4*>(gr);
+                const float4 g1 = *reinterpret_cast<const float4*>(gr + 4);
+                g[0] = g0.x, g[1] = g0.y, g[2] = g0.z, g[3] = g0.w;
+                g[4] = g1.x, g[5] = g1.y, g[6] = g1.z, g[7] = g1.w;
+            } else {
+#pragma unroll
+                for (int k = 0; k < 8; ++k) g[k] = 1.f;
+            }
+            if (drop) {
+                // i is a multiple of 8: groups i/4 and i/4 + 1 cover the unit exactly.
+                const uint4 w0 = res_words(i / 4, seed, offset);
+                const uint4 w1 = res_words(i / 4 + 1, seed, offset);
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    f[k] *= res_factor(res_word(w0, k), p, scale);
+                    f[k + 4] *= res_factor(res_word(w1, k), p, scale);
+                }
+            }
+            float4* hp = reinterpret_cast<float4*>(h + i);
+            float4 h0 = hp[0], h1 = hp[1];
+            h0.x += g[0] * f[0], h0.y += g[1] * f[1], h0.z += g[2] * f[2], h0.w += g[3] * f[3];
+            h1.x += g[4] * f[4], h1.y += g[5] * f[5], h1.z += g[6] * f[6], h1.w += g[7] * f[7];
+            hp[0] = h0;
+            hp[1] = h1;
+        }
+    } else {
+        for (size_t grp = t0; grp < (n + 3) / 4; grp += stride) {
+            const uint4 w = drop ? res_words(grp, seed, offset) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const size_t i = grp * 4 + k;
+                if (i >= n) break;
+                float f = __bfloat162float(branch[i]), g = 1.f;
+                if (drop) f *= res_factor(res_word(w, k), p, scale);
+                if (gate != nullptr) {
+                    const size_t r = imdm_row_of(i, d);
+                    g = gate[res_batch(r, rows_per_batch) * d + (i - r * d)];
+                }
+                h[i] += g * f;
+            }
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! `imdm-engine bench`: kernel and whole-forward benchmarks on the GPU, printed as tables and
+//! written as JSON. Figures depend on the device: report them with its name and the date.
+
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+
+use crate::bench::{self, timing, Shape};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::model::{Algo, Preset};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+    /// Write the results as JSON here (atomically).
+    #[arg(long, global = true)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchWhat {
+    /// Every forward kernel at the DiT-small (OWT, LM1B) and DiT-large (OWT) shapes, with
+    /// TFLOP/s or GB/s and the share of the H100 peak (989 TFLOP/s bf16, 3.0 TB/s copy).
+    Kernels,
+    /// One DiT forward (random weights): ms to f32 logits and with SUBS, TFLOP/s, memory.
+    Forward {
+        #[arg(long, value_enum, default_value = "small")]
+        preset: Preset,
+        #[arg(long, value_enum, default_value = "owt")]
+        shape: Shape,
+        /// mdlm is the denoiser the PyTorch figures in peers.md measure.
+        #[arg(long, value_enum, default_value = "mdlm")]
+        algo: Algo,
+    },
+}
+
+fn write_json(path: &Option<PathBuf>, value: serde_json::Value) -> Result<()> {
+    if let Some(p) = path {
+        let tmp = p.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&value).expect("json"))
+            .map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, p).map_err(|e| Error::io(p, e))?;
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let gpu = Gpu::new(0)?;
+    println!("device: {}", gpu.name());
+    match a.what {
+        BenchWhat::Kernels => {
+            let rows = bench::kernels(&gpu)?;
+            timing::print_table(&rows);
+            write_json(
+                &a.json,
+                serde_json::json!({ "device": gpu.name(), "kernels": rows }),
+            )
+        }
+        BenchWhat::Forward {
+            preset,
+            shape,
+            algo,
+        } => {
+            let r = bench::forward(&gpu, preset, shape, algo)?;
+            println!(
+                "{} {} {} B={} L={} V={}: {:.2} ms to logits ({:.1} TFLOP/s on {:.2} TFLOP), \
+                 {:.2} ms with SUBS log-softmax; model + workspace {:.1} GiB",
+                r.preset,
+                r.algo,
+                r.shape,
+                r.batch,
+                r.len,
+                r.vocab,
+                r.ms_logits,
+                r.tflops,
+                r.tflop,
+                r.ms_subs,
+                r.memory_gib
+            );
+            write_json(
+                &a.json,
+                serde_json::json!({ "device": gpu.name(), "forward": r }),
+            )
+        }
+    }
+}
