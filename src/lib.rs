@@ -22,6 +22,8 @@
 
 pub mod bench;
 pub mod cli;
+pub mod cpu;
+pub mod diffusion;
 pub mod error;
 pub mod gpu;
 pub mod model;

@@ -1,0 +1,36 @@
+//! The two contracts between diffusion code and a DiT implementation.
+//!
+//! - [`LossBatch`]: what one weighted cross-entropy evaluation needs. The MDLM NELBO (spec 4.6),
+//!   the IMDM loss (4.7) and IM-ReDi training (6.3) are all `Σ w·(−log p_θ(x0 | xt, ε)) / norm`
+//!   with different `xt`, `ε` and `w`, so one batch type serves them all.
+//! - [`Denoiser`]: SUBS log-probabilities for a noisy batch; the samplers see nothing else.
+
+use crate::error::Result;
+use crate::model::DitConfig;
+use crate::tensor::{Tensor, Tokens};
+
+/// One (micro-)batch of a weighted cross-entropy loss.
+#[derive(Clone, Copy, Debug)]
+pub struct LossBatch<'a> {
+    /// (B, L) noisy input; positions equal to `mask_index` are masked.
+    pub xt: &'a Tokens,
+    /// (B, L) targets. At unmasked positions they equal `xt` (SUBS carry-over gives log p = 0).
+    pub x0: &'a Tokens,
+    /// (B, L, noise_dim) eps used as given (no reset redraw); `None` for models without the
+    /// eps MLP.
+    pub eps: Option<&'a Tensor>,
+    /// (B·L) per-position weight, e.g. 1/t at masked positions for the NELBO; only masked
+    /// positions contribute.
+    pub weight: &'a [f32],
+    /// Divisor of the weighted sum: the number of tokens of the whole (global) batch, so
+    /// micro-batch losses and gradients add up to the batch mean.
+    pub norm: f64,
+}
+
+/// A DiT in evaluation mode (no dropout) as the samplers see it.
+pub trait Denoiser {
+    fn config(&self) -> &DitConfig;
+    /// SUBS log-probabilities (B, L, V), f32, for `xt` and, for IMDM, `eps` (B, L, noise_dim)
+    /// used as given.
+    fn log_probs(&mut self, xt: &Tokens, eps: Option<&Tensor>) -> Result<Tensor>;
+}

@@ -1,0 +1,6 @@
+//! The diffusion side of the engine, independent of how the DiT is computed (CPU or GPU):
+//! the batch a loss sees and the `Denoiser` contract that samplers drive.
+
+pub mod denoiser;
+
+pub use denoiser::{Denoiser, LossBatch};
