@@ -2,5 +2,6 @@
 //! the batch a loss sees and the `Denoiser` contract that samplers drive.
 
 pub mod denoiser;
+pub mod schedule;
 
 pub use denoiser::{Denoiser, LossBatch};
