@@ -266,7 +266,13 @@ mod tests {
             let dl = s.clone_htod(logits).unwrap();
             launch(gpu, &mut lp, &mut lse, &dl, &dtok, shape, cache).unwrap();
         }
-        let (lp_ref, lse_ref) = cpu::subs_fwd(logits, ids, mask, v);
+        // The twin sees exactly what the kernel sees: bf16 inputs are rounded first (the ramp
+        // below is not bf16-exact; comparing against unrounded logits once failed by 0.13).
+        let seen: Vec<f32> = match bf16_in {
+            true => logits.iter().map(|&x| bf16::from_f32(x).to_f32()).collect(),
+            false => logits.to_vec(),
+        };
+        let (lp_ref, lse_ref) = cpu::subs_fwd(&seen, ids, mask, v);
         let tag = format!("rows {rows} V {v} mask {mask} bf16 {bf16_in} cache {cache}");
         let got = s.clone_dtoh(&lp).unwrap();
         assert_close(
