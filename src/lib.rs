@@ -29,6 +29,7 @@ pub mod gpu;
 pub mod model;
 pub mod nvtx;
 pub mod ops;
+pub mod plot;
 pub mod rng;
 pub mod stio;
 pub mod tensor;
