@@ -24,6 +24,7 @@ pub mod bench;
 pub mod cli;
 pub mod cpu;
 pub mod diffusion;
+pub mod distill;
 pub mod error;
 pub mod gpu;
 pub mod model;
