@@ -2,6 +2,11 @@
 //! the batch a loss sees and the `Denoiser` contract that samplers drive.
 
 pub mod denoiser;
+pub mod posterior;
 pub mod schedule;
+pub mod stats;
+pub mod stream;
 
 pub use denoiser::{Denoiser, LossBatch};
+pub use posterior::{Outcome, SamplerKind, StepAlphas, TokenFilter};
+pub use stream::SamplerStream;
