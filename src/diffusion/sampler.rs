@@ -39,6 +39,7 @@
 
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::posterior::{
@@ -276,42 +277,50 @@ pub fn generate<D: Denoiser + ?Sized, R: Rng + ?Sized>(
             cache = Some(out);
         }
         let lp = cache.as_ref().expect("filled above");
-        let mut changed = false;
-        for (b, &gb) in g.iter().enumerate() {
-            let (t, s) = cfg.step_times(i, gb);
-            let a = StepAlphas {
-                alpha_t: alpha(t),
-                alpha_s: if last { 1.0 } else { alpha(s) },
-            };
-            for l in 0..len {
-                let pos = b * len + l;
-                if x[pos] != mask {
-                    continue;
+        let alphas: Vec<StepAlphas> = g
+            .iter()
+            .map(|&gb| {
+                let (t, s) = cfg.step_times(i, gb);
+                StepAlphas {
+                    alpha_t: alpha(t),
+                    alpha_s: if last { 1.0 } else { alpha(s) },
                 }
+            })
+            .collect();
+        let greedy = last && cfg.noise_removal == NoiseRemoval::Greedy;
+        // Positions are independent given the cached output, and every draw is a function of
+        // (seed, step, position), so the parallel result does not depend on scheduling.
+        let (changes, step_resets) = x
+            .par_iter_mut()
+            .zip(reset.par_iter_mut())
+            .enumerate()
+            .filter(|(_, (xp, _))| **xp == mask)
+            .map(|(pos, (xp, rp))| {
                 let row = &lp.data[pos * vocab..(pos + 1) * vocab];
-                let outcome = if last && cfg.noise_removal == NoiseRemoval::Greedy {
+                let outcome = if greedy {
                     match greedy_token(row) {
                         tok if tok == mask => Outcome::Stay,
                         tok => Outcome::Token(tok),
                     }
                 } else {
                     let u = stream.race_uniforms(i as u32, pos as u32);
-                    sample_masked(cfg.kind, a, row, mask as usize, filter, u)
+                    sample_masked(cfg.kind, alphas[pos / len], row, mask as usize, filter, u)
                 };
                 match outcome {
-                    Outcome::Stay => {}
+                    Outcome::Stay => (0usize, 0usize),
                     Outcome::Token(tok) => {
-                        x[pos] = tok;
-                        changed = true;
+                        *xp = tok;
+                        (1, 0)
                     }
                     Outcome::Reset => {
-                        changed = true;
-                        resets += 1;
-                        reset[pos] = !cfg.fix_eps;
+                        *rp = !cfg.fix_eps;
+                        (0, 1)
                     }
                 }
-            }
-        }
+            })
+            .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        resets += step_resets;
+        let changed = changes + step_resets > 0;
         if changed {
             cache = None;
         }

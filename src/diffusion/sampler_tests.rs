@@ -389,3 +389,75 @@ fn bad_inputs_are_reported() {
     let out = generate(&mut den, &c, &clean, Some(&[0.0]), None, &mut rng).unwrap();
     assert_eq!(out.tokens, clean);
 }
+
+#[test]
+fn temperature_and_nucleus_reach_the_draw() {
+    // One step = noise removal: the draw is from the filtered p, raised to 1/T.
+    let tok = vec![0.1, 0.2, 0.3, 0.4];
+    let (len, v, b) = (2, 5, 6000);
+    for kind in KINDS {
+        let mut den = FixedMarginals::new(
+            toy_config(v, len, algo_of(kind), 2),
+            &vec![tok.clone(); len],
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let count = |out: &SampleOutput| {
+            let mut c = vec![0u64; 4];
+            out.tokens.ids.iter().for_each(|&t| c[t as usize] += 1);
+            c
+        };
+        let hot = SamplerConfig {
+            temperature: 0.5,
+            ..cfg(1, kind, 40)
+        };
+        let out = generate(&mut den, &hot, &all_mask(b, len, v), None, None, &mut rng).unwrap();
+        let (stat, dof, p) = chi_square_gof(&count(&out), &[0.01, 0.04, 0.09, 0.16]);
+        assert!(p > 1e-4, "{kind:?} T=0.5: chi2 {stat} dof {dof} p {p}");
+        // Nucleus 0.6: sorted 0.4, 0.3 (cum 0.7 > 0.6), shifted: keep {3, 2} -> 3/7, 4/7.
+        let top = SamplerConfig {
+            nucleus_p: 0.6,
+            ..cfg(1, kind, 41)
+        };
+        let out = generate(&mut den, &top, &all_mask(b, len, v), None, None, &mut rng).unwrap();
+        let (stat, dof, p) = chi_square_gof(&count(&out), &[0.0, 0.0, 0.3, 0.4]);
+        assert!(p > 1e-4, "{kind:?} top-p 0.6: chi2 {stat} dof {dof} p {p}");
+    }
+}
+
+#[test]
+fn given_t_scales_each_rows_grid() {
+    // Rows alternate given_t = 1 and 0.25 (IM-ReDi datagen). After step 0 of N = 4, the
+    // unmasked fraction of each row group is (α_s − α_t)/(1 − α_t) at that row's own times.
+    let (len, v, nd, b) = (4, 5, 2, 3000);
+    let tok = vec![0.25; 4];
+    for kind in KINDS {
+        let den = FixedMarginals::new(
+            toy_config(v, len, algo_of(kind), nd),
+            &vec![tok.clone(); len],
+        );
+        let mut rec = Recorder::new(den);
+        let mut rng = ChaCha8Rng::seed_from_u64(10);
+        let g: Vec<f64> = (0..b)
+            .map(|r| if r % 2 == 0 { 1.0 } else { 0.25 })
+            .collect();
+        let c = cfg(4, kind, 50);
+        let out = generate(&mut rec, &c, &all_mask(b, len, v), Some(&g), None, &mut rng).unwrap();
+        assert!(!out.tokens.ids.contains(&4), "masks remain");
+        let x1 = &rec.calls[1].xt;
+        for parity in [0, 1] {
+            let (t, s) = c.step_times(0, g[parity]);
+            let p = (alpha(s) - alpha(t)) / (1.0 - alpha(t));
+            let rows = (parity..b).step_by(2);
+            let n = (rows.len() * len) as u64;
+            let k = rows
+                .flat_map(|r| &x1[r * len..(r + 1) * len])
+                .filter(|&&x| x != 4)
+                .count() as u64;
+            assert!(
+                binomial_within(k, n, p, 1e-4),
+                "{kind:?} given_t {}: {k} of {n} unmasked, p {p}",
+                g[parity]
+            );
+        }
+    }
+}
