@@ -36,6 +36,11 @@
 //!   Nucleus is off in every reference script.
 //! - The `ancestral` (no cache) sampler and the time-conditioning cache drop are not offered:
 //!   the reference asserts `ancestral_cache`, and the network is blind to t (spec 4.2).
+//!
+//! Reproduced on purpose: quirk 2 (dt), and quirk 4's behaviour when s < 0 (only for
+//! given_t ≲ 1e-5 before the last step): α_s > 1 is not clamped, so the stay and reset weights
+//! turn negative and can never win the race, which forces an unmask. Quirk 10 (eps drawn twice
+//! when absent) only consumed framework RNG and has no counterpart here.
 
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
