@@ -2,6 +2,15 @@
 //! the batch a loss sees and the `Denoiser` contract that samplers drive.
 
 pub mod denoiser;
+pub mod metrics;
+pub mod posterior;
+pub mod sampler;
 pub mod schedule;
+pub mod stats;
+pub mod stream;
+pub mod toy;
 
 pub use denoiser::{Denoiser, LossBatch};
+pub use posterior::{Outcome, SamplerKind, StepAlphas, TokenFilter};
+pub use sampler::{generate, NoiseRemoval, SampleOutput, SamplerConfig};
+pub use stream::SamplerStream;

@@ -1,0 +1,148 @@
+//! Small statistical tests for samplers (architecture.md §4.6: chi-square on categorical draws,
+//! binomial bounds on frequencies), computed properly rather than with rules of thumb: the
+//! chi-square survival function is the regularised upper incomplete gamma function
+//! Q(k/2, x/2), and normal critical values invert `erfc` by bisection.
+
+/// Regularised upper incomplete gamma Q(a, x) = Γ(a, x)/Γ(a), for a > 0, x ≥ 0
+/// (series for x < a + 1, Lentz continued fraction otherwise; relative accuracy ~1e-14).
+pub fn gamma_q(a: f64, x: f64) -> f64 {
+    assert!(a > 0.0 && x >= 0.0, "gamma_q({a}, {x})");
+    if x == 0.0 {
+        return 1.0;
+    }
+    let ln_pre = -x + a * x.ln() - libm::lgamma(a);
+    if x < a + 1.0 {
+        // P(a, x) = e^{-x} x^a / Γ(a) · Σ x^n / (a (a+1) ... (a+n)).
+        let (mut term, mut sum, mut ap) = (1.0 / a, 1.0 / a, a);
+        for _ in 0..10_000 {
+            ap += 1.0;
+            term *= x / ap;
+            sum += term;
+            if term.abs() < sum.abs() * 1e-16 {
+                break;
+            }
+        }
+        1.0 - sum * ln_pre.exp()
+    } else {
+        // Q(a, x) = e^{-x} x^a / Γ(a) · 1/(x+1−a− 1·(1−a)/(x+3−a− 2·(2−a)/(x+5−a− ...))).
+        let tiny = 1e-300;
+        let mut b = x + 1.0 - a;
+        let mut c = 1.0 / tiny;
+        let mut d = 1.0 / b;
+        let mut h = d;
+        for i in 1..10_000 {
+            let an = -(i as f64) * (i as f64 - a);
+            b += 2.0;
+            d = an * d + b;
+            if d.abs() < tiny {
+                d = tiny;
+            }
+            c = b + an / c;
+            if c.abs() < tiny {
+                c = tiny;
+            }
+            d = 1.0 / d;
+            let del = d * c;
+            h *= del;
+            if (del - 1.0).abs() < 1e-16 {
+                break;
+            }
+        }
+        ln_pre.exp() * h
+    }
+}
+
+/// P(χ²_dof ≥ x).
+pub fn chi_square_sf(x: f64, dof: usize) -> f64 {
+    gamma_q(dof as f64 / 2.0, x.max(0.0) / 2.0)
+}
+
+/// Pearson's goodness-of-fit test of `counts` against the probabilities `probs` (normalised
+/// here). Categories with zero probability are left out of the statistic, but a single
+/// observation in one gives p-value 0. Returns (statistic, degrees of freedom, p-value).
+pub fn chi_square_gof(counts: &[u64], probs: &[f64]) -> (f64, usize, f64) {
+    assert_eq!(
+        counts.len(),
+        probs.len(),
+        "counts and probs differ in length"
+    );
+    let n: u64 = counts.iter().sum();
+    let z: f64 = probs.iter().sum();
+    let (mut stat, mut cats) = (0.0, 0usize);
+    for (&c, &p) in counts.iter().zip(probs) {
+        if p <= 0.0 {
+            if c > 0 {
+                return (f64::INFINITY, 0, 0.0);
+            }
+            continue;
+        }
+        let e = n as f64 * p / z;
+        stat += (c as f64 - e).powi(2) / e;
+        cats += 1;
+    }
+    let dof = cats.saturating_sub(1).max(1);
+    (stat, dof, chi_square_sf(stat, dof))
+}
+
+/// Two-sided standard normal critical value: the z with P(|Z| > z) = `p`.
+pub fn normal_two_sided_critical(p: f64) -> f64 {
+    assert!(p > 0.0 && p < 1.0);
+    // P(|Z| > z) = erfc(z / √2), decreasing in z.
+    let (mut lo, mut hi) = (0.0f64, 40.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if libm::erfc(mid / std::f64::consts::SQRT_2) > p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// Whether `k` successes in `n` Bernoulli(`p`) trials are within the two-sided normal bound of
+/// level `alpha`: |k − np| ≤ z_alpha · sqrt(np(1−p)) (+0.5 continuity correction).
+pub fn binomial_within(k: u64, n: u64, p: f64, alpha: f64) -> bool {
+    let mean = n as f64 * p;
+    let sd = (n as f64 * p * (1.0 - p)).sqrt();
+    (k as f64 - mean).abs() <= normal_two_sided_critical(alpha) * sd + 0.5
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chi_square_sf_matches_tables() {
+        // (x, dof, P(χ² ≥ x)) from standard tables.
+        for (x, dof, p) in [
+            (3.841458820694124, 1, 0.05),
+            (6.634896601021214, 1, 0.01),
+            (18.307038053275146, 10, 0.05),
+            (124.34211340400407, 100, 0.05),
+            (44.26322494417497, 15, 1e-4),
+            (42.579464, 15, 0.00018294051019306556),
+            (2.0, 2, (-1.0f64).exp()),
+        ] {
+            let got = chi_square_sf(x, dof);
+            assert!(
+                (got - p).abs() < 1e-6 * p.max(1e-3),
+                "x {x} dof {dof}: {got} vs {p}"
+            );
+        }
+    }
+
+    #[test]
+    fn gof_and_binomial_bounds() {
+        let (stat, dof, p) = chi_square_gof(&[25, 25, 50], &[1.0, 1.0, 2.0]);
+        assert_eq!((stat, dof), (0.0, 2));
+        assert!((p - 1.0).abs() < 1e-12);
+        let (_, _, p) = chi_square_gof(&[90, 10], &[0.5, 0.5]);
+        assert!(p < 1e-10, "{p}");
+        assert_eq!(chi_square_gof(&[5, 1], &[1.0, 0.0]).2, 0.0);
+        let z = normal_two_sided_critical(0.05);
+        assert!((z - 1.959963984540054).abs() < 1e-9, "{z}");
+        assert!(binomial_within(5000, 10000, 0.5, 1e-4));
+        assert!(!binomial_within(5300, 10000, 0.5, 1e-4));
+    }
+}
