@@ -194,6 +194,12 @@ fn attn_shape(c: &DitConfig, n: Dims) -> AttnShape {
     }
 }
 
+/// Dropout stream offset of block `block`'s branch `branch` (0 attention, 1 MLP): the GPU
+/// forward's rule (`model::dit`: `opts.offset + 2·i`, `+ 1` for the MLP branch).
+pub(crate) fn dropout_offset(base: u64, block: usize, branch: u64) -> u64 {
+    base.wrapping_add(2 * block as u64 + branch)
+}
+
 /// The forward, keeping activations. `dropout` = (seed, offset, p) with p > 0.
 fn forward<T: Real>(
     w: &Weights<T>,
@@ -266,7 +272,7 @@ fn forward<T: Real>(
         let mut br1 = vec![T::zero(); rows * d];
         linear_fwd(&o, &bw.out.w, None, (rows, d, d), &mut br1);
         let keep = |k: u64| {
-            dropout.map(|(s, off, p)| dropout_factors(s, off + 2 * i as u64 + k, p, rows * d))
+            dropout.map(|(s, off, p)| dropout_factors(s, dropout_offset(off, i, k), p, rows * d))
         };
         let keep1 = keep(0);
         residual_fwd(&mut h, &mut br1, chunk(md, d, 2), keep1.as_deref(), d);
