@@ -3,17 +3,198 @@
 //! checks). Its forward is checked against `model::dit_ref`, its backward against f64 central
 //! finite differences; it is the gradient reference for the GPU tape.
 //!
-//! STUB: signatures fixed so that training and sampling code can be written against them.
+//! Layout (one responsibility per file):
+//! - [`gemm`]: `C = alpha·op(A)·op(B) + beta·C` through `matrixmultiply`; every large product.
+//! - [`layers`]: each op's forward and backward as plain functions on slices (linear, LayerNorm
+//!   with adaLN modulation, GELUs, SiLU, gated residual with Philox dropout, embedding).
+//! - [`attention`]: rotate-half rotary and softmax attention (softcap, causal), with backward.
+//! - [`loss`]: the SUBS log-softmax, fused with the weighted cross-entropy and its gradient.
+//! - `weights`: typed views of [`DitParams`] (borrowed for f32) and gradient buffers.
+//! - `dit`: the whole model: forward keeping per-block activations, backward to every parameter.
+//! - [`CpuDenoiser`]: the samplers' [`crate::diffusion::Denoiser`] on this backend.
+//!
+//! Numerics: the f32 instantiation stores and accumulates in f32 (sgemm); the f64 one is exact
+//! enough for central finite differences. `dit_ref` remains the f64-accumulating reference.
+//! Results are deterministic: rayon only splits work over rows, batches or columns that are
+//! written independently, and every reduction over rows runs serially in row order.
+//!
+//! Conventions: the conditioning vector is constant (sigma = 0, spec 4.2), so each adaLN
+//! modulation is one vector broadcast over all rows, and its gradient is a sum over rows that
+//! flows on into `sigma_map`. Dropout follows the GPU forward (`model::dit`): block i's
+//! attention branch uses stream offset `offset + 2i`, its MLP branch `offset + 2i + 1`, and
+//! element (row r, column j) of a branch is Philox index `r·D + j` ([`crate::rng::dropout_keep`]).
+
+use std::borrow::Cow;
+use std::fmt::{Debug, Display};
+use std::iter::Sum;
+use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
 
 use crate::diffusion::LossBatch;
 use crate::error::Result;
 use crate::model::DitParams;
 use crate::tensor::{Tensor, Tokens};
 
-/// Floating-point type the CPU backend computes in.
-pub trait Real: Copy + Send + Sync + 'static {}
-impl Real for f32 {}
-impl Real for f64 {}
+pub mod attention;
+mod denoiser;
+mod dit;
+pub mod gemm;
+pub mod layers;
+pub mod loss;
+mod weights;
+
+#[cfg(test)]
+mod fd;
+#[cfg(test)]
+mod tests_layers;
+#[cfg(test)]
+mod tests_model;
+
+pub use denoiser::CpuDenoiser;
+
+/// Floating-point type the CPU backend computes in (f32 or f64).
+pub trait Real:
+    num_traits::Float
+    + Sum
+    + AddAssign
+    + SubAssign
+    + MulAssign
+    + DivAssign
+    + Default
+    + Debug
+    + Display
+    + Send
+    + Sync
+    + 'static
+{
+    /// `x` rounded to `Self`.
+    fn lit(x: f64) -> Self;
+    /// Exact widening (f32 -> f32/f64).
+    fn of_f32(x: f32) -> Self;
+    /// Rounded to f32.
+    fn as_f32(self) -> f32;
+    /// Exact widening to f64.
+    fn as_f64(self) -> f64;
+    /// The error function.
+    fn erf(self) -> Self;
+    /// A parameter slice in `Self`: borrowed when `Self` is f32, converted otherwise.
+    fn view(x: &[f32]) -> Cow<'_, [Self]>;
+    /// `dst += src`, rounded to f32 (gradients into the f32 container).
+    fn add_into_f32(dst: &mut [f32], src: &[Self]);
+    /// `matrixmultiply`'s strided product `C = alpha·A·B + beta·C`, A m×k, B k×n.
+    ///
+    /// # Safety
+    /// Every index `(m-1)·rsa + (k-1)·csa`, `(k-1)·rsb + (n-1)·csb` and `(m-1)·rsc + (n-1)·csc`
+    /// must lie inside the buffers behind `a`, `b` and `c`, and `c` must alias neither.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        beta: Self,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+    );
+}
+
+impl Real for f32 {
+    fn lit(x: f64) -> Self {
+        x as f32
+    }
+    fn of_f32(x: f32) -> Self {
+        x
+    }
+    fn as_f32(self) -> f32 {
+        self
+    }
+    fn as_f64(self) -> f64 {
+        self as f64
+    }
+    fn erf(self) -> Self {
+        libm::erff(self)
+    }
+    fn view(x: &[f32]) -> Cow<'_, [f32]> {
+        Cow::Borrowed(x)
+    }
+    fn add_into_f32(dst: &mut [f32], src: &[f32]) {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+    }
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        beta: f32,
+        c: *mut f32,
+        rsc: isize,
+        csc: isize,
+    ) {
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        }
+    }
+}
+
+impl Real for f64 {
+    fn lit(x: f64) -> Self {
+        x
+    }
+    fn of_f32(x: f32) -> Self {
+        x as f64
+    }
+    fn as_f32(self) -> f32 {
+        self as f32
+    }
+    fn as_f64(self) -> f64 {
+        self
+    }
+    fn erf(self) -> Self {
+        libm::erf(self)
+    }
+    fn view(x: &[f32]) -> Cow<'_, [f64]> {
+        Cow::Owned(x.iter().map(|&v| v as f64).collect())
+    }
+    fn add_into_f32(dst: &mut [f32], src: &[f64]) {
+        dst.iter_mut()
+            .zip(src)
+            .for_each(|(d, s)| *d = (*d as f64 + s) as f32);
+    }
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f64,
+        a: *const f64,
+        rsa: isize,
+        csa: isize,
+        b: *const f64,
+        rsb: isize,
+        csb: isize,
+        beta: f64,
+        c: *mut f64,
+        rsc: isize,
+        csc: isize,
+    ) {
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        }
+    }
+}
 
 /// Training-mode options of one loss evaluation.
 #[derive(Clone, Copy, Debug, Default)]
@@ -25,16 +206,21 @@ pub struct TrainOpts {
 
 /// Loss `Σ w·(−log p(x0 | xt, eps)) / norm` over masked positions, and its gradient with
 /// respect to every parameter, accumulated (`+=`) into `grads` (same shapes as `p`).
+///
+/// Dropout with probability `p.config.dropout` applies when `opts.dropout` is set. Fails with a
+/// message naming the offending tensor when a shape disagrees with `p.config`, when `x0`
+/// differs from `xt` at an unmasked position, or when a target is the mask token.
 pub fn loss_and_grad<T: Real>(
-    _p: &DitParams,
-    _batch: &LossBatch,
-    _opts: &TrainOpts,
-    _grads: &mut DitParams,
+    p: &DitParams,
+    batch: &LossBatch,
+    opts: &TrainOpts,
+    grads: &mut DitParams,
 ) -> Result<f64> {
-    todo!("cpu::loss_and_grad")
+    dit::loss_and_grad::<T>(p, batch, opts, grads)
 }
 
-/// SUBS log-probabilities (B, L, V) in evaluation mode.
-pub fn log_probs<T: Real>(_p: &DitParams, _xt: &Tokens, _eps: Option<&Tensor>) -> Result<Tensor> {
-    todo!("cpu::log_probs")
+/// SUBS log-probabilities (B, L, V) in evaluation mode: the same values as
+/// `dit_ref::subs_log_probs(dit_ref::forward(..))` up to the accumulation precision of `T`.
+pub fn log_probs<T: Real>(p: &DitParams, xt: &Tokens, eps: Option<&Tensor>) -> Result<Tensor> {
+    dit::log_probs::<T>(p, xt, eps)
 }

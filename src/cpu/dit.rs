@@ -1,0 +1,620 @@
+//! The whole DiT on the CPU: a forward that keeps what the backward needs (per-block
+//! [`BlockActs`]), the backward to every parameter, and the two public entry points. The maths
+//! is `dit_ref`'s (spec 2.2-2.3, 3.2, 4.3), op by op; rows = B·L throughout.
+//!
+//! ```text
+//! h    = E[xt]  (+ W_b·GELU_exact(W_a eps + b_a) at masked rows)          (rows, D)
+//! c    = SiLU(fc2(SiLU(fc1(feat(σ=0)))))   constant over rows             (cond)
+//! per block i, m = adaLN_i(c) = (shift1, scale1, gate1, shift2, scale2, gate2), each (D):
+//!   a1 = LN1(h)·(1+scale1)+shift1;  qkv = rope(a1 W_qkv^T);  o = attn(qkv)
+//!   h += gate1 ⊙ dropout(o W_out^T)               dropout stream offset + 2i
+//!   a2 = LN2(h)·(1+scale2)+shift2;  pre = a2 W1^T + b1;  act = GELU_tanh(pre)
+//!   h += gate2 ⊙ dropout(act W2^T + b2)           dropout stream offset + 2i + 1
+//! y = LN_f(h)·(1+scale_f)+shift_f;  logits = y W_f^T + b_f                (rows, V)
+//! ```
+
+use crate::cpu::attention::{attention_bwd, attention_fwd, rope_apply, AttnSaved, AttnShape, Rope};
+use crate::cpu::layers::*;
+use crate::cpu::loss::{subs_ce_in_place, subs_log_probs};
+use crate::cpu::weights::{check_shapes, tensor_as, time_feature_at_zero, Lin, Weights};
+use crate::cpu::{Real, TrainOpts};
+use crate::diffusion::LossBatch;
+use crate::error::{Error, Result};
+use crate::model::{DitConfig, DitParams};
+use crate::tensor::{Tensor, Tokens};
+
+/// Sizes of one forward.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    len: usize,
+    rows: usize,
+    d: usize,
+    /// MLP hidden width
+    m: usize,
+    v: usize,
+}
+
+/// The eps MLP's activations, at masked rows only (the output is added nowhere else).
+struct EpsActs<T> {
+    /// masked row indices (nm)
+    idx: Vec<usize>,
+    /// (nm, noise_dim) eps at those rows
+    x: Vec<T>,
+    /// (nm, 4D) fc1 output before GELU
+    pre: Vec<T>,
+    /// (nm, 4D) GELU_exact(pre)
+    act: Vec<T>,
+}
+
+/// The conditioning MLP's activations (one row).
+struct CondActs<T> {
+    /// (256) time feature at sigma = 0
+    feat: Vec<T>,
+    /// (cond) fc1 output
+    c1: Vec<T>,
+    /// (cond) SiLU(c1)
+    s1: Vec<T>,
+    /// (cond) fc2 output
+    c2: Vec<T>,
+    /// (cond) c = SiLU(c2)
+    c: Vec<T>,
+}
+
+/// What one block's backward needs.
+struct BlockActs<T> {
+    /// (6D) adaLN output (shift1, scale1, gate1, shift2, scale2, gate2); None in the AR baseline
+    mods: Option<Vec<T>>,
+    /// LN1 x̂ (rows, D), rstd (rows)
+    ln1: LnSaved<T>,
+    /// (rows, D) modulated LN1 output, the qkv input
+    a1: Vec<T>,
+    /// (rows, 3D) qkv after rotary
+    qkv: Vec<T>,
+    /// (B, H, L, L) probabilities (+ softcap derivative)
+    attn: AttnSaved<T>,
+    /// (rows, D) attention output, the out-projection input
+    o: Vec<T>,
+    /// (rows, D) dropout(o W_out^T)
+    br1: Vec<T>,
+    /// (rows, D) dropout factors of branch 1; None without dropout
+    keep1: Option<Vec<T>>,
+    /// LN2 x̂ (rows, D), rstd (rows)
+    ln2: LnSaved<T>,
+    /// (rows, D) modulated LN2 output, the MLP input
+    a2: Vec<T>,
+    /// (rows, 4D) fc1 output before GELU
+    pre: Vec<T>,
+    /// (rows, 4D) GELU_tanh(pre)
+    act: Vec<T>,
+    /// (rows, D) dropout(act W2^T + b2)
+    br2: Vec<T>,
+    /// (rows, D) dropout factors of branch 2
+    keep2: Option<Vec<T>>,
+}
+
+/// Everything the forward keeps.
+struct Acts<T> {
+    eps: Option<EpsActs<T>>,
+    cond: Option<CondActs<T>>,
+    blocks: Vec<BlockActs<T>>,
+    /// (2D) final (shift, scale)
+    final_mods: Option<Vec<T>>,
+    /// final LN x̂ (rows, D), rstd (rows)
+    lnf: LnSaved<T>,
+    /// (rows, D) final modulated LN output
+    y: Vec<T>,
+    /// (rows, V)
+    logits: Vec<T>,
+}
+
+/// (shift, scale) pair `k, k+1` of a modulation vector cut in chunks of `d`.
+fn pair<T>(m: Option<&[T]>, d: usize, k: usize) -> Option<(&[T], &[T])> {
+    m.map(|m| (&m[k * d..(k + 1) * d], &m[(k + 1) * d..(k + 2) * d]))
+}
+
+fn chunk<T>(m: Option<&[T]>, d: usize, k: usize) -> Option<&[T]> {
+    m.map(|m| &m[k * d..(k + 1) * d])
+}
+
+/// Mutable chunks of width `d` of an optional gradient vector (`None`s when absent).
+fn chunks_mut<T>(m: &mut Option<Vec<T>>, d: usize, n: usize) -> Vec<Option<&mut [T]>> {
+    match m {
+        Some(v) => v.chunks_mut(d).map(Some).collect(),
+        None => (0..n).map(|_| None).collect(),
+    }
+}
+
+/// `one-row linear`: y = W x + b for a single vector.
+fn lin1<T: Real>(l: &Lin<T>, x: &[T]) -> Vec<T> {
+    let mut y = vec![T::zero(); l.out];
+    let (w, b) = l.wb();
+    linear_fwd(x, w, b, (1, l.out, l.inp), &mut y);
+    y
+}
+
+/// Backward of [`lin1`]: parameter grads into `g`, and `dx += W^T dy` when `dx` is given.
+fn lin1_bwd<T: Real>(l: &Lin<T>, g: &mut Lin<T>, x: &[T], dy: &[T], dx: Option<&mut [T]>) {
+    let mut tmp = dx.as_ref().map(|_| vec![T::zero(); l.inp]);
+    let (gw, gb) = g.wb_mut();
+    linear_bwd(dy, x, &l.w, (1, l.out, l.inp), tmp.as_deref_mut(), gw, gb);
+    if let (Some(dx), Some(t)) = (dx, tmp) {
+        dx.iter_mut().zip(t).for_each(|(a, b)| *a += b);
+    }
+}
+
+/// Checks tokens and eps against the config; returns the sizes.
+fn check_inputs(c: &DitConfig, xt: &Tokens, eps: Option<&Tensor>) -> Result<Dims> {
+    if xt.ids.len() != xt.batch * xt.len || xt.batch == 0 || xt.len == 0 {
+        return Err(Error::Shape(format!(
+            "xt: expected a non-empty (B, L) = ({}, {}) with B·L ids, got {}",
+            xt.batch,
+            xt.len,
+            xt.ids.len()
+        )));
+    }
+    if let Some((i, t)) = xt
+        .ids
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= c.vocab_size)
+    {
+        return Err(Error::Shape(format!(
+            "xt: id {t} at flat index {i} is outside the vocabulary of {}",
+            c.vocab_size
+        )));
+    }
+    if c.has_eps_mlp() {
+        let e = eps.ok_or_else(|| {
+            Error::Shape(format!(
+                "eps: IMDM needs eps of shape [{}, {}, {}], got none",
+                xt.batch, xt.len, c.noise_dim
+            ))
+        })?;
+        e.expect_shape("eps", &[xt.batch, xt.len, c.noise_dim])?;
+    }
+    Ok(Dims {
+        batch: xt.batch,
+        len: xt.len,
+        rows: xt.batch * xt.len,
+        d: c.hidden,
+        m: c.mlp_hidden(),
+        v: c.vocab_size,
+    })
+}
+
+fn attn_shape(c: &DitConfig, n: Dims) -> AttnShape {
+    AttnShape {
+        batch: n.batch,
+        len: n.len,
+        heads: c.heads,
+        head_dim: c.head_dim(),
+        softcap: c.softcap,
+        causal: c.causal,
+    }
+}
+
+/// Dropout stream offset of block `block`'s branch `branch` (0 attention, 1 MLP): the GPU
+/// forward's rule (`model::dit`: `opts.offset + 2·i`, `+ 1` for the MLP branch).
+pub(crate) fn dropout_offset(base: u64, block: usize, branch: u64) -> u64 {
+    base.wrapping_add(2 * block as u64 + branch)
+}
+
+/// The forward, keeping activations. `dropout` = (seed, offset, p) with p > 0.
+fn forward<T: Real>(
+    w: &Weights<T>,
+    c: &DitConfig,
+    xt: &Tokens,
+    eps: Option<&Tensor>,
+    n: Dims,
+    dropout: Option<(u64, u64, f32)>,
+) -> Acts<T> {
+    let (rows, d, m) = (n.rows, n.d, n.m);
+    let mask = c.mask_index as u32;
+    // 1. embedding, plus the eps MLP at masked rows.
+    let mut h = vec![T::zero(); rows * d];
+    embedding_fwd(&w.embedding, &xt.ids, d, &mut h);
+    let eps_acts = match (&w.eps_mlp, eps) {
+        (Some((fc1, fc2)), Some(e)) => {
+            let nd = c.noise_dim;
+            let idx: Vec<usize> = (0..rows).filter(|&r| xt.ids[r] == mask).collect();
+            let all = tensor_as::<T>(e);
+            let mut x = Vec::with_capacity(idx.len() * nd);
+            idx.iter()
+                .for_each(|&r| x.extend_from_slice(&all[r * nd..(r + 1) * nd]));
+            let nm = idx.len();
+            let mut pre = vec![T::zero(); nm * fc1.out];
+            linear_fwd(&x, &fc1.w, fc1.b.as_deref(), (nm, fc1.out, nd), &mut pre);
+            let mut act = vec![T::zero(); pre.len()];
+            map_fwd(&pre, &mut act, gelu_exact);
+            let mut add = vec![T::zero(); nm * d];
+            linear_fwd(&act, &fc2.w, None, (nm, d, fc2.inp), &mut add);
+            for (k, &r) in idx.iter().enumerate() {
+                let hr = &mut h[r * d..(r + 1) * d];
+                hr.iter_mut()
+                    .zip(&add[k * d..(k + 1) * d])
+                    .for_each(|(a, &b)| *a += b);
+            }
+            Some(EpsActs { idx, x, pre, act })
+        }
+        _ => None,
+    };
+    // 2. conditioning: constant, since sigma = 0.
+    let cond = w.sigma_map.as_ref().map(|(fc1, fc2)| {
+        let feat = time_feature_at_zero::<T>();
+        let c1 = lin1(fc1, &feat);
+        let s1: Vec<T> = c1.iter().map(|&x| silu(x)).collect();
+        let c2 = lin1(fc2, &s1);
+        let c = c2.iter().map(|&x| silu(x)).collect();
+        CondActs {
+            feat,
+            c1,
+            s1,
+            c2,
+            c,
+        }
+    });
+    let cv = cond.as_ref().map(|k| &k.c[..]);
+    let shape = attn_shape(c, n);
+    let rope = Rope::<T>::new(n.len, c.head_dim());
+    // 3-4. blocks.
+    let mut blocks = Vec::with_capacity(w.blocks.len());
+    for (i, bw) in w.blocks.iter().enumerate() {
+        let mods = bw.adaln.as_ref().zip(cv).map(|(l, cv)| lin1(l, cv));
+        let md = mods.as_deref();
+        let mut a1 = vec![T::zero(); rows * d];
+        let ln1 = ln_mod_fwd(&h, &bw.norm1, pair(md, d, 0), &mut a1);
+        let mut qkv = vec![T::zero(); rows * 3 * d];
+        linear_fwd(&a1, &bw.qkv.w, None, (rows, 3 * d, d), &mut qkv);
+        rope_apply(&mut qkv, &rope, n.len, c.heads, false);
+        let mut o = vec![T::zero(); rows * d];
+        let attn = attention_fwd(&qkv, &shape, &mut o);
+        let mut br1 = vec![T::zero(); rows * d];
+        linear_fwd(&o, &bw.out.w, None, (rows, d, d), &mut br1);
+        let keep = |k: u64| {
+            dropout.map(|(s, off, p)| dropout_factors(s, dropout_offset(off, i, k), p, rows * d))
+        };
+        let keep1 = keep(0);
+        residual_fwd(&mut h, &mut br1, chunk(md, d, 2), keep1.as_deref(), d);
+        let mut a2 = vec![T::zero(); rows * d];
+        let ln2 = ln_mod_fwd(&h, &bw.norm2, pair(md, d, 3), &mut a2);
+        let mut pre = vec![T::zero(); rows * m];
+        linear_fwd(&a2, &bw.fc1.w, bw.fc1.b.as_deref(), (rows, m, d), &mut pre);
+        let mut act = vec![T::zero(); rows * m];
+        map_fwd(&pre, &mut act, gelu_tanh);
+        let mut br2 = vec![T::zero(); rows * d];
+        linear_fwd(&act, &bw.fc2.w, bw.fc2.b.as_deref(), (rows, d, m), &mut br2);
+        let keep2 = keep(1);
+        residual_fwd(&mut h, &mut br2, chunk(md, d, 5), keep2.as_deref(), d);
+        blocks.push(BlockActs {
+            mods,
+            ln1,
+            a1,
+            qkv,
+            attn,
+            o,
+            br1,
+            keep1,
+            ln2,
+            a2,
+            pre,
+            act,
+            br2,
+            keep2,
+        });
+    }
+    // 5. final layer.
+    let final_mods = w.final_adaln.as_ref().zip(cv).map(|(l, cv)| lin1(l, cv));
+    let mut y = vec![T::zero(); rows * d];
+    let lnf = ln_mod_fwd(&h, &w.final_norm, pair(final_mods.as_deref(), d, 0), &mut y);
+    let mut logits = vec![T::zero(); rows * n.v];
+    let fl = &w.final_linear;
+    linear_fwd(&y, &fl.w, fl.b.as_deref(), (rows, n.v, d), &mut logits);
+    Acts {
+        eps: eps_acts,
+        cond,
+        blocks,
+        final_mods,
+        lnf,
+        y,
+        logits,
+    }
+}
+
+/// The backward from `dlogits` (rows, V), accumulating every parameter gradient into `g`.
+fn backward<T: Real>(
+    w: &Weights<T>,
+    g: &mut Weights<'static, T>,
+    a: &Acts<T>,
+    c: &DitConfig,
+    xt: &Tokens,
+    n: Dims,
+    dlogits: &[T],
+) {
+    let (rows, d, m) = (n.rows, n.d, n.m);
+    let cv = a.cond.as_ref().map(|k| &k.c[..]);
+    let mut dc = a.cond.as_ref().map(|k| vec![T::zero(); k.c.len()]);
+    // Final layer.
+    let mut dy = vec![T::zero(); rows * d];
+    {
+        let (gw, gb) = g.final_linear.wb_mut();
+        linear_bwd(
+            dlogits,
+            &a.y,
+            &w.final_linear.w,
+            (rows, n.v, d),
+            Some(&mut dy),
+            gw,
+            gb,
+        );
+    }
+    let mut dh = vec![T::zero(); rows * d];
+    let mut dfm = a.final_mods.as_ref().map(|_| vec![T::zero(); 2 * d]);
+    {
+        let mut parts = chunks_mut(&mut dfm, d, 2).into_iter();
+        let dmods = parts.next().flatten().zip(parts.next().flatten());
+        let fm = pair(a.final_mods.as_deref(), d, 0);
+        ln_mod_bwd(
+            &dy,
+            &a.lnf,
+            &w.final_norm,
+            fm,
+            &mut dh,
+            g.final_norm.to_mut(),
+            dmods,
+        );
+    }
+    if let (Some(l), Some(gl), Some(dm), Some(cv)) = (&w.final_adaln, &mut g.final_adaln, &dfm, cv)
+    {
+        lin1_bwd(l, gl, cv, dm, dc.as_deref_mut());
+    }
+    // Blocks, last first. Scratch buffers are reused across blocks.
+    let shape = attn_shape(c, n);
+    let rope = Rope::<T>::new(n.len, c.head_dim());
+    let mut dbr = vec![T::zero(); rows * d];
+    let mut da = vec![T::zero(); rows * d];
+    let mut dact = vec![T::zero(); rows * m];
+    let mut dqkv = vec![T::zero(); rows * 3 * d];
+    for ((bw, bg), ba) in w
+        .blocks
+        .iter()
+        .zip(g.blocks.iter_mut())
+        .zip(&a.blocks)
+        .rev()
+    {
+        let md = ba.mods.as_deref();
+        let mut dm = ba.mods.as_ref().map(|_| vec![T::zero(); 6 * d]);
+        {
+            let mut p = chunks_mut(&mut dm, d, 6).into_iter();
+            let (dsh1, dsc1, dg1, dsh2, dsc2, dg2) = (
+                p.next().flatten(),
+                p.next().flatten(),
+                p.next().flatten(),
+                p.next().flatten(),
+                p.next().flatten(),
+                p.next().flatten(),
+            );
+            // MLP branch.
+            residual_bwd(
+                &dh,
+                &ba.br2,
+                chunk(md, d, 5),
+                ba.keep2.as_deref(),
+                d,
+                &mut dbr,
+                dg2,
+            );
+            let (gw, gb) = bg.fc2.wb_mut();
+            linear_bwd(
+                &dbr,
+                &ba.act,
+                &bw.fc2.w,
+                (rows, d, m),
+                Some(&mut dact),
+                gw,
+                gb,
+            );
+            map_bwd(&ba.pre, &mut dact, gelu_tanh_grad);
+            let (gw, gb) = bg.fc1.wb_mut();
+            linear_bwd(
+                &dact,
+                &ba.a2,
+                &bw.fc1.w,
+                (rows, m, d),
+                Some(&mut da),
+                gw,
+                gb,
+            );
+            let dmods2 = dsh2.zip(dsc2);
+            ln_mod_bwd(
+                &da,
+                &ba.ln2,
+                &bw.norm2,
+                pair(md, d, 3),
+                &mut dh,
+                bg.norm2.to_mut(),
+                dmods2,
+            );
+            // Attention branch.
+            residual_bwd(
+                &dh,
+                &ba.br1,
+                chunk(md, d, 2),
+                ba.keep1.as_deref(),
+                d,
+                &mut dbr,
+                dg1,
+            );
+            let (gw, _) = bg.out.wb_mut();
+            linear_bwd(
+                &dbr,
+                &ba.o,
+                &bw.out.w,
+                (rows, d, d),
+                Some(&mut da),
+                gw,
+                None,
+            );
+            attention_bwd(&da, &ba.qkv, &ba.attn, &shape, &mut dqkv);
+            rope_apply(&mut dqkv, &rope, n.len, c.heads, true);
+            let (gw, _) = bg.qkv.wb_mut();
+            linear_bwd(
+                &dqkv,
+                &ba.a1,
+                &bw.qkv.w,
+                (rows, 3 * d, d),
+                Some(&mut da),
+                gw,
+                None,
+            );
+            let dmods1 = dsh1.zip(dsc1);
+            ln_mod_bwd(
+                &da,
+                &ba.ln1,
+                &bw.norm1,
+                pair(md, d, 0),
+                &mut dh,
+                bg.norm1.to_mut(),
+                dmods1,
+            );
+        }
+        if let (Some(l), Some(gl), Some(dm), Some(cv)) = (&bw.adaln, &mut bg.adaln, &dm, cv) {
+            lin1_bwd(l, gl, cv, dm, dc.as_deref_mut());
+        }
+    }
+    // Conditioning MLP: c = SiLU(c2), c2 = fc2(SiLU(c1)), c1 = fc1(feat).
+    if let (Some(k), Some(dc), Some((fc1, fc2)), Some((g1, g2))) =
+        (&a.cond, dc, &w.sigma_map, &mut g.sigma_map)
+    {
+        let dc2: Vec<T> = dc
+            .iter()
+            .zip(&k.c2)
+            .map(|(&g, &x)| g * silu_grad(x))
+            .collect();
+        let mut ds1 = vec![T::zero(); k.s1.len()];
+        lin1_bwd(fc2, g2, &k.s1, &dc2, Some(&mut ds1));
+        let dc1: Vec<T> = ds1
+            .iter()
+            .zip(&k.c1)
+            .map(|(&g, &x)| g * silu_grad(x))
+            .collect();
+        lin1_bwd(fc1, g1, &k.feat, &dc1, None);
+    }
+    // eps MLP at masked rows (eps itself needs no gradient).
+    if let (Some(e), Some((fc1, fc2)), Some((g1, g2))) = (&a.eps, &w.eps_mlp, &mut g.eps_mlp) {
+        let nm = e.idx.len();
+        let mut dout = Vec::with_capacity(nm * d);
+        e.idx
+            .iter()
+            .for_each(|&r| dout.extend_from_slice(&dh[r * d..(r + 1) * d]));
+        let mut dpre = vec![T::zero(); nm * fc2.inp];
+        let (gw, _) = g2.wb_mut();
+        linear_bwd(
+            &dout,
+            &e.act,
+            &fc2.w,
+            (nm, d, fc2.inp),
+            Some(&mut dpre),
+            gw,
+            None,
+        );
+        map_bwd(&e.pre, &mut dpre, gelu_exact_grad);
+        let (gw, gb) = g1.wb_mut();
+        linear_bwd(&dpre, &e.x, &fc1.w, (nm, fc1.out, fc1.inp), None, gw, gb);
+    }
+    embedding_bwd(&dh, &xt.ids, d, g.embedding.to_mut());
+}
+
+/// Checks the loss batch beyond shapes: targets equal inputs at unmasked rows (SUBS carry-over)
+/// and are never the mask token.
+fn check_batch(c: &DitConfig, b: &LossBatch, rows: usize) -> Result<()> {
+    let (xt, x0) = (b.xt, b.x0);
+    if (x0.batch, x0.len) != (xt.batch, xt.len) || x0.ids.len() != rows {
+        return Err(Error::Shape(format!(
+            "x0: expected shape [{}, {}] like xt, got [{}, {}] with {} ids",
+            xt.batch,
+            xt.len,
+            x0.batch,
+            x0.len,
+            x0.ids.len()
+        )));
+    }
+    if b.weight.len() != rows {
+        return Err(Error::Shape(format!(
+            "weight: expected B·L = {rows} entries, got {}",
+            b.weight.len()
+        )));
+    }
+    if !(b.norm.is_finite() && b.norm > 0.0) {
+        return Err(Error::Config(format!(
+            "loss norm must be finite and positive, got {}",
+            b.norm
+        )));
+    }
+    let mask = c.mask_index as u32;
+    for (i, (&t, &x)) in xt.ids.iter().zip(&x0.ids).enumerate() {
+        if x == mask || x as usize >= c.vocab_size {
+            return Err(Error::Shape(format!(
+                "x0: target {x} at flat index {i} is the mask token or outside the vocabulary \
+                 of {}",
+                c.vocab_size
+            )));
+        }
+        if t != mask && t != x {
+            return Err(Error::Shape(format!(
+                "x0: target {x} differs from the unmasked input {t} at flat index {i} (SUBS \
+                 carries unmasked tokens over, so x0 must equal xt there)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn loss_and_grad<T: Real>(
+    p: &DitParams,
+    batch: &LossBatch,
+    opts: &TrainOpts,
+    grads: &mut DitParams,
+) -> Result<f64> {
+    let c = &p.config;
+    c.validate()?;
+    let w = Weights::<T>::view(p)?;
+    check_shapes(grads, p, "grads")?;
+    let n = check_inputs(c, batch.xt, batch.eps)?;
+    check_batch(c, batch, n.rows)?;
+    let p_drop = c.dropout as f32;
+    let dropout = opts
+        .dropout
+        .filter(|_| p_drop > 0.0)
+        .map(|(seed, offset)| (seed, offset, p_drop));
+    let mut acts = forward(&w, c, batch.xt, batch.eps, n, dropout);
+    let mut dlogits = std::mem::take(&mut acts.logits);
+    let (xt, x0) = (&batch.xt.ids, &batch.x0.ids);
+    let loss = subs_ce_in_place(
+        &mut dlogits,
+        xt,
+        x0,
+        batch.weight,
+        batch.norm,
+        c.mask_index,
+        n.v,
+    );
+    let mut g = w.zeros_like();
+    backward(&w, &mut g, &acts, c, batch.xt, n, &dlogits);
+    g.add_into(grads);
+    Ok(loss)
+}
+
+pub(super) fn log_probs<T: Real>(
+    p: &DitParams,
+    xt: &Tokens,
+    eps: Option<&Tensor>,
+) -> Result<Tensor> {
+    let c = &p.config;
+    c.validate()?;
+    let w = Weights::<T>::view(p)?;
+    let n = check_inputs(c, xt, eps)?;
+    let acts = forward(&w, c, xt, eps, n, None);
+    let lp = subs_log_probs(&acts.logits, &xt.ids, c.mask_index, n.v);
+    Tensor::from_vec(&[n.batch, n.len, n.v], lp)
+}

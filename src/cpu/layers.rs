@@ -1,0 +1,361 @@
+//! Forward and backward of the DiT's pointwise and row-wise ops, as plain functions on row-major
+//! slices. Accumulation rule (as in the kernels): parameter gradients `+=`, activation gradients
+//! `=`, except where a doc says `+=` (the LayerNorm input gradient lands on the residual stream).
+//!
+//! Rows are independent, so rayon splits them freely; every sum over rows (bias, norm weight,
+//! modulation and gate gradients) runs serially in row order, so results are reproducible.
+
+use rayon::prelude::*;
+
+use crate::cpu::gemm::{gemm, Mat};
+use crate::cpu::Real;
+use crate::rng::philox4x32_10;
+
+/// LayerNorm epsilon (spec 2.3).
+pub const LN_EPS: f64 = 1e-5;
+
+/// `acc[j] += Σ_r x[r, j]` over rows of width `d`, in row order.
+pub fn col_sum_into<T: Real>(x: &[T], d: usize, acc: &mut [T]) {
+    for r in x.chunks_exact(d) {
+        acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v);
+    }
+}
+
+// ---- linear ---------------------------------------------------------------------------------
+
+/// `y (rows, out) = x (rows, inp) · W^T + b` with W (out, inp) and b (out).
+pub fn linear_fwd<T: Real>(
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    (rows, out, inp): (usize, usize, usize),
+    y: &mut [T],
+) {
+    debug_assert!(x.len() == rows * inp && w.len() == out * inp && y.len() == rows * out);
+    // The bias goes in first and the product adds onto it (beta = 1): one pass over y.
+    let beta = match b {
+        Some(b) => {
+            y.chunks_exact_mut(out).for_each(|r| r.copy_from_slice(b));
+            T::one()
+        }
+        None => T::zero(),
+    };
+    gemm(
+        (rows, out, inp),
+        T::one(),
+        Mat::n(x, inp),
+        Mat::t(w, inp),
+        beta,
+        y,
+        out,
+    );
+}
+
+/// Backward of [`linear_fwd`]: `dx = dy·W` (skipped when `dx` is `None`), `dW += dy^T·x`,
+/// `db += Σ_rows dy`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd<T: Real>(
+    dy: &[T],
+    x: &[T],
+    w: &[T],
+    (rows, out, inp): (usize, usize, usize),
+    dx: Option<&mut [T]>,
+    dw: &mut [T],
+    db: Option<&mut [T]>,
+) {
+    debug_assert!(dy.len() == rows * out && x.len() == rows * inp && dw.len() == out * inp);
+    if let Some(dx) = dx {
+        gemm(
+            (rows, inp, out),
+            T::one(),
+            Mat::n(dy, out),
+            Mat::n(w, inp),
+            T::zero(),
+            dx,
+            inp,
+        );
+    }
+    gemm(
+        (out, inp, rows),
+        T::one(),
+        Mat::t(dy, out),
+        Mat::n(x, inp),
+        T::one(),
+        dw,
+        inp,
+    );
+    if let Some(db) = db {
+        col_sum_into(dy, out, db);
+    }
+}
+
+// ---- LayerNorm (no bias) x weight, adaLN modulate ---------------------------------------------
+
+/// What the LayerNorm backward needs: the normalised input and the reciprocal std per row.
+#[derive(Clone, Debug, Default)]
+pub struct LnSaved<T> {
+    /// (rows, D) `(x - mean)·rstd`
+    pub xhat: Vec<T>,
+    /// (rows) `1/sqrt(var + eps)`, biased variance
+    pub rstd: Vec<T>,
+}
+
+/// `y = (x̂ ⊙ w)·(1 + scale) + shift` per row of width D = `w.len()`, with `x̂` the LayerNorm of
+/// the row (eps 1e-5, biased variance). `mods` = (shift, scale), each (D), broadcast over rows;
+/// `None` is the AR baseline's plain `x̂ ⊙ w`.
+pub fn ln_mod_fwd<T: Real>(
+    x: &[T],
+    w: &[T],
+    mods: Option<(&[T], &[T])>,
+    y: &mut [T],
+) -> LnSaved<T> {
+    let d = w.len();
+    let rows = x.len() / d;
+    // y = x̂·a + b with per-column a = w(1+scale), b = shift.
+    let (a, b) = ln_coefficients(w, mods);
+    let mut s = LnSaved {
+        xhat: vec![T::zero(); rows * d],
+        rstd: vec![T::zero(); rows],
+    };
+    let (inv_d, eps) = (T::one() / T::lit(d as f64), T::lit(LN_EPS));
+    x.par_chunks(d)
+        .zip(y.par_chunks_mut(d))
+        .zip(s.xhat.par_chunks_mut(d))
+        .zip(s.rstd.par_iter_mut())
+        .for_each(|(((xr, yr), xh), rs)| {
+            let mean = xr.iter().copied().sum::<T>() * inv_d;
+            let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() * inv_d;
+            let r = T::one() / (var + eps).sqrt();
+            *rs = r;
+            for j in 0..d {
+                let z = (xr[j] - mean) * r;
+                xh[j] = z;
+                yr[j] = z * a[j] + b[j];
+            }
+        });
+    s
+}
+
+fn ln_coefficients<T: Real>(w: &[T], mods: Option<(&[T], &[T])>) -> (Vec<T>, Vec<T>) {
+    match mods {
+        Some((shift, scale)) => (
+            w.iter()
+                .zip(scale)
+                .map(|(&w, &s)| w * (T::one() + s))
+                .collect(),
+            shift.to_vec(),
+        ),
+        None => (w.to_vec(), vec![T::zero(); w.len()]),
+    }
+}
+
+/// Backward of [`ln_mod_fwd`]: `dx += rstd·(g − mean(g) − x̂·mean(g ⊙ x̂))` with
+/// `g = dy ⊙ w(1+scale)` (**accumulates**: x is the residual stream); `dw += Σ dy(1+scale) ⊙ x̂`;
+/// `dshift += Σ dy` and `dscale += Σ dy ⊙ x̂ ⊙ w` when modulated.
+pub fn ln_mod_bwd<T: Real>(
+    dy: &[T],
+    saved: &LnSaved<T>,
+    w: &[T],
+    mods: Option<(&[T], &[T])>,
+    dx: &mut [T],
+    dw: &mut [T],
+    dmods: Option<(&mut [T], &mut [T])>,
+) {
+    let d = w.len();
+    let (a, _) = ln_coefficients(w, mods);
+    let inv_d = T::one() / T::lit(d as f64);
+    dy.par_chunks(d)
+        .zip(saved.xhat.par_chunks(d))
+        .zip(saved.rstd.par_iter())
+        .zip(dx.par_chunks_mut(d))
+        .for_each(|(((g, xh), &r), dxr)| {
+            let (mut m1, mut m2) = (T::zero(), T::zero());
+            for j in 0..d {
+                let gj = g[j] * a[j];
+                m1 += gj;
+                m2 += gj * xh[j];
+            }
+            let (m1, m2) = (m1 * inv_d, m2 * inv_d);
+            for j in 0..d {
+                dxr[j] += r * (g[j] * a[j] - m1 - xh[j] * m2);
+            }
+        });
+    // Σ_rows dy ⊙ x̂, then the chain rule per column.
+    let mut s1 = vec![T::zero(); d];
+    for (g, xh) in dy.chunks_exact(d).zip(saved.xhat.chunks_exact(d)) {
+        for j in 0..d {
+            s1[j] += g[j] * xh[j];
+        }
+    }
+    match (mods, dmods) {
+        (Some((_, scale)), Some((dshift, dscale))) => {
+            col_sum_into(dy, d, dshift);
+            for j in 0..d {
+                dw[j] += s1[j] * (T::one() + scale[j]);
+                dscale[j] += s1[j] * w[j];
+            }
+        }
+        _ => dw.iter_mut().zip(&s1).for_each(|(g, &s)| *g += s),
+    }
+}
+
+// ---- activations ----------------------------------------------------------------------------
+
+/// sqrt(2/pi), the tanh-GELU constant.
+const GELU_K: f64 = 0.797_884_560_802_865_4;
+const GELU_C: f64 = 0.044715;
+
+/// Tanh-approximated GELU (block MLPs): `0.5·x·(1 + tanh(k(x + 0.044715x³)))`.
+pub fn gelu_tanh<T: Real>(x: T) -> T {
+    let half = T::lit(0.5);
+    half * x * (T::one() + (T::lit(GELU_K) * (x + T::lit(GELU_C) * x * x * x)).tanh())
+}
+
+/// d/dx of [`gelu_tanh`].
+pub fn gelu_tanh_grad<T: Real>(x: T) -> T {
+    let (half, k, c) = (T::lit(0.5), T::lit(GELU_K), T::lit(GELU_C));
+    let t = (k * (x + c * x * x * x)).tanh();
+    half * (T::one() + t) + half * x * (T::one() - t * t) * k * (T::one() + T::lit(3.0) * c * x * x)
+}
+
+/// Exact GELU (the eps MLP): `0.5·x·(1 + erf(x/√2))`.
+pub fn gelu_exact<T: Real>(x: T) -> T {
+    T::lit(0.5) * x * (T::one() + (x * T::lit(std::f64::consts::FRAC_1_SQRT_2)).erf())
+}
+
+/// d/dx of [`gelu_exact`]: `Φ(x) + x·φ(x)`.
+pub fn gelu_exact_grad<T: Real>(x: T) -> T {
+    let cdf = T::lit(0.5) * (T::one() + (x * T::lit(std::f64::consts::FRAC_1_SQRT_2)).erf());
+    let pdf = (-T::lit(0.5) * x * x).exp() * T::lit(0.398_942_280_401_432_7);
+    cdf + x * pdf
+}
+
+/// SiLU `x·sigmoid(x)`.
+pub fn silu<T: Real>(x: T) -> T {
+    x / (T::one() + (-x).exp())
+}
+
+/// d/dx of [`silu`]: `σ(x)·(1 + x(1 − σ(x)))`.
+pub fn silu_grad<T: Real>(x: T) -> T {
+    let s = T::one() / (T::one() + (-x).exp());
+    s * (T::one() + x * (T::one() - s))
+}
+
+/// `y = f(x)` elementwise, in parallel.
+pub fn map_fwd<T: Real>(x: &[T], y: &mut [T], f: impl Fn(T) -> T + Sync) {
+    y.par_iter_mut()
+        .zip(x.par_iter())
+        .for_each(|(y, &x)| *y = f(x));
+}
+
+/// `d ← d ⊙ f'(x)` elementwise (activation backward in place), in parallel.
+pub fn map_bwd<T: Real>(x: &[T], d: &mut [T], grad: impl Fn(T) -> T + Sync) {
+    d.par_iter_mut()
+        .zip(x.par_iter())
+        .for_each(|(d, &x)| *d *= grad(x));
+}
+
+// ---- gated residual with dropout --------------------------------------------------------------
+
+/// Per-element dropout factors of one branch call: `1/(1-p)` (an f32 division, as in the kernel)
+/// where `rng::dropout_keep(seed, offset, i, p)` keeps element i, else 0; i = 0..n is the flat
+/// index `r·D + j` of the (rows, D) branch. One Philox call serves four elements, as on the GPU.
+pub fn dropout_factors<T: Real>(seed: u64, offset: u64, p: f32, n: usize) -> Vec<T> {
+    let scale = T::of_f32(1.0f32 / (1.0 - p));
+    let key = [seed as u32, (seed >> 32) as u32];
+    let mut out = vec![T::zero(); n];
+    // Chunks of a multiple of 4 elements start on a Philox group boundary.
+    const CHUNK: usize = 4096;
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, ch)| {
+        for (g, quad) in ch.chunks_mut(4).enumerate() {
+            let q = (c * CHUNK / 4 + g) as u64;
+            let words = philox4x32_10(
+                [
+                    q as u32,
+                    (q >> 32) as u32,
+                    offset as u32,
+                    (offset >> 32) as u32,
+                ],
+                key,
+            );
+            for (x, w) in quad.iter_mut().zip(words) {
+                // Same test as `rng::dropout_keep`: a 24-bit uniform, exact in f32.
+                let u = (w >> 8) as f32 * (1.0 / 16_777_216.0);
+                *x = if u >= p { scale } else { T::zero() };
+            }
+        }
+    });
+    out
+}
+
+/// `h += gate ⊙ dropout(branch)` per row of width `d` (gate (d) broadcast over rows, `None` =
+/// 1). `keep` holds [`dropout_factors`] (`None`: no dropout). On return `branch` holds
+/// `dropout(branch)`, which the backward needs for the gate gradient.
+pub fn residual_fwd<T: Real>(
+    h: &mut [T],
+    branch: &mut [T],
+    gate: Option<&[T]>,
+    keep: Option<&[T]>,
+    d: usize,
+) {
+    if let Some(k) = keep {
+        branch
+            .par_iter_mut()
+            .zip(k.par_iter())
+            .for_each(|(b, &k)| *b *= k);
+    }
+    h.par_chunks_mut(d)
+        .zip(branch.par_chunks(d))
+        .for_each(|(hr, br)| match gate {
+            Some(g) => (0..d).for_each(|j| hr[j] += g[j] * br[j]),
+            None => (0..d).for_each(|j| hr[j] += br[j]),
+        });
+}
+
+/// Backward of [`residual_fwd`]: `dbranch = dh ⊙ gate ⊙ keep` (=), `dgate += Σ_rows dh ⊙
+/// dropped` with `dropped` the branch after dropout. `dh` itself passes through unchanged.
+pub fn residual_bwd<T: Real>(
+    dh: &[T],
+    dropped: &[T],
+    gate: Option<&[T]>,
+    keep: Option<&[T]>,
+    d: usize,
+    dbranch: &mut [T],
+    dgate: Option<&mut [T]>,
+) {
+    dbranch
+        .par_chunks_mut(d)
+        .zip(dh.par_chunks(d))
+        .for_each(|(db, g)| match gate {
+            Some(gt) => (0..d).for_each(|j| db[j] = g[j] * gt[j]),
+            None => db.copy_from_slice(g),
+        });
+    if let Some(k) = keep {
+        dbranch
+            .par_iter_mut()
+            .zip(k.par_iter())
+            .for_each(|(b, &k)| *b *= k);
+    }
+    if let Some(dg) = dgate {
+        for (g, br) in dh.chunks_exact(d).zip(dropped.chunks_exact(d)) {
+            (0..d).for_each(|j| dg[j] += g[j] * br[j]);
+        }
+    }
+}
+
+// ---- embedding ------------------------------------------------------------------------------
+
+/// `h[r] = table[ids[r]]`, rows of width `d`.
+pub fn embedding_fwd<T: Real>(table: &[T], ids: &[u32], d: usize, h: &mut [T]) {
+    h.par_chunks_mut(d)
+        .zip(ids.par_iter())
+        .for_each(|(hr, &t)| hr.copy_from_slice(&table[t as usize * d..][..d]));
+}
+
+/// `dtable[ids[r]] += dh[r]`, serially in row order (a token may repeat).
+pub fn embedding_bwd<T: Real>(dh: &[T], ids: &[u32], d: usize, dtable: &mut [T]) {
+    for (g, &t) in dh.chunks_exact(d).zip(ids) {
+        let row = &mut dtable[t as usize * d..][..d];
+        row.iter_mut().zip(g).for_each(|(a, &v)| *a += v);
+    }
+}
