@@ -2,6 +2,7 @@
 //! the batch a loss sees and the `Denoiser` contract that samplers drive.
 
 pub mod denoiser;
+pub mod noising;
 pub mod schedule;
 
 pub use denoiser::{Denoiser, LossBatch};
