@@ -11,6 +11,7 @@
 pub mod config;
 pub mod data;
 pub mod ema;
+pub mod init;
 pub mod objective;
 pub mod optim;
 pub mod run;
