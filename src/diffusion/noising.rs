@@ -55,6 +55,16 @@ impl NoisedBatch {
     }
 }
 
+/// Masks each token of `row` independently with probability `p_mask` (one uniform per
+/// position, in order).
+fn mask_row<R: Rng>(rng: &mut R, row: &mut [u32], p_mask: f64, mask_id: u32) {
+    for id in row.iter_mut() {
+        if rng.random::<f64>() < p_mask {
+            *id = mask_id;
+        }
+    }
+}
+
 /// `q(x_t | x_0)` (spec 4.4): each token of row b is replaced by `mask_id` independently with
 /// probability `1 − α(t_b)`. One uniform is drawn per position, row-major.
 pub fn q_xt<R: Rng>(rng: &mut R, x0: &Tokens, t: &[f64], mask_id: u32) -> Result<Tokens> {
@@ -67,12 +77,7 @@ pub fn q_xt<R: Rng>(rng: &mut R, x0: &Tokens, t: &[f64], mask_id: u32) -> Result
     }
     let mut ids = x0.ids.clone();
     for (row, &tb) in ids.chunks_mut(x0.len.max(1)).zip(t) {
-        let p_mask = 1.0 - alpha(tb);
-        for id in row.iter_mut() {
-            if rng.random::<f64>() < p_mask {
-                *id = mask_id;
-            }
-        }
+        mask_row(rng, row, 1.0 - alpha(tb), mask_id);
     }
     Ok(Tokens {
         batch: x0.batch,
@@ -95,8 +100,12 @@ pub fn draw_eps_into<R: Rng>(rng: &mut R, out: &mut [f32], kind: NoiseType, scal
 }
 
 /// The NELBO batch of MDLM (spec 4.6) or IMDM (4.7) for clean rows `x0` at times `t`: masks
-/// from [`q_xt`], then (IMDM only) a fresh ε at every masked position in row-major order,
-/// weights `1/t` at masked positions, and `norm` as given (global batch tokens).
+/// as in [`q_xt`], (IMDM only) a fresh ε at every masked position, weights `1/t` at masked
+/// positions, and `norm` as given (global batch tokens).
+///
+/// The draws go row by row (the row's masks, then its ε), so a batch drawn from one stream
+/// equals its micro-batches drawn in order from the same stream: the micro-batch size never
+/// changes the noise.
 pub fn nelbo_batch<R: Rng>(
     rng: &mut R,
     x0: &Tokens,
@@ -110,35 +119,33 @@ pub fn nelbo_batch<R: Rng>(
             x0.len, config.length
         )));
     }
-    let mask = config.mask_index as u32;
-    let xt = q_xt(rng, x0, t, mask)?;
-    let l = x0.len;
-    let weight: Vec<f32> = xt
-        .ids
-        .iter()
-        .enumerate()
-        .map(|(i, &id)| {
-            if id == mask {
-                nelbo_weight(t[i / l]) as f32
-            } else {
-                0.0
+    if t.len() != x0.batch {
+        return Err(Error::Shape(format!(
+            "nelbo_batch: {} times for a batch of {}",
+            t.len(),
+            x0.batch
+        )));
+    }
+    let (mask, l, nd) = (config.mask_index as u32, x0.len, config.noise_dim);
+    let mut xt = x0.clone();
+    let mut weight = vec![0f32; x0.batch * l];
+    let mut eps = (config.algo == Algo::Imdm).then(|| Tensor::zeros(&[x0.batch, l, nd]));
+    for (b, &tb) in t.iter().enumerate() {
+        let row = &mut xt.ids[b * l..(b + 1) * l];
+        mask_row(rng, row, 1.0 - alpha(tb), mask);
+        let w = nelbo_weight(tb) as f32;
+        for (i, &id) in row.iter().enumerate() {
+            if id != mask {
+                continue;
             }
-        })
-        .collect();
-    let eps = match config.algo {
-        Algo::Mdlm => None,
-        Algo::Imdm => {
-            let nd = config.noise_dim;
-            let mut e = Tensor::zeros(&[x0.batch, l, nd]);
-            for (i, &id) in xt.ids.iter().enumerate() {
-                if id == mask {
-                    let slot = &mut e.data[i * nd..(i + 1) * nd];
-                    draw_eps_into(rng, slot, config.noise_type, config.noise_scale as f32);
-                }
+            let flat = b * l + i;
+            weight[flat] = w;
+            if let Some(e) = &mut eps {
+                let slot = &mut e.data[flat * nd..(flat + 1) * nd];
+                draw_eps_into(rng, slot, config.noise_type, config.noise_scale as f32);
             }
-            Some(e)
         }
-    };
+    }
     Ok(NoisedBatch {
         xt,
         x0: x0.clone(),
@@ -250,11 +257,12 @@ mod tests {
         assert!(nb.masked() > 0);
         let lb = nb.as_loss();
         assert_eq!(lb.norm, 256.0);
-        // MDLM: no eps, same masks for the same stream.
+        // MDLM: no eps; its masks are those of q_xt on the same stream.
         let mut rng2 = ChaCha8Rng::seed_from_u64(5);
         let nb2 = nelbo_batch(&mut rng2, &x, &t, &cfg(Algo::Mdlm), 256.0).unwrap();
         assert!(nb2.eps.is_none());
-        assert_eq!(nb2.xt, nb.xt);
+        let mut rng2 = ChaCha8Rng::seed_from_u64(5);
+        assert_eq!(nb2.xt, q_xt(&mut rng2, &x, &t, mask).unwrap());
         // Same seed, same batch.
         let mut rng3 = ChaCha8Rng::seed_from_u64(5);
         assert_eq!(nelbo_batch(&mut rng3, &x, &t, &c, 256.0).unwrap(), nb);
@@ -293,5 +301,24 @@ mod tests {
             }
         }
         assert!(micro_batch(&x, &t, m, 4).is_err());
+    }
+
+    /// Micro-batches drawn in order from one stream reproduce the whole batch's noise.
+    #[test]
+    fn micro_batches_draw_the_same_noise_as_the_whole_batch() {
+        let c = cfg(Algo::Imdm);
+        let t = antithetic_times(&mut ChaCha8Rng::seed_from_u64(1), 8);
+        let x = x0(8, 64);
+        let whole = nelbo_batch(&mut ChaCha8Rng::seed_from_u64(2), &x, &t, &c, 512.0).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        for k in 0..4 {
+            let (xk, tk) = micro_batch(&x, &t, 2, k).unwrap();
+            let nb = nelbo_batch(&mut rng, &xk, tk, &c, 512.0).unwrap();
+            let (lo, hi) = (k * 2 * 64, (k + 1) * 2 * 64);
+            assert_eq!(nb.xt.ids, whole.xt.ids[lo..hi]);
+            assert_eq!(nb.weight, whole.weight[lo..hi]);
+            let e = nb.eps.unwrap();
+            assert_eq!(e.data, whole.eps.as_ref().unwrap().data[lo * 5..hi * 5]);
+        }
     }
 }

@@ -8,7 +8,9 @@
 //! Determinism: every random draw comes from ChaCha8 keyed by (seed, purpose) on stream
 //! `step`, the data source is addressed by position, and the arithmetic runs in a fixed order,
 //! so the same seed gives the same losses bit for bit, and a run resumed from a checkpoint
-//! follows the uninterrupted trajectory exactly (given a deterministic [`Objective`]).
+//! follows the uninterrupted trajectory exactly (given a deterministic [`Objective`]). The
+//! noise is drawn row by row from one stream per step, so the micro-batch size changes only
+//! the order of floating-point sums, never the times, masks or ε.
 
 use std::path::PathBuf;
 use std::time::Instant;
