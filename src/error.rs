@@ -41,6 +41,11 @@ pub enum Error {
     /// `--device cuda` was requested but no usable CUDA device exists.
     #[error("no CUDA device: {0}")]
     NoDevice(String),
+
+    /// Training produced a NaN or an infinity; the run stopped before applying it, and the
+    /// last checkpoint written is the last good one.
+    #[error("step {step}: {what}; training stopped (the last good checkpoint is kept)")]
+    NonFinite { step: u64, what: String },
 }
 
 /// Result with the crate's error.

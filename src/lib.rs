@@ -15,6 +15,8 @@
 //! - [`ops`]: one module per kernel file: its only launcher, its CPU twin, its tests.
 //! - [`rng`]: the reference's counter-hash seeded noise (spec 5.8), bit-exact.
 //! - [`stio`] and [`tensor`]: safetensors helpers and plain host tensors.
+//! - [`diffusion`]: schedule, forward noising and the NELBO batch; [`train`]: the training
+//!   loop, AdamW, EMA, data sources and resumable run directories.
 //! - [`cli`]: the `imdm-engine` subcommands; `main.rs` only parses and reports errors.
 //!
 //! Numerics: f32 master weights; the CPU reference accumulates in f64; GPU kernels keep the
@@ -35,5 +37,6 @@ pub mod rng;
 pub mod stio;
 pub mod tensor;
 pub mod testing;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -13,12 +13,13 @@ pub mod forward;
 pub mod info;
 pub mod init;
 pub mod probe;
+pub mod train;
 
 /// Masked diffusion language models (MDLM, IMDM) with hand-written CUDA kernels.
 ///
-/// Implemented so far: model initialisation, checkpoint inspection, the CPU reference forward
-/// and the GPU probe. Training, sampling, distillation, data preparation and benchmarks arrive
-/// with their own issues.
+/// Implemented so far: model initialisation, checkpoint inspection, the CPU reference forward,
+/// the GPU probe and CPU training. GPU training, sampling, distillation, data preparation and
+/// benchmarks arrive with their own issues.
 #[derive(Parser, Debug)]
 #[command(name = "imdm-engine", version, about, long_about)]
 pub struct Cli {
@@ -40,6 +41,9 @@ pub enum Command {
     Probe(probe::ProbeArgs),
     /// GPU benchmarks: kernels, whole forward.
     Bench(bench::BenchArgs),
+    /// Train MDLM or IMDM (NELBO) into a resumable run directory (CPU for now).
+    #[command(long_about = train::LONG_ABOUT)]
+    Train(train::TrainArgs),
 }
 
 /// Model configuration flags shared by the subcommands that build or check a config.
@@ -139,6 +143,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Forward(a) => forward::run(a),
         Command::Probe(a) => probe::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Train(a) => train::run(a),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod denoiser;
 pub mod metrics;
+pub mod noising;
 pub mod posterior;
 pub mod sampler;
 pub mod schedule;

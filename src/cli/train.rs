@@ -1,0 +1,565 @@
+//! `imdm-engine train`: MDLM / IMDM training on the CPU backend, into a resumable run
+//! directory. The flags resolve into a [`RunConfig`] written to `DIR/config.json`; `--resume`
+//! continues a run from its recorded configuration.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+
+use crate::cli::ConfigArgs;
+use crate::error::{Error, Result};
+use crate::gpu::DeviceChoice;
+use crate::model::{checkpoint, Algo, DitConfig, DitParams};
+use crate::train::config::{DataSpec, Freeze, TokenDtype, TrainConfig};
+use crate::train::init::initial_params;
+use crate::train::run::{RunConfig, RunDir, RUN_FORMAT};
+use crate::train::{data, CpuDit, Event, LinearSoftmax, Objective, Trainer};
+
+/// What the run optimises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ObjectiveKind {
+    /// The DiT (spec 2) on the selected device.
+    Dit,
+    /// Testing aid: a position-wise linear softmax with exact gradients on the DiT's
+    /// embedding / eps MLP / output tensors. Exercises the whole loop without the DiT.
+    LinearSoftmax,
+}
+
+impl ObjectiveKind {
+    fn recorded(self) -> &'static str {
+        match self {
+            ObjectiveKind::Dit => "cpu-dit",
+            ObjectiveKind::LinearSoftmax => "linear-softmax",
+        }
+    }
+
+    fn from_recorded(s: &str) -> Result<Self> {
+        match s {
+            "cpu-dit" => Ok(ObjectiveKind::Dit),
+            "linear-softmax" => Ok(ObjectiveKind::LinearSoftmax),
+            other => Err(Error::Config(format!(
+                "the run's objective {other:?} is unknown to this binary"
+            ))),
+        }
+    }
+
+    fn build(self) -> Box<dyn Objective> {
+        match self {
+            ObjectiveKind::Dit => Box::new(CpuDit),
+            ObjectiveKind::LinearSoftmax => Box::new(LinearSoftmax),
+        }
+    }
+}
+
+/// The long `--help` text of `train`.
+pub const LONG_ABOUT: &str = "\
+Train a masked diffusion model (MDLM NELBO, spec 4.6, or IMDM, spec 4.7) on the CPU.
+
+A new run needs a model (--preset, optionally with size overrides, or --init with a checkpoint \
+that records its configuration), --data and --run-dir. Defaults follow the reference (spec 9): \
+AdamW lr 3e-4, betas (0.9, 0.999), eps 1e-8, no weight decay, constant LR after linear warmup, \
+clip 1.0, EMA 0.9999 with warm-up, antithetic times over the global batch.
+
+Progress goes to stdout and to DIR/metrics.jsonl. Checkpoints go to DIR/checkpoints/step-N/ \
+(model.safetensors, ema.safetensors, optim.safetensors, state.json); DIR/latest.json names the \
+last complete one. Validation (NELBO and PPL on held-out data) uses the EMA weights.
+
+--resume DIR continues a run bit for bit from its latest checkpoint with the recorded \
+configuration; only --steps (to extend the run) and the logging, validation and checkpoint \
+intervals may be given again.
+
+Example: imdm-engine train --preset minimini --algo imdm --data synthetic --batch 32 \
+--steps 2000 --lr 1e-3 --warmup 100 --run-dir runs/demo";
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Hidden width D (overrides the preset; noise_dim follows unless --noise-dim is given).
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Attention heads (overrides the preset; must divide --hidden).
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Number of DiT blocks (overrides the preset).
+    #[arg(long)]
+    pub blocks: Option<usize>,
+    /// Width of the conditioning vector (overrides the preset).
+    #[arg(long)]
+    pub cond_dim: Option<usize>,
+    /// Dropout on the block branches in training (overrides the preset; 0.1 for OWT/LM1B).
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Scale of eps (`algo.noise_scale`, default 1).
+    #[arg(long)]
+    pub noise_scale: Option<f64>,
+
+    /// Training data: `synthetic` (spec 1.3: one token uniform over the vocabulary without the
+    /// mask, repeated over the sequence) or `tokens:PATH` (flat little-endian (N, L) ids; the
+    /// dtype comes from a .u16/.u32 extension or --token-dtype). Token files hold out their
+    /// last --eval-size sequences for validation.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Element type of a token file, when its extension is not .u16 or .u32.
+    #[arg(long, value_enum)]
+    pub token_dtype: Option<TokenDtype>,
+
+    /// Global batch: sequences per optimizer step [default: 512].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Sequences per forward/backward; gradients of batch/micro-batch micro-batches
+    /// accumulate [default: the global batch].
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+    /// Optimizer steps of the run [default: 1000000]. With --resume, a larger value extends
+    /// the run.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Peak learning rate [default: 3e-4].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear warmup steps; step n runs at lr·n/warmup until then [default: 2500].
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// AdamW weight decay [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// EMA decay, with warm-up min(decay, (1+n)/(10+n)); 0 = off [default: 0.9999].
+    #[arg(long)]
+    pub ema: Option<f64>,
+    /// Global gradient-norm clip; 0 = off [default: 1.0].
+    #[arg(long)]
+    pub clip: Option<f64>,
+    /// Seed of the initialisation, data order, times, masks, eps and dropout [default: 1].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Freeze parameters whose reference name starts with this prefix (repeatable), e.g.
+    /// `vocab_embed.` or `blocks.0.`.
+    #[arg(long)]
+    pub freeze: Vec<String>,
+    /// Train only the LayerNorm weights (the reference's optim.ln_tune).
+    #[arg(long)]
+    pub ln_tune: bool,
+    /// Initial weights (.safetensors) to fine-tune. An MDLM checkpoint loads into an IMDM run
+    /// with the eps MLP initialised as the reference does (zero last layer), so step 0 equals
+    /// the MDLM.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+
+    /// Steps between progress lines and metrics entries [default: 10].
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    /// Steps between validations on the EMA weights; 0 = only at the end [default: 500].
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// Held-out sequences for validation NELBO/PPL; 0 = none [default: 256].
+    #[arg(long)]
+    pub eval_size: Option<usize>,
+    /// Steps between checkpoints; 0 = only the final one [default: 500].
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    /// Checkpoints kept on disk, newest first [default: 2].
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
+
+    /// Run directory of a new run (created; must not already hold a run).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Continue the run in this directory from its latest checkpoint.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Where to train: cpu. (cuda: GPU training is not yet available; auto means cpu.)
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Print only errors and the final summary.
+    #[arg(long)]
+    pub quiet: bool,
+    /// What to optimise (testing aid; see the enum).
+    #[arg(long, value_enum, default_value = "dit", hide = true)]
+    pub objective: ObjectiveKind,
+}
+
+/// Parses `--data`.
+fn parse_data(s: &str, dtype: Option<TokenDtype>) -> Result<DataSpec> {
+    if s == "synthetic" {
+        return Ok(DataSpec::Synthetic);
+    }
+    let Some(path) = s.strip_prefix("tokens:") else {
+        return Err(Error::Config(format!(
+            "--data {s}: expected `synthetic` or `tokens:PATH`"
+        )));
+    };
+    let path = PathBuf::from(path);
+    if !path.is_file() {
+        return Err(Error::Config(format!(
+            "--data {s}: token file {} does not exist",
+            path.display()
+        )));
+    }
+    let by_ext = match path.extension().and_then(|e| e.to_str()) {
+        Some("u16") => Some(TokenDtype::U16),
+        Some("u32") => Some(TokenDtype::U32),
+        _ => None,
+    };
+    let dtype = dtype.or(by_ext).ok_or_else(|| {
+        Error::Config(format!(
+            "--data {s}: cannot tell the token dtype; name the file .u16 or .u32 or pass \
+             --token-dtype u16|u32"
+        ))
+    })?;
+    Ok(DataSpec::Tokens { path, dtype })
+}
+
+/// The model configuration of a new run: the preset (or the --init file's recorded config)
+/// with every override applied.
+fn resolve_model(a: &TrainArgs) -> Result<DitConfig> {
+    let c = &a.config;
+    if c.ar {
+        return Err(Error::Config(
+            "--ar: the autoregressive baseline trains with another loss; not supported by \
+             `train`"
+                .into(),
+        ));
+    }
+    let mut m = match (c.preset, &a.init) {
+        (Some(p), _) => DitConfig::preset(p),
+        (None, Some(init)) => checkpoint::read_config(init)?.ok_or_else(|| {
+            Error::Config(format!(
+                "--init {}: the file records no configuration; choose one with --preset",
+                init.display()
+            ))
+        })?,
+        (None, None) => {
+            return Err(Error::Config(
+                "a new run needs --preset (or --init with a checkpoint that records its \
+                 configuration)"
+                    .into(),
+            ))
+        }
+    };
+    if let Some(v) = c.vocab {
+        m.vocab_size = v;
+        m.mask_index = v.saturating_sub(1);
+    }
+    if let Some(x) = c.mask_index {
+        m.mask_index = x;
+    }
+    if let Some(x) = c.algo {
+        m.algo = x;
+    }
+    if let Some(x) = c.noise_type {
+        m.noise_type = x;
+    }
+    if let Some(x) = c.softcap {
+        m.softcap = x;
+    }
+    if let Some(x) = c.length {
+        m.length = x;
+    }
+    if let Some(h) = a.hidden {
+        if c.noise_dim.is_none() && m.noise_dim == m.hidden {
+            m.noise_dim = h;
+        }
+        m.hidden = h;
+    }
+    if let Some(x) = c.noise_dim {
+        m.noise_dim = x;
+    }
+    if let Some(x) = a.heads {
+        m.heads = x;
+    }
+    if let Some(x) = a.blocks {
+        m.blocks = x;
+    }
+    if let Some(x) = a.cond_dim {
+        m.cond_dim = x;
+    }
+    if let Some(x) = a.dropout {
+        m.dropout = x;
+    }
+    if let Some(x) = a.noise_scale {
+        m.noise_scale = x;
+    }
+    if a.hidden.is_some() || a.heads.is_some() || a.blocks.is_some() || a.cond_dim.is_some() {
+        m.preset = "custom".into();
+    }
+    m.validate()?;
+    Ok(m)
+}
+
+/// The training configuration of a new run.
+fn resolve_train(a: &TrainArgs) -> Result<TrainConfig> {
+    let d = TrainConfig::default();
+    let data = a
+        .data
+        .as_deref()
+        .ok_or_else(|| Error::Config("a new run needs --data (synthetic or tokens:PATH)".into()))?;
+    let batch = a.batch.unwrap_or(d.batch);
+    let c = TrainConfig {
+        data: parse_data(data, a.token_dtype)?,
+        batch,
+        micro_batch: a.micro_batch.unwrap_or(batch),
+        steps: a.steps.unwrap_or(d.steps),
+        lr: a.lr.unwrap_or(d.lr),
+        warmup: a.warmup.unwrap_or(d.warmup),
+        weight_decay: a.weight_decay.unwrap_or(d.weight_decay),
+        ema: a.ema.unwrap_or(d.ema),
+        clip: a.clip.unwrap_or(d.clip),
+        seed: a.seed.unwrap_or(d.seed),
+        log_every: a.log_every.unwrap_or(d.log_every),
+        eval_every: a.eval_every.unwrap_or(d.eval_every),
+        eval_size: a.eval_size.unwrap_or(d.eval_size),
+        save_every: a.save_every.unwrap_or(d.save_every),
+        keep_checkpoints: a.keep_checkpoints.unwrap_or(d.keep_checkpoints),
+        freeze: Freeze {
+            prefixes: a.freeze.clone(),
+            ln_only: a.ln_tune,
+        },
+        init: a.init.clone(),
+        ..d
+    };
+    c.validate()?;
+    Ok(c)
+}
+
+/// With --resume: the recorded configuration, with the flags that may change applied; any
+/// other flag given must agree with the record.
+fn resolve_resume(a: &TrainArgs, dir: &Path, rec: &RunConfig) -> Result<TrainConfig> {
+    let c = &a.config;
+    let model_flags = c.preset.is_some()
+        || c.vocab.is_some()
+        || c.mask_index.is_some()
+        || c.noise_dim.is_some()
+        || c.algo.is_some()
+        || c.noise_type.is_some()
+        || c.softcap.is_some()
+        || c.length.is_some()
+        || c.ar
+        || a.hidden.is_some()
+        || a.heads.is_some()
+        || a.blocks.is_some()
+        || a.cond_dim.is_some()
+        || a.dropout.is_some()
+        || a.noise_scale.is_some()
+        || a.init.is_some();
+    if model_flags {
+        return Err(Error::Config(format!(
+            "--resume {}: the model flags (--preset, sizes, --algo, --init, ...) cannot be \
+             changed; the run's recorded configuration is used",
+            dir.display()
+        )));
+    }
+    if a.run_dir.as_ref().is_some_and(|r| r != dir) {
+        return Err(Error::Config(
+            "--run-dir and --resume name different directories; give only --resume".into(),
+        ));
+    }
+    let mut t = rec.train.clone();
+    let mut clash = Vec::new();
+    let mut check = |flag: &str, given: Option<String>, recorded: String| {
+        if let Some(g) = given {
+            if g != recorded {
+                clash.push(format!("{flag} {g} (the run has {recorded})"));
+            }
+        }
+    };
+    check(
+        "--batch",
+        a.batch.map(|x| x.to_string()),
+        t.batch.to_string(),
+    );
+    check(
+        "--micro-batch",
+        a.micro_batch.map(|x| x.to_string()),
+        t.micro_batch.to_string(),
+    );
+    check("--lr", a.lr.map(|x| x.to_string()), t.lr.to_string());
+    check(
+        "--warmup",
+        a.warmup.map(|x| x.to_string()),
+        t.warmup.to_string(),
+    );
+    check(
+        "--weight-decay",
+        a.weight_decay.map(|x| x.to_string()),
+        t.weight_decay.to_string(),
+    );
+    check("--ema", a.ema.map(|x| x.to_string()), t.ema.to_string());
+    check("--clip", a.clip.map(|x| x.to_string()), t.clip.to_string());
+    check("--seed", a.seed.map(|x| x.to_string()), t.seed.to_string());
+    check(
+        "--eval-size",
+        a.eval_size.map(|x| x.to_string()),
+        t.eval_size.to_string(),
+    );
+    if let Some(d) = &a.data {
+        let given = parse_data(d, a.token_dtype)?;
+        if given != t.data {
+            clash.push(format!("--data {d} (the run has {:?})", t.data));
+        }
+    }
+    let freeze = Freeze {
+        prefixes: a.freeze.clone(),
+        ln_only: a.ln_tune,
+    };
+    if freeze != Freeze::default() && freeze != t.freeze {
+        clash.push(format!("--freeze/--ln-tune (the run has {:?})", t.freeze));
+    }
+    if a.objective != ObjectiveKind::from_recorded(&rec.objective)? {
+        clash.push(format!("--objective (the run has {})", rec.objective));
+    }
+    if !clash.is_empty() {
+        return Err(Error::Config(format!(
+            "--resume {}: these flags differ from the run's recorded configuration and would \
+             change its trajectory: {}",
+            dir.display(),
+            clash.join("; ")
+        )));
+    }
+    if let Some(s) = a.steps {
+        t.steps = s;
+    }
+    if let Some(x) = a.log_every {
+        t.log_every = x;
+    }
+    if let Some(x) = a.eval_every {
+        t.eval_every = x;
+    }
+    if let Some(x) = a.save_every {
+        t.save_every = x;
+    }
+    if let Some(x) = a.keep_checkpoints {
+        t.keep_checkpoints = x;
+    }
+    t.validate()?;
+    Ok(t)
+}
+
+/// The CLI spelling of an algorithm.
+fn algo_name(a: Algo) -> String {
+    a.to_possible_value()
+        .map_or_else(|| format!("{a:?}"), |v| v.get_name().to_string())
+}
+
+fn hms(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec:02}s"),
+        (h, m, sec) => format!("{h}h{m:02}m{sec:02}s"),
+    }
+}
+
+fn printer(steps: u64) -> impl FnMut(&Event) {
+    move |e| match e {
+        Event::Progress {
+            log,
+            tok_per_s,
+            elapsed_s,
+            eta_s,
+        } => println!(
+            "step {}/{steps} | loss {:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | \
+             elapsed {} | ETA {}",
+            log.step,
+            log.loss,
+            log.lr,
+            log.grad_norm,
+            tok_per_s,
+            hms(*elapsed_s),
+            hms(*eta_s)
+        ),
+        Event::Validation(v) => println!(
+            "validation at step {}: NELBO {:.4} nats/token, PPL {:.3} (EMA weights, {} tokens)",
+            v.step, v.nelbo, v.ppl, v.tokens
+        ),
+        Event::Checkpoint { step, dir } => {
+            println!("checkpoint at step {step}: {}", dir.display())
+        }
+    }
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    match a.device {
+        DeviceChoice::Cuda => {
+            return Err(Error::Config(
+                "--device cuda: GPU training is not yet available; use --device cpu".into(),
+            ))
+        }
+        DeviceChoice::Cpu | DeviceChoice::Auto => {}
+    }
+    let (mut trainer, objective, model) = match (&a.resume, &a.run_dir) {
+        (Some(dir), _) => {
+            let (rd, rec) = RunDir::open(dir)?;
+            let cfg = resolve_resume(&a, dir, &rec)?;
+            let (src, val) = data::open(&cfg.data, &rec.model, cfg.seed, cfg.eval_size)?;
+            let kind = ObjectiveKind::from_recorded(&rec.objective)?;
+            let t = Trainer::resume(cfg, &rec.model, rd, src, val)?;
+            if !a.quiet {
+                println!(
+                    "resuming {} at step {} of {}",
+                    dir.display(),
+                    t.step,
+                    t.cfg.steps
+                );
+            }
+            (t, kind, rec.model)
+        }
+        (None, Some(dir)) => {
+            let model = resolve_model(&a)?;
+            let cfg = resolve_train(&a)?;
+            let (src, val) = data::open(&cfg.data, &model, cfg.seed, cfg.eval_size)?;
+            let params: DitParams = initial_params(&model, cfg.init.as_deref(), cfg.seed)?;
+            let rec = RunConfig {
+                format: RUN_FORMAT.into(),
+                objective: a.objective.recorded().into(),
+                model: model.clone(),
+                train: cfg.clone(),
+            };
+            let description = src.describe();
+            let rd = RunDir::create(dir, &rec)?;
+            let t = Trainer::new(cfg, params, src, val, Some(rd))?;
+            if !a.quiet {
+                println!(
+                    "training {} {} ({} parameters, L {}) on {description} into {}",
+                    model.preset,
+                    algo_name(model.algo),
+                    t.params.count(),
+                    model.length,
+                    dir.display()
+                );
+            }
+            (t, a.objective, model)
+        }
+        (None, None) => {
+            return Err(Error::Config(
+                "give --run-dir DIR for a new run or --resume DIR to continue one".into(),
+            ))
+        }
+    };
+    if !a.quiet {
+        trainer.set_observer(printer(trainer.cfg.steps));
+    }
+    let mut obj = objective.build();
+    let val = trainer.run(obj.as_mut())?;
+    let root = trainer
+        .run_dir()
+        .map(|r| r.root.clone())
+        .unwrap_or_default();
+    let last = trainer.run_dir().and_then(|r| r.latest().ok().flatten());
+    println!(
+        "done: {} steps of {} {}; last loss {}; {}; checkpoint {}",
+        trainer.step,
+        model.preset,
+        algo_name(model.algo),
+        trainer
+            .state()
+            .last_loss
+            .map_or("-".into(), |l| format!("{l:.4}")),
+        val.map_or("no validation".into(), |v| format!(
+            "validation NELBO {:.4}, PPL {:.3}",
+            v.nelbo, v.ppl
+        )),
+        last.map_or("-".into(), |l| root.join(l.dir).display().to_string())
+    );
+    Ok(())
+}

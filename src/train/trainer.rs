@@ -1,0 +1,497 @@
+//! The training loop: one optimizer step = a global batch from the data source, antithetic
+//! times over the global batch, micro-batches (masks, ε, NELBO weights; norm = global batch
+//! tokens) whose gradients accumulate, a NaN/Inf check that names the first bad tensor,
+//! global-norm clipping, AdamW at the scheduled learning rate, and the EMA update. Around it:
+//! progress and `metrics.jsonl` entries every `log_every` steps, validation NELBO/PPL on the
+//! EMA weights, periodic and final checkpoints.
+//!
+//! Determinism: every random draw comes from ChaCha8 keyed by (seed, purpose) on stream
+//! `step`, the data source is addressed by position, and the arithmetic runs in a fixed order,
+//! so the same seed gives the same losses bit for bit, and a run resumed from a checkpoint
+//! follows the uninterrupted trajectory exactly (given a deterministic [`Objective`]). The
+//! noise is drawn row by row from one stream per step, so the micro-batch size changes only
+//! the order of floating-point sums, never the times, masks or ε.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+use crate::cpu::TrainOpts;
+use crate::diffusion::noising::{micro_batch, nelbo_batch};
+use crate::diffusion::schedule::antithetic_times;
+use crate::error::{Error, Result};
+use crate::model::{DitConfig, DitParams};
+use crate::tensor::Tokens;
+use crate::train::config::TrainConfig;
+use crate::train::data::DataSource;
+use crate::train::ema::Ema;
+use crate::train::objective::Objective;
+use crate::train::optim::{clip_grad_norm, first_non_finite, zero, AdamW, AdamWConfig, LrSchedule};
+use crate::train::run::{RngState, RunDir, TrainState, RUN_FORMAT};
+
+/// Purposes of the random streams (keys mixed with the seed).
+const TIMES: u64 = 1;
+const NOISE: u64 = 2;
+const DROPOUT: u64 = 3;
+const VALIDATION: u64 = 4;
+/// Seed of the validation noise (times, masks, ε): fixed, so every validation of every run
+/// sees the same noisy held-out batches.
+pub const VALIDATION_SEED: u64 = 0x7A1D_A710_0000_0001;
+/// Dropout call offsets reserved per micro-batch (the DiT numbers its dropout sites from the
+/// offset it is given).
+const DROPOUT_CALLS_PER_MICRO: u64 = 1 << 20;
+
+/// 2^64 / golden ratio, to spread the purpose keys.
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// ChaCha8 keyed by (seed, purpose) on stream `counter`.
+pub fn stream(seed: u64, purpose: u64, counter: u64) -> ChaCha8Rng {
+    let mut r = ChaCha8Rng::seed_from_u64(seed ^ purpose.wrapping_mul(GOLDEN));
+    r.set_stream(counter);
+    r
+}
+
+/// AdamW settings of a training configuration.
+pub fn adamw_config(c: &TrainConfig) -> AdamWConfig {
+    AdamWConfig {
+        beta1: c.beta1,
+        beta2: c.beta2,
+        eps: c.adam_eps,
+        weight_decay: c.weight_decay,
+    }
+}
+
+/// One optimizer step's numbers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepLog {
+    /// Steps completed, this one included (1-based).
+    pub step: u64,
+    /// Batch NELBO per token (the sum of the micro-batch losses).
+    pub loss: f64,
+    /// Learning rate this step used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// A validation result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValLog {
+    pub step: u64,
+    /// Mean NELBO per token over the held-out set (nats), on the EMA weights.
+    pub nelbo: f64,
+    /// `exp(nelbo)`.
+    pub ppl: f64,
+    pub tokens: usize,
+}
+
+/// What the loop reports as it goes (the CLI prints these).
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A logged step: its numbers, throughput over the last interval, elapsed and remaining
+    /// time.
+    Progress {
+        log: StepLog,
+        tok_per_s: f64,
+        elapsed_s: f64,
+        eta_s: f64,
+    },
+    Validation(ValLog),
+    Checkpoint {
+        step: u64,
+        dir: PathBuf,
+    },
+}
+
+/// The state of a run and the loop that advances it.
+pub struct Trainer {
+    pub model: DitConfig,
+    pub cfg: TrainConfig,
+    pub params: DitParams,
+    pub ema: Ema,
+    pub opt: AdamW,
+    /// Optimizer steps completed.
+    pub step: u64,
+    grads: DitParams,
+    trainable: Vec<bool>,
+    data: Box<dyn DataSource>,
+    val: Option<Tokens>,
+    run: Option<RunDir>,
+    elapsed_before: f64,
+    started: Instant,
+    last_loss: Option<f64>,
+    last_val: Option<ValLog>,
+    /// (step, time) of the last progress report.
+    last_report: (u64, Instant),
+    observer: Box<dyn FnMut(&Event)>,
+}
+
+impl Trainer {
+    /// A new run from `params` (a fresh init or fine-tuning weights). With a run directory,
+    /// checkpoint 0 is written at once, so a run can be resumed from its very start.
+    pub fn new(
+        cfg: TrainConfig,
+        params: DitParams,
+        data: Box<dyn DataSource>,
+        val: Option<Tokens>,
+        run: Option<RunDir>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let opt = AdamW::new(&params, adamw_config(&cfg), |n| cfg.freeze.is_frozen(n));
+        let ema = Ema::new(&params, cfg.ema);
+        let mut t = Self::assemble(cfg, params, ema, opt, data, val, run, 0.0)?;
+        if t.run.is_some() {
+            t.save_checkpoint()?;
+        }
+        Ok(t)
+    }
+
+    /// Continues the run in `run` from its latest checkpoint. `cfg` is the run's recorded
+    /// configuration (the step count may have been raised); `data` must be the source that
+    /// configuration describes (it is moved to the recorded position).
+    pub fn resume(
+        cfg: TrainConfig,
+        model: &DitConfig,
+        run: RunDir,
+        mut data: Box<dyn DataSource>,
+        val: Option<Tokens>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let latest = run.latest()?.ok_or_else(|| {
+            Error::Config(format!(
+                "--resume {}: the run has no checkpoint yet; start it again",
+                run.root.display()
+            ))
+        })?;
+        let dir = run.root.join(&latest.dir);
+        let ld =
+            RunDir::load_checkpoint(&dir, model, adamw_config(&cfg), |n| cfg.freeze.is_frozen(n))?;
+        if ld.state.rng.seed != cfg.seed {
+            return Err(Error::checkpoint(
+                &dir,
+                format!(
+                    "seed {} differs from the run's configured seed {}",
+                    ld.state.rng.seed, cfg.seed
+                ),
+            ));
+        }
+        data.seek(ld.state.data_position)?;
+        run.truncate_metrics_after(ld.state.step)?;
+        let mut t = Self::assemble(
+            cfg,
+            ld.params,
+            ld.ema,
+            ld.opt,
+            data,
+            val,
+            Some(run),
+            ld.state.elapsed_s,
+        )?;
+        t.step = ld.state.step;
+        t.last_report.0 = t.step;
+        t.last_loss = ld.state.last_loss;
+        Ok(t)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        cfg: TrainConfig,
+        params: DitParams,
+        ema: Ema,
+        opt: AdamW,
+        data: Box<dyn DataSource>,
+        val: Option<Tokens>,
+        run: Option<RunDir>,
+        elapsed_before: f64,
+    ) -> Result<Self> {
+        let model = params.config.clone();
+        model.validate()?;
+        if data.seq_len() != model.length {
+            return Err(Error::Config(format!(
+                "the data has sequences of length {}, the model's length is {}",
+                data.seq_len(),
+                model.length
+            )));
+        }
+        if let Some(v) = &val {
+            if v.len != model.length || v.batch == 0 {
+                return Err(Error::Config(format!(
+                    "validation set {}x{} does not fit length {}",
+                    v.batch, v.len, model.length
+                )));
+            }
+        }
+        let trainable = opt.trainable();
+        if !trainable.iter().any(|&t| t) {
+            return Err(Error::Config(
+                "every parameter is frozen (--freeze / --ln-tune); nothing to train".into(),
+            ));
+        }
+        let grads = DitParams::zeros(&model);
+        let now = Instant::now();
+        Ok(Trainer {
+            model,
+            cfg,
+            params,
+            ema,
+            opt,
+            step: 0,
+            grads,
+            trainable,
+            data,
+            val,
+            run,
+            elapsed_before,
+            started: now,
+            last_loss: None,
+            last_val: None,
+            last_report: (0, now),
+            observer: Box::new(|_| {}),
+        })
+    }
+
+    /// Receives progress, validation and checkpoint events.
+    pub fn set_observer(&mut self, f: impl FnMut(&Event) + 'static) {
+        self.observer = Box::new(f);
+    }
+
+    /// The run directory, if the trainer writes one.
+    pub fn run_dir(&self) -> Option<&RunDir> {
+        self.run.as_ref()
+    }
+
+    /// Mutable access to the run directory (e.g. for the checkpoint-failure test hook).
+    pub fn run_dir_mut(&mut self) -> Option<&mut RunDir> {
+        self.run.as_mut()
+    }
+
+    /// Training wall time so far, across resumes.
+    pub fn elapsed_s(&self) -> f64 {
+        self.elapsed_before + self.started.elapsed().as_secs_f64()
+    }
+
+    /// The scalar state a checkpoint records.
+    pub fn state(&self) -> TrainState {
+        TrainState {
+            format: RUN_FORMAT.into(),
+            step: self.step,
+            data_position: self.data.position(),
+            rng: RngState {
+                scheme: "chacha8(seed ^ purpose*golden, stream = step); purposes: 1 times, \
+                         2 masks+eps; dropout: philox(seed ^ 3*golden, offset = micro-batch*2^20)"
+                    .into(),
+                seed: self.cfg.seed,
+                counter: self.step,
+            },
+            ema_decay: self.ema.decay,
+            ema_num_updates: self.ema.num_updates,
+            tokens_seen: self.step * (self.cfg.batch * self.model.length) as u64,
+            elapsed_s: self.elapsed_s(),
+            last_loss: self.last_loss,
+        }
+    }
+
+    /// One optimizer step (no logging, validation or checkpoint).
+    pub fn step(&mut self, obj: &mut dyn Objective) -> Result<StepLog> {
+        let (s, seed) = (self.step, self.cfg.seed);
+        let (b, m, l) = (self.cfg.batch, self.cfg.micro_batch, self.model.length);
+        let x0 = self.data.next_batch(b)?;
+        if x0.batch != b || x0.len != l {
+            return Err(Error::Shape(format!(
+                "data source returned {}x{}, expected {b}x{l}",
+                x0.batch, x0.len
+            )));
+        }
+        let t = antithetic_times(&mut stream(seed, TIMES, s), b);
+        let mut noise = stream(seed, NOISE, s);
+        let norm = (b * l) as f64;
+        zero(&mut self.grads);
+        let mut loss = 0.0f64;
+        let accum = self.cfg.accumulation() as u64;
+        for k in 0..accum {
+            let (xk, tk) = micro_batch(&x0, &t, m, k as usize)?;
+            let nb = nelbo_batch(&mut noise, &xk, tk, &self.model, norm)?;
+            let opts = TrainOpts {
+                dropout: (self.model.dropout > 0.0).then(|| {
+                    let dseed = seed ^ DROPOUT.wrapping_mul(GOLDEN);
+                    (dseed, (s * accum + k) * DROPOUT_CALLS_PER_MICRO)
+                }),
+            };
+            loss += obj.loss_and_grad(&self.params, &nb.as_loss(), &opts, &mut self.grads)?;
+        }
+        let step = s + 1;
+        let bad_grad = first_non_finite(&self.grads)
+            .map(|(n, i, v)| format!("gradient of {n} (element {i} = {v})"));
+        if !loss.is_finite() {
+            let mut what = format!("the loss is {loss}");
+            if let Some(g) = &bad_grad {
+                what += &format!("; first non-finite tensor: {g}");
+            }
+            return Err(Error::NonFinite { step, what });
+        }
+        if let Some(g) = bad_grad {
+            return Err(Error::NonFinite {
+                step,
+                what: format!("non-finite {g}"),
+            });
+        }
+        let grad_norm = clip_grad_norm(&mut self.grads, &self.trainable, self.cfg.clip);
+        let lr = LrSchedule {
+            peak: self.cfg.lr,
+            warmup: self.cfg.warmup,
+        }
+        .at(s);
+        self.opt.step(&mut self.params, &self.grads, lr)?;
+        if let Some((n, i, v)) = first_non_finite(&self.params) {
+            return Err(Error::NonFinite {
+                step,
+                what: format!(
+                    "parameter {n} became non-finite after the update (element {i} = {v})"
+                ),
+            });
+        }
+        self.ema.update(&self.params)?;
+        self.step = step;
+        self.last_loss = Some(loss);
+        Ok(StepLog {
+            step,
+            loss,
+            lr,
+            grad_norm,
+        })
+    }
+
+    /// Mean NELBO per token of the held-out set on the EMA weights (spec 8.1): antithetic
+    /// times within each evaluation batch of `micro_batch` rows, masks and ε from a fixed
+    /// seed. `None` without a held-out set.
+    pub fn validate(&mut self, obj: &mut dyn Objective) -> Result<Option<ValLog>> {
+        let Some(val) = &self.val else {
+            return Ok(None);
+        };
+        let mut rng = stream(VALIDATION_SEED, VALIDATION, 0);
+        let (m, l) = (self.cfg.micro_batch, val.len);
+        let mut sum = 0.0;
+        for start in (0..val.batch).step_by(m) {
+            let n = m.min(val.batch - start);
+            let x = Tokens {
+                batch: n,
+                len: l,
+                ids: val.ids[start * l..(start + n) * l].to_vec(),
+            };
+            let t = antithetic_times(&mut rng, n);
+            let nb = nelbo_batch(&mut rng, &x, &t, &self.model, 1.0)?;
+            sum += obj.eval_loss(&self.ema.shadow, &nb.as_loss())?;
+        }
+        let tokens = val.batch * l;
+        let nelbo = sum / tokens as f64;
+        let v = ValLog {
+            step: self.step,
+            nelbo,
+            ppl: nelbo.exp(),
+            tokens,
+        };
+        if let Some(run) = &self.run {
+            run.append_metrics(&json!({
+                "kind": "val",
+                "step": v.step,
+                "val_nelbo": v.nelbo,
+                "val_ppl": v.ppl,
+                "val_tokens": v.tokens,
+                "elapsed_s": self.elapsed_s(),
+            }))?;
+        }
+        (self.observer)(&Event::Validation(v.clone()));
+        self.last_val = Some(v.clone());
+        Ok(Some(v))
+    }
+
+    /// Writes a checkpoint of the current state (needs a run directory).
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let state = self.state();
+        let keep = self.cfg.keep_checkpoints;
+        let Some(run) = &mut self.run else {
+            return Err(Error::Config("no run directory to checkpoint into".into()));
+        };
+        let dir = run.save_checkpoint(&self.params, &self.ema, &self.opt, &state, keep)?;
+        (self.observer)(&Event::Checkpoint {
+            step: self.step,
+            dir: dir.clone(),
+        });
+        Ok(dir)
+    }
+
+    fn report(&mut self, log: &StepLog) -> Result<()> {
+        let (s0, t0) = self.last_report;
+        let dt = t0.elapsed().as_secs_f64();
+        let tokens = (log.step - s0) as f64 * (self.cfg.batch * self.model.length) as f64;
+        let tok_per_s = if dt > 0.0 { tokens / dt } else { 0.0 };
+        let per_step = if log.step > s0 {
+            dt / (log.step - s0) as f64
+        } else {
+            0.0
+        };
+        let eta_s = per_step * self.cfg.steps.saturating_sub(log.step) as f64;
+        let elapsed_s = self.elapsed_s();
+        if let Some(run) = &self.run {
+            run.append_metrics(&json!({
+                "kind": "train",
+                "step": log.step,
+                "loss": log.loss,
+                "lr": log.lr,
+                "grad_norm": log.grad_norm,
+                "tok_per_s": tok_per_s,
+                "tokens": log.step * (self.cfg.batch * self.model.length) as u64,
+                "elapsed_s": elapsed_s,
+            }))?;
+        }
+        (self.observer)(&Event::Progress {
+            log: log.clone(),
+            tok_per_s,
+            elapsed_s,
+            eta_s,
+        });
+        self.last_report = (log.step, Instant::now());
+        Ok(())
+    }
+
+    /// Trains until `cfg.steps`, with logging, validation and checkpoints; then validates
+    /// and checkpoints once more. Returns the last validation, if any.
+    pub fn run(&mut self, obj: &mut dyn Objective) -> Result<Option<ValLog>> {
+        self.run_until(obj, self.cfg.steps)
+    }
+
+    /// Trains until step `stop` (at most `cfg.steps`). Reaching `cfg.steps` ends the run:
+    /// final validation and final checkpoint. Stopping earlier (tests: an interruption) does
+    /// neither.
+    pub fn run_until(&mut self, obj: &mut dyn Objective, stop: u64) -> Result<Option<ValLog>> {
+        let end = self.cfg.steps;
+        self.last_report = (self.step, Instant::now());
+        while self.step < stop.min(end) {
+            let log = self.step(obj)?;
+            let s = log.step;
+            if s % self.cfg.log_every == 0 || s == end {
+                self.report(&log)?;
+            }
+            if s < end {
+                if self.cfg.eval_every > 0 && s % self.cfg.eval_every == 0 {
+                    self.validate(obj)?;
+                }
+                if self.run.is_some() && self.cfg.save_every > 0 && s % self.cfg.save_every == 0 {
+                    self.save_checkpoint()?;
+                }
+            }
+        }
+        if self.step == end {
+            if self.last_val.as_ref().is_none_or(|v| v.step != end) {
+                self.validate(obj)?;
+            }
+            if self.run.is_some() {
+                self.save_checkpoint()?;
+            }
+        }
+        Ok(self.last_val.clone())
+    }
+}
