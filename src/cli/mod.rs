@@ -9,6 +9,7 @@ use crate::gpu::DeviceChoice;
 use crate::model::{Algo, DitConfig, NoiseType, Preset};
 
 pub mod bench;
+pub mod demo;
 pub mod forward;
 pub mod info;
 pub mod init;
@@ -29,8 +30,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// The paper's synthetic experiment (not yet available: it lands with the samplers).
-    Demo,
+    /// The paper's synthetic experiment: MDM versus IMDM (IM-ReDi) at 1-16 steps.
+    #[command(long_about = demo::LONG_ABOUT)]
+    Demo(demo::DemoArgs),
     /// Write a randomly initialised model, initialised as the reference does (spec 2.3).
     Init(init::InitArgs),
     /// Print a checkpoint's configuration, parameter counts and dtypes.
@@ -131,13 +133,7 @@ pub struct DeviceArgs {
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo => {
-            println!(
-                "demo: not yet available. The synthetic experiment (MDM vs IMDM at 1-16 steps) \
-                 lands with the samplers; for now try `imdm-engine init` and `imdm-engine forward`."
-            );
-            Ok(())
-        }
+        Command::Demo(a) => demo::run(a),
         Command::Init(a) => init::run(a),
         Command::Info(a) => info::run(a),
         Command::Forward(a) => forward::run(a),

@@ -1,0 +1,113 @@
+//! One optimizer step from ready-made loss batches: zero, accumulate, check for non-finite
+//! values, clip, AdamW, EMA. The resumable `train::Trainer` builds NELBO batches from a data
+//! source and calls this; the distillation stages and the synthetic experiment build coupling
+//! batches and call it too, so the update rule exists once.
+
+use crate::cpu::TrainOpts;
+use crate::diffusion::LossBatch;
+use crate::error::{Error, Result};
+use crate::model::DitParams;
+use crate::train::optim::{clip_grad_norm, first_non_finite, zero, AdamW, AdamWConfig, LrSchedule};
+use crate::train::{Ema, Objective};
+
+/// Optimizer state of one model being fitted.
+pub struct Fitter {
+    pub params: DitParams,
+    pub ema: Ema,
+    pub opt: AdamW,
+    pub lr: LrSchedule,
+    /// Global-norm clip (≤ 0: off).
+    pub clip: f64,
+    /// Optimizer steps completed.
+    pub step: u64,
+    grads: DitParams,
+    trainable: Vec<bool>,
+}
+
+/// What one step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FitStep {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+}
+
+impl Fitter {
+    /// AdamW with the reference's betas/eps, `frozen` tensors (by reference name) excluded.
+    pub fn new(
+        params: DitParams,
+        lr: LrSchedule,
+        ema_decay: f64,
+        clip: f64,
+        frozen: impl Fn(&str) -> bool,
+    ) -> Self {
+        let opt = AdamW::new(&params, AdamWConfig::default(), &frozen);
+        let trainable = opt.trainable();
+        Fitter {
+            ema: Ema::new(&params, ema_decay),
+            grads: DitParams::zeros(&params.config),
+            params,
+            opt,
+            lr,
+            clip,
+            step: 0,
+            trainable,
+        }
+    }
+
+    /// One update from `batches` (micro-batches whose `norm` is the whole batch's token count,
+    /// so their losses and gradients add up to the batch mean). `opts(k)` gives micro-batch k's
+    /// training options (dropout stream).
+    pub fn step(
+        &mut self,
+        obj: &mut dyn Objective,
+        batches: &[LossBatch],
+        opts: impl Fn(usize) -> TrainOpts,
+    ) -> Result<FitStep> {
+        zero(&mut self.grads);
+        let mut loss = 0.0f64;
+        for (k, b) in batches.iter().enumerate() {
+            loss += obj.loss_and_grad(&self.params, b, &opts(k), &mut self.grads)?;
+        }
+        let step = self.step + 1;
+        let bad_grad = first_non_finite(&self.grads)
+            .map(|(n, i, v)| format!("gradient of {n} (element {i} = {v})"));
+        if !loss.is_finite() {
+            let mut what = format!("the loss is {loss}");
+            if let Some(g) = &bad_grad {
+                what += &format!("; first non-finite tensor: {g}");
+            }
+            return Err(Error::NonFinite { step, what });
+        }
+        if let Some(g) = bad_grad {
+            return Err(Error::NonFinite {
+                step,
+                what: format!("non-finite {g}"),
+            });
+        }
+        let grad_norm = if self.clip > 0.0 {
+            clip_grad_norm(&mut self.grads, &self.trainable, self.clip)
+        } else {
+            clip_grad_norm(&mut self.grads, &self.trainable, f64::INFINITY)
+        };
+        let lr = self.lr.at(self.step);
+        self.opt.step(&mut self.params, &self.grads, lr)?;
+        if let Some((n, i, v)) = first_non_finite(&self.params) {
+            return Err(Error::NonFinite {
+                step,
+                what: format!(
+                    "parameter {n} became non-finite after the update (element {i} = {v})"
+                ),
+            });
+        }
+        self.ema.update(&self.params)?;
+        self.step = step;
+        Ok(FitStep {
+            step,
+            loss,
+            lr,
+            grad_norm,
+        })
+    }
+}

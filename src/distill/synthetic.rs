@@ -1,0 +1,481 @@
+//! The paper's synthetic experiment (spec 7): data = one token repeated L times. An MDM cannot
+//! produce that joint in one step (its one-step samples factorise, so exact-match is
+//! V^-(L-1)); IMDM can, once rectification (IM-ReDi) has taught it to map each ε field to one
+//! coherent sequence.
+//!
+//! Stages (every model is evaluated only with fresh ε seeds, disjoint from the coupling seeds):
+//! 1. `mdlm`: an MDLM teacher trained on the data (NELBO).
+//! 2. `imdm`: an IMDM trained on the data from scratch (NELBO with fresh ε: it learns to ignore
+//!    ε, spec 7, so it stays at the MDM floor).
+//! 3. Round 1 couplings: the teacher, many steps, from all-mask (or perturbed) x_T with seeded ε.
+//! 4. `mdm_redi`: an MDLM student (from the teacher) on those couplings; ε is invisible to it.
+//! 5. `imdm_redi_r1`: an IMDM student (the teacher's weights plus a fresh eps MLP) on the same.
+//! 6. Round k ≥ 2: couplings from student k−1 (its ε now matters), student k continues from
+//!    student k−1 (ReDi^k).
+//!
+//! Results: exact-match rate, distinct sequences and conditional total correlation at each step
+//! count, as a table, `synthetic.json` and `exact_match.png`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::cpu::{CpuDenoiser, TrainOpts};
+use crate::diffusion::noising::nelbo_batch;
+use crate::diffusion::schedule::antithetic_times;
+use crate::diffusion::LossBatch;
+use crate::distill::fit::Fitter;
+use crate::distill::redi::{evaluate, generate_couplings, DatagenConfig, EvalConfig, StepMetrics};
+use crate::distill::Couplings;
+use crate::error::{Error, Result};
+use crate::model::init::init_params;
+use crate::model::{Algo, DitConfig, DitParams, NoiseType};
+use crate::plot::{line_plot_png, LinePlot, Scale, Series};
+use crate::tensor::Tokens;
+use crate::train::data::{DataSource, SyntheticSource};
+use crate::train::optim::LrSchedule;
+use crate::train::CpuDit;
+
+/// Everything the experiment does, as code (see [`SyntheticConfig::demo`] and `full`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SyntheticConfig {
+    /// Data tokens V (the mask is appended: the model vocabulary is V + 1).
+    pub vocab: usize,
+    /// Sequence length L.
+    pub length: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub blocks: usize,
+    pub noise_dim: usize,
+    /// Optimizer steps of the MDLM teacher and of the plain IMDM.
+    pub base_steps: u64,
+    /// Optimizer steps of each student, per round.
+    pub student_steps: u64,
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup: u64,
+    /// Couplings generated per round.
+    pub pairs: usize,
+    /// Sampler steps of coupling generation.
+    pub datagen_steps: usize,
+    /// Perturbed x_T (t ~ U(0, 1]) instead of all-mask.
+    pub perturbed: bool,
+    /// Keep ε through resets during datagen.
+    pub fix_eps: bool,
+    /// Nucleus mass of datagen from an IMDM student (round ≥ 2); ≥ 1 = off (the reference),
+    /// tiny = the student's top token (see `DatagenConfig::top_p`).
+    pub student_top_p: f64,
+    pub rounds: usize,
+    /// Step counts evaluated.
+    pub eval_steps: Vec<usize>,
+    pub eval: EvalConfig,
+    pub seed: u64,
+}
+
+impl SyntheticConfig {
+    /// The README's demo: small enough for about 10 minutes on a 2-core CPU.
+    pub fn demo() -> Self {
+        SyntheticConfig {
+            vocab: 64,
+            length: 8,
+            hidden: 64,
+            heads: 4,
+            blocks: 2,
+            noise_dim: 32,
+            base_steps: 400,
+            student_steps: 300,
+            batch: 64,
+            lr: 3e-3,
+            warmup: 50,
+            pairs: 4096,
+            datagen_steps: 16,
+            perturbed: true,
+            fix_eps: true,
+            student_top_p: 1e-6,
+            rounds: 3,
+            eval_steps: vec![1, 2, 4, 8, 16],
+            eval: EvalConfig {
+                samples: 1000,
+                tc_groups: 50,
+                tc_dup: 20,
+                batch: 500,
+                seed: 7,
+            },
+            seed: 0,
+        }
+    }
+
+    /// The reference configuration: V = 50,000, L = 10, the `synthetic` preset (D 128, 4 heads,
+    /// 4 blocks, noise_dim 128).
+    pub fn full() -> Self {
+        SyntheticConfig {
+            vocab: 50_000,
+            length: 10,
+            hidden: 128,
+            heads: 4,
+            blocks: 4,
+            noise_dim: 128,
+            base_steps: 5000,
+            student_steps: 5000,
+            batch: 512,
+            lr: 3e-4,
+            warmup: 500,
+            pairs: 100_000,
+            datagen_steps: 64,
+            rounds: 5,
+            ..Self::demo()
+        }
+    }
+
+    /// The DiT configuration of `algo` for this experiment.
+    pub fn model(&self, algo: Algo) -> DitConfig {
+        let mut c = DitConfig::synthetic();
+        c.preset = "synthetic-demo".into();
+        c.vocab_size = self.vocab + 1;
+        c.mask_index = self.vocab;
+        c.length = self.length;
+        c.hidden = self.hidden;
+        c.heads = self.heads;
+        c.blocks = self.blocks;
+        c.cond_dim = self.hidden;
+        c.noise_dim = self.noise_dim;
+        c.noise_type = NoiseType::Rand;
+        c.dropout = 0.0;
+        c.algo = algo;
+        c
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.model(Algo::Imdm).validate()?;
+        let bad = |m: &str| Err(Error::Config(format!("synthetic experiment: {m}")));
+        if self.vocab < 2 || self.length < 2 {
+            return bad("needs vocab >= 2 and length >= 2");
+        }
+        if self.batch == 0 || self.pairs < self.batch || self.rounds == 0 {
+            return bad("needs batch > 0, pairs >= batch and at least one round");
+        }
+        if self.eval_steps.is_empty() || self.eval_steps.contains(&0) {
+            return bad("eval steps must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// model name -> step count -> metrics.
+pub type Results = BTreeMap<String, BTreeMap<String, StepMetrics>>;
+
+/// What a run produced.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SyntheticReport {
+    pub config: SyntheticConfig,
+    pub results: Results,
+    /// Final training loss of each model (mean of the last 20 steps).
+    pub final_loss: BTreeMap<String, f64>,
+    pub seconds: f64,
+}
+
+/// Messages for the caller (the CLI prints them).
+pub trait Progress {
+    fn stage(&mut self, msg: &str);
+    fn step(&mut self, _stage: &str, _step: u64, _total: u64, _loss: f64) {}
+}
+
+fn lr(cfg: &SyntheticConfig) -> LrSchedule {
+    LrSchedule {
+        peak: cfg.lr,
+        warmup: cfg.warmup,
+    }
+}
+
+fn mean_tail(v: &[f64]) -> f64 {
+    let tail = &v[v.len().saturating_sub(20)..];
+    tail.iter().sum::<f64>() / tail.len().max(1) as f64
+}
+
+/// NELBO training on the synthetic data (stages 1-2).
+fn train_on_data(
+    cfg: &SyntheticConfig,
+    params: DitParams,
+    name: &str,
+    seed: u64,
+    prog: &mut dyn Progress,
+) -> Result<(DitParams, f64)> {
+    let c = params.config.clone();
+    let mut src = SyntheticSource::new(c.vocab_size, c.mask_index, c.length, seed)?;
+    let mut fit = Fitter::new(params, lr(cfg), 0.0, 1.0, |_| false);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xA5A5);
+    let mut losses = vec![];
+    let norm = (cfg.batch * c.length) as f64;
+    for s in 0..cfg.base_steps {
+        let x0 = src.next_batch(cfg.batch)?;
+        let t = antithetic_times(&mut rng, cfg.batch);
+        let nb = nelbo_batch(&mut rng, &x0, &t, &c, norm)?;
+        let st = fit.step(&mut CpuDit, &[nb.as_loss()], |_| TrainOpts::default())?;
+        losses.push(st.loss);
+        prog.step(name, s + 1, cfg.base_steps, st.loss);
+    }
+    Ok((fit.params, mean_tail(&losses)))
+}
+
+/// IM-ReDi / MDM-ReDi training on couplings (stage 4-6).
+fn train_on_couplings(
+    cfg: &SyntheticConfig,
+    params: DitParams,
+    pairs: &Couplings,
+    name: &str,
+    seed: u64,
+    prog: &mut dyn Progress,
+) -> Result<(DitParams, f64)> {
+    let c = params.config.clone();
+    let mut fit = Fitter::new(params, lr(cfg), 0.0, 1.0, |_| false);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    let mut cursor = order.len();
+    let mut losses = vec![];
+    let norm = (cfg.batch * c.length) as f64;
+    for s in 0..cfg.student_steps {
+        if cursor + cfg.batch > order.len() {
+            order.shuffle(&mut rng);
+            cursor = 0;
+        }
+        let rows = &order[cursor..cursor + cfg.batch];
+        cursor += cfg.batch;
+        let b = pairs.batch(rows, &c, false, &mut rng);
+        let lb = LossBatch {
+            xt: &b.xt,
+            x0: &b.x0,
+            eps: b.eps.as_ref(),
+            weight: &b.weight,
+            norm,
+        };
+        let st = fit.step(&mut CpuDit, &[lb], |_| TrainOpts::default())?;
+        losses.push(st.loss);
+        prog.step(name, s + 1, cfg.student_steps, st.loss);
+    }
+    Ok((fit.params, mean_tail(&losses)))
+}
+
+/// IMDM weights that compute exactly `mdlm` (the eps MLP's last layer starts at zero).
+fn graft_eps_mlp(cfg: &SyntheticConfig, mdlm: &DitParams, seed: u64) -> DitParams {
+    let mut p = init_params(&cfg.model(Algo::Imdm), seed);
+    let src: BTreeMap<String, &crate::tensor::Tensor> = mdlm.named().into_iter().collect();
+    for (name, t) in p.named_mut() {
+        if let Some(s) = src.get(&name) {
+            t.data.copy_from_slice(&s.data);
+        }
+    }
+    p
+}
+
+fn eval_model(
+    cfg: &SyntheticConfig,
+    params: &DitParams,
+    name: &str,
+    results: &mut Results,
+    prog: &mut dyn Progress,
+) -> Result<()> {
+    let mut den = CpuDenoiser::new(params.clone())?;
+    let mut row = BTreeMap::new();
+    for &n in &cfg.eval_steps {
+        let m = evaluate(&mut den, n, &cfg.eval)?;
+        prog.stage(&format!(
+            "  eval {name:<14} {n:>3} steps: exact-match {:.4}  distinct {:>5}/{}  tc {:.2} bits",
+            m.exact_match, m.distinct, m.samples, m.tc
+        ));
+        row.insert(n.to_string(), m);
+    }
+    results.insert(name.to_string(), row);
+    Ok(())
+}
+
+fn datagen(
+    cfg: &SyntheticConfig,
+    source: &DitParams,
+    top_p: f64,
+    round: usize,
+) -> Result<Couplings> {
+    let c = &source.config;
+    let mut src = SyntheticSource::new(c.vocab_size, c.mask_index, c.length, cfg.seed ^ 0xDA7A)?;
+    src.seek(round as u64 * cfg.pairs as u64)?;
+    let x0: Tokens = src.next_batch(cfg.pairs)?;
+    let mut den = CpuDenoiser::new(source.clone())?;
+    let dg = DatagenConfig {
+        steps: cfg.datagen_steps,
+        perturbed: cfg.perturbed,
+        fix_eps: cfg.fix_eps,
+        temperature: 1.0,
+        top_p,
+        batch: 512,
+        seed: cfg.seed ^ (0xC0FF_EE00 + round as u64),
+    };
+    generate_couplings(&mut den, &x0, &dg, |_, _| {})
+}
+
+/// Runs the whole experiment; with `out`, writes `synthetic.json` and `exact_match.png` there.
+pub fn run(
+    cfg: &SyntheticConfig,
+    out: Option<&Path>,
+    prog: &mut dyn Progress,
+) -> Result<SyntheticReport> {
+    cfg.validate()?;
+    let start = Instant::now();
+    let mut results = Results::new();
+    let mut final_loss = BTreeMap::new();
+    let s = cfg.seed;
+
+    prog.stage("1/5 training the MDLM teacher on the data");
+    let (teacher, l) = train_on_data(
+        cfg,
+        init_params(&cfg.model(Algo::Mdlm), s),
+        "mdlm",
+        s + 1,
+        prog,
+    )?;
+    final_loss.insert("mdlm".into(), l);
+    eval_model(cfg, &teacher, "mdlm", &mut results, prog)?;
+
+    prog.stage("2/5 training a plain IMDM on the data");
+    let (imdm, l) = train_on_data(
+        cfg,
+        init_params(&cfg.model(Algo::Imdm), s),
+        "imdm",
+        s + 2,
+        prog,
+    )?;
+    final_loss.insert("imdm".into(), l);
+    eval_model(cfg, &imdm, "imdm", &mut results, prog)?;
+
+    prog.stage("3/5 round-1 couplings from the teacher");
+    let pairs = datagen(cfg, &teacher, 1.0, 0)?;
+
+    prog.stage("4/5 MDM student on the round-1 couplings");
+    let (mdm, l) = train_on_couplings(cfg, teacher.clone(), &pairs, "mdm_redi", s + 3, prog)?;
+    final_loss.insert("mdm_redi".into(), l);
+    eval_model(cfg, &mdm, "mdm_redi", &mut results, prog)?;
+
+    prog.stage("5/5 IM-ReDi rounds");
+    let mut student = graft_eps_mlp(cfg, &teacher, s + 4);
+    let mut pairs = pairs;
+    for k in 1..=cfg.rounds {
+        if k > 1 {
+            prog.stage(&format!("  round {k}: couplings from student {}", k - 1));
+            pairs = datagen(cfg, &student, cfg.student_top_p, k - 1)?;
+        }
+        let name = format!("imdm_redi_r{k}");
+        let (p, l) = train_on_couplings(cfg, student, &pairs, &name, s + 10 + k as u64, prog)?;
+        student = p;
+        final_loss.insert(name.clone(), l);
+        eval_model(cfg, &student, &name, &mut results, prog)?;
+    }
+    let last = results[&format!("imdm_redi_r{}", cfg.rounds)].clone();
+    results.insert("imdm_redi".into(), last);
+    let report = SyntheticReport {
+        config: cfg.clone(),
+        results,
+        final_loss,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    if let Some(dir) = out {
+        write_outputs(&report, dir)?;
+    }
+    Ok(report)
+}
+
+/// `synthetic.json` in the issue's shape plus `exact_match.png`.
+pub fn write_outputs(report: &SyntheticReport, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut json = serde_json::Map::new();
+    for (model, row) in &report.results {
+        json.insert(
+            model.clone(),
+            serde_json::to_value(row).expect("plain data"),
+        );
+    }
+    let c = &report.config;
+    json.insert(
+        "config".into(),
+        serde_json::json!({"vocab": c.vocab, "length": c.length, "rounds": c.rounds,
+                           "experiment": c, "seconds": report.seconds,
+                           "final_loss": report.final_loss}),
+    );
+    let path = dir.join("synthetic.json");
+    let tmp = dir.join("synthetic.json.tmp");
+    let text = serde_json::to_string_pretty(&json).expect("plain data");
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    // Exact-match is plotted on a log axis; a zero rate is drawn at 1/(2·samples), the
+    // resolution of the estimate, so MDM's floor stays visible.
+    let series: Vec<Series> = report
+        .results
+        .iter()
+        .filter(|(m, _)| m.as_str() != "imdm_redi")
+        .map(|(m, row)| {
+            let mut points: Vec<(f64, f64)> = row
+                .iter()
+                .map(|(n, s)| {
+                    let floor = 0.5 / s.samples.max(1) as f64;
+                    (n.parse::<f64>().unwrap_or(0.0), s.exact_match.max(floor))
+                })
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            Series {
+                name: m.clone(),
+                points,
+            }
+        })
+        .collect();
+    let title = format!(
+        "synthetic task: V = {}, L = {} (zero plotted at 1/(2·samples))",
+        c.vocab, c.length
+    );
+    line_plot_png(
+        dir.join("exact_match.png"),
+        &LinePlot {
+            title: &title,
+            x_label: "sampling steps",
+            y_label: "exact-match rate",
+            x_scale: Scale::Log,
+            y_scale: Scale::Log,
+            series: &series,
+        },
+    )
+}
+
+/// The table the demo prints: one row per model, exact-match (distinct) per step count.
+pub fn table(report: &SyntheticReport) -> String {
+    let steps = &report.config.eval_steps;
+    let mut s = format!("{:<16}", "model");
+    for n in steps {
+        s += &format!(
+            "{:>18}",
+            format!("{n} step{}", if *n == 1 { "" } else { "s" })
+        );
+    }
+    s += "\n";
+    let floor = (report.config.vocab as f64).powi(-(report.config.length as i32 - 1));
+    for (m, row) in &report.results {
+        if m == "imdm_redi" {
+            continue;
+        }
+        s += &format!("{m:<16}");
+        for n in steps {
+            let cell = row
+                .get(&n.to_string())
+                .map(|x| format!("{:.3} ({})", x.exact_match, x.distinct))
+                .unwrap_or_default();
+            s += &format!("{cell:>18}");
+        }
+        s += "\n";
+    }
+    s += &format!(
+        "cells: exact-match rate (distinct sequences among {} samples); MDM floor at 1 step \
+         V^-(L-1) = {floor:.1e}\n",
+        report.config.eval.samples
+    );
+    s
+}
