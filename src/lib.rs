@@ -15,6 +15,7 @@
 //! - [`ops`]: one module per kernel file: its only launcher, its CPU twin, its tests.
 //! - [`rng`]: the reference's counter-hash seeded noise (spec 5.8), bit-exact.
 //! - [`stio`] and [`tensor`]: safetensors helpers and plain host tensors.
+//! - [`data`]: tokenizers, corpus reading, token shards with a manifest, the batch loader.
 //! - [`cli`]: the `imdm-engine` subcommands; `main.rs` only parses and reports errors.
 //!
 //! Numerics: f32 master weights; the CPU reference accumulates in f64; GPU kernels keep the
@@ -23,6 +24,7 @@
 pub mod bench;
 pub mod cli;
 pub mod cpu;
+pub mod data;
 pub mod diffusion;
 pub mod error;
 pub mod gpu;

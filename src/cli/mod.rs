@@ -9,6 +9,7 @@ use crate::gpu::DeviceChoice;
 use crate::model::{Algo, DitConfig, NoiseType, Preset};
 
 pub mod bench;
+pub mod data;
 pub mod forward;
 pub mod info;
 pub mod init;
@@ -40,6 +41,8 @@ pub enum Command {
     Probe(probe::ProbeArgs),
     /// GPU benchmarks: kernels, whole forward.
     Bench(bench::BenchArgs),
+    /// Text data: tokenize a corpus into token shards, inspect prepared shards.
+    Data(data::DataArgs),
 }
 
 /// Model configuration flags shared by the subcommands that build or check a config.
@@ -139,6 +142,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Forward(a) => forward::run(a),
         Command::Probe(a) => probe::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Data(a) => data::run(a),
     }
 }
 
