@@ -508,3 +508,75 @@ fn verify_full(path: &Path, map: &[u8], s: &ShardInfo, m: &Manifest) -> Result<(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_u16(path: &Path) -> Vec<u32> {
+        std::fs::read(path)
+            .unwrap()
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+            .collect()
+    }
+
+    /// Spec 1.2 on a tiny stream: documents + EOS, chunks of length-2, [BOS] chunk [EOS],
+    /// remainder dropped; shards rotate after `seqs_per_shard` sequences.
+    #[test]
+    fn wraps_as_the_reference() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w =
+            SplitWriter::new(dir.path(), "train", 6, TokenDtype::U16, (98, 99), true, 2).unwrap();
+        w.push_document(&[1, 2, 3], 10).unwrap();
+        w.push_document(&[4, 5], 10).unwrap();
+        w.push_document(&[6, 7, 8, 9, 10], 10).unwrap();
+        let info = w.finish().unwrap();
+        // stream: 1 2 3 99 | 4 5 99 6 | 7 8 9 10 | 99 (dropped)
+        assert_eq!(info.sequences, 3);
+        assert_eq!(info.tokens, 13);
+        assert_eq!(info.dropped_tokens, 1);
+        assert_eq!(info.documents, 3);
+        assert_eq!(info.shards.len(), 2);
+        let a = read_u16(&dir.path().join("train-00000.bin"));
+        let b = read_u16(&dir.path().join("train-00001.bin"));
+        assert_eq!(a, [98, 1, 2, 3, 99, 99, 98, 4, 5, 99, 6, 99]);
+        assert_eq!(b, [98, 7, 8, 9, 10, 99]);
+        assert_eq!(info.shards[1].bytes, 12);
+        assert_eq!(
+            info.shards[1].sha256,
+            sha256_file(&dir.path().join("train-00001.bin")).unwrap()
+        );
+        // No leftover temporary files.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+    }
+
+    #[test]
+    fn without_eos_and_with_u32() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w =
+            SplitWriter::new(dir.path(), "valid", 4, TokenDtype::U32, (7, 8), false, 100).unwrap();
+        w.push_document(&[70000, 2, 3], 1).unwrap();
+        w.push_document(&[4], 1).unwrap();
+        let info = w.finish().unwrap();
+        assert_eq!((info.sequences, info.dropped_tokens), (2, 0));
+        let raw = std::fs::read(dir.path().join("valid-00000.bin")).unwrap();
+        let ids: Vec<u32> = raw
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(ids, [7, 70000, 2, 8, 7, 3, 4, 8]);
+        assert!(SplitWriter::new(dir.path(), "x", 2, TokenDtype::U16, (0, 0), true, 1).is_err());
+    }
+
+    #[test]
+    fn dtype_by_vocab() {
+        assert_eq!(TokenDtype::for_vocab(50258), TokenDtype::U16);
+        assert_eq!(TokenDtype::for_vocab(65536), TokenDtype::U16);
+        assert_eq!(TokenDtype::for_vocab(65537), TokenDtype::U32);
+    }
+}
