@@ -17,9 +17,9 @@ pub mod probe;
 
 /// Masked diffusion language models (MDLM, IMDM) with hand-written CUDA kernels.
 ///
-/// Implemented so far: model initialisation, checkpoint inspection, the CPU reference forward
-/// and the GPU probe. Training, sampling, distillation, data preparation and benchmarks arrive
-/// with their own issues.
+/// Implemented so far: model initialisation, checkpoint inspection, the CPU reference forward,
+/// the GPU probe and data preparation (text to token shards). Training, sampling and
+/// distillation arrive with their own issues.
 #[derive(Parser, Debug)]
 #[command(name = "imdm-engine", version, about, long_about)]
 pub struct Cli {
