@@ -194,6 +194,15 @@ fn manifest_round_trip_and_refusals() {
     );
     let shard = &m.splits[TRAIN].shards[0];
     assert_eq!(shard.bytes, shard.sequences * 32 * 2);
+    // Shards know which model they fit.
+    let set = ShardSet::open(&out, TRAIN, Check::Size).unwrap();
+    set.check_model(50258, 50257, 32).unwrap();
+    let err = set.check_model(30522, 103, 128).unwrap_err().to_string();
+    assert!(
+        err.contains("V=50258 mask=50257 length 32 (gpt2 tokenizer)") && err.contains("V=30522"),
+        "{err}"
+    );
+    drop(set);
     // An existing folder is refused without --force and replaced with it.
     let err = prepare(&options(&out, TokenizerKind::Gpt2, 32))
         .unwrap_err()

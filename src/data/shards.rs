@@ -461,6 +461,22 @@ impl ShardSet {
         v
     }
 
+    /// Checks that these shards fit a model with vocabulary `vocab_size`, mask `mask_index`
+    /// and sequence length `length`; the error names the folder and both sides.
+    pub fn check_model(&self, vocab_size: usize, mask_index: u32, length: usize) -> Result<()> {
+        let m = &self.manifest;
+        if (m.vocab_size, m.mask_index, m.length) != (vocab_size, mask_index, length) {
+            return Err(Error::data(
+                self.dir.join(MANIFEST),
+                format!(
+                    "prepared for V={} mask={} length {} ({} tokenizer), but the model has                      V={vocab_size} mask={mask_index} length {length}",
+                    m.vocab_size, m.mask_index, m.length, m.tokenizer.kind
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// A fingerprint of the split's content (sha256 over its shards' sha256), for checkpoints.
     pub fn fingerprint(&self) -> String {
         let mut h = Sha256::new();
