@@ -8,7 +8,9 @@ an added `[PAD]`; BERT: bos := [CLS], eos := [SEP]), takes BOS/EOS as the refere
 special tokens, appends EOS, concatenates per split and wraps as `_group_texts` does, then
 compares every sequence with the engine's shards.
 
-    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install transformers
+    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install transformers==4.38.2 numpy
+    (transformers 5 no longer builds these tokenizers from vocab files; 4.38.2 is of the
+    MDLM era)
     /tmp/venv/bin/python tools/reference/data_parity.py data/shards/gpt2-1024
 
 Reads the manifest for the tokenizer, length, inputs and held-out rule; exits non-zero on the
