@@ -46,6 +46,14 @@ pub enum Error {
     /// last checkpoint written is the last good one.
     #[error("step {step}: {what}; training stopped (the last good checkpoint is kept)")]
     NonFinite { step: u64, what: String },
+    /// Text data or token shards are unusable: a corpus file that does not parse, a shard that
+    /// does not match its manifest (size, checksum, vocabulary), a missing manifest.
+    #[error("data {path}: {msg}")]
+    Data { path: PathBuf, msg: String },
+
+    /// A tokenizer could not be built, or could not encode or decode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
 }
 
 /// Result with the crate's error.
@@ -63,6 +71,16 @@ impl Error {
     /// A checkpoint error on `path`.
     pub fn checkpoint(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
         Error::Checkpoint {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+}
+
+impl Error {
+    /// A data error on `path` (a corpus file, a shard, a manifest).
+    pub fn data(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::Data {
             path: path.as_ref().to_path_buf(),
             msg: msg.into(),
         }

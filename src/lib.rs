@@ -17,6 +17,7 @@
 //! - [`stio`] and [`tensor`]: safetensors helpers and plain host tensors.
 //! - [`diffusion`]: schedule, forward noising and the NELBO batch; [`train`]: the training
 //!   loop, AdamW, EMA, data sources and resumable run directories.
+//! - [`data`]: tokenizers, corpus reading, token shards with a manifest, the batch loader.
 //! - [`cli`]: the `imdm-engine` subcommands; `main.rs` only parses and reports errors.
 //!
 //! Numerics: f32 master weights; the CPU reference accumulates in f64; GPU kernels keep the
@@ -25,6 +26,7 @@
 pub mod bench;
 pub mod cli;
 pub mod cpu;
+pub mod data;
 pub mod diffusion;
 pub mod distill;
 pub mod error;

@@ -10,6 +10,7 @@ use crate::model::{Algo, DitConfig, NoiseType, Preset};
 
 pub mod bench;
 pub mod demo;
+pub mod data;
 pub mod forward;
 pub mod info;
 pub mod init;
@@ -19,8 +20,8 @@ pub mod train;
 /// Masked diffusion language models (MDLM, IMDM) with hand-written CUDA kernels.
 ///
 /// Implemented so far: model initialisation, checkpoint inspection, the CPU reference forward,
-/// the GPU probe and CPU training. GPU training, sampling, distillation, data preparation and
-/// benchmarks arrive with their own issues.
+/// the GPU probe, data preparation (text to token shards), CPU training and the synthetic
+/// experiment (`demo`). GPU training, sampling and distillation arrive with their own issues.
 #[derive(Parser, Debug)]
 #[command(name = "imdm-engine", version, about, long_about)]
 pub struct Cli {
@@ -46,6 +47,8 @@ pub enum Command {
     /// Train MDLM or IMDM (NELBO) into a resumable run directory (CPU for now).
     #[command(long_about = train::LONG_ABOUT)]
     Train(train::TrainArgs),
+    /// Text data: tokenize a corpus into token shards, inspect prepared shards.
+    Data(data::DataArgs),
 }
 
 /// Model configuration flags shared by the subcommands that build or check a config.
@@ -140,6 +143,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Probe(a) => probe::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Train(a) => train::run(a),
+        Command::Data(a) => data::run(a),
     }
 }
 
