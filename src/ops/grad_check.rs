@@ -96,14 +96,3 @@ pub fn assert_bits_eq(name: &str, a: &[f32], b: &[f32]) {
         panic!("{name}: first bit difference at {i}: {} vs {}", a[i], b[i]);
     }
 }
-
-/// Max over elements of `|got - want| / max(|want|, floor)`.
-pub fn max_rel_err(got: &[f32], want: &[f64], floor: f64) -> f64 {
-    got.iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).abs() / w.abs().max(floor))
-        .fold(
-            0f64,
-            |a, b| if b.is_nan() { f64::INFINITY } else { a.max(b) },
-        )
-}
