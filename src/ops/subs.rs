@@ -671,6 +671,7 @@ mod tests {
     /// About half the rows masked; targets are real non-mask ids at masked rows and equal the
     /// input at carry-over rows; some masked rows get w = 0; carry-over rows get w != 0 (it
     /// must be ignored). `lo..hi` is the logit range; `bf16_exact` rounds the logits.
+    #[allow(clippy::too_many_arguments)]
     fn xent_case(
         seed: u64,
         rows: usize,
