@@ -74,3 +74,57 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, uint2 key) {
 __device__ __forceinline__ size_t imdm_row_of(size_t i, int d) {
     return i <= 0xffffffffull ? (size_t)((uint32_t)i / (uint32_t)d) : i / (size_t)d;
 }
+
+// ---- Deterministic reductions for the backward kernels ---------------------------------------
+// Parameter and per-batch gradients are reduced in two stages with no float atomics, so a
+// training step is bit-reproducible: stage 1 (the op's backward kernel) writes one partial row of
+// width `ncols` per block of rows into a scratch buffer; stage 2 (the op's `_reduce` kernel)
+// calls imdm_colsum_partials, which adds the partials of each column in a fixed order.
+
+#define IMDM_RED_WARPS 8  // stage-2 block: 8 warps x 32 columns = 256 threads
+
+// out[j] += sum_{p < nparts} part[p * stride + j] for the 32 columns j = col0 + lane of this
+// block. Warp w sums partials p = w, w + 8, w + 16, ... in increasing p; warp 0 then adds the 8
+// warp sums in order w = 0..7. The order depends only on (nparts, j), never on scheduling.
+// Must be called by all IMDM_RED_WARPS * 32 threads of the block (it synchronises); columns
+// j >= ncols are neither read nor written.
+__device__ __forceinline__ void imdm_colsum_partials(float* __restrict__ out,
+                                                     const float* __restrict__ part,
+                                                     size_t nparts, size_t stride, int ncols,
+                                                     int col0) {
+    __shared__ float red[IMDM_RED_WARPS][IMDM_WARP];
+    const int lane = threadIdx.x % IMDM_WARP, w = threadIdx.x / IMDM_WARP;
+    const int j = col0 + lane;
+    float s = 0.f;
+    if (j < ncols)
+        for (size_t p = w; p < nparts; p += IMDM_RED_WARPS) s += part[p * stride + j];
+    red[w][lane] = s;
+    __syncthreads();
+    if (w == 0 && j < ncols) {
+        float t = 0.f;
+#pragma unroll
+        for (int k = 0; k < IMDM_RED_WARPS; ++k) t += red[k][lane];
+        out[j] += t;
+    }
+    __syncthreads();  // red may be reused by a second call in the same kernel
+}
+
+// Sum of (a, b) over all threads of the block; every thread receives the same result (each
+// thread adds the per-warp sums in warp order, so the result is identical across threads and
+// runs). `red` holds one float2 per warp. Must be called by all threads (it synchronises twice,
+// so `red` can be reused by the next call at once).
+__device__ __forceinline__ float2 imdm_block_sum2(float a, float b, float2* red) {
+    a = warp_sum(a);
+    b = warp_sum(b);
+    const int lane = threadIdx.x % IMDM_WARP, w = threadIdx.x / IMDM_WARP;
+    if (lane == 0) red[w] = make_float2(a, b);
+    __syncthreads();
+    float2 t = make_float2(0.f, 0.f);
+    const int nw = blockDim.x / IMDM_WARP;
+    for (int k = 0; k < nw; ++k) {
+        t.x += red[k].x;
+        t.y += red[k].y;
+    }
+    __syncthreads();
+    return t;
+}

@@ -20,6 +20,30 @@
 //   the grid for the 8-element units; the loop covers any grid.
 // Accumulation rule: h += (the residual stream); the backward writes d branch (=) and
 //   accumulates d gate (+=).
+//
+// ---- Backward (residual_bwd_bf16 + residual_bwd_reduce_f32) ---------------------------------
+// Maths, with f(i) = keep(i) ? 1/(1-p) : 0 regenerated from (seed, offset) by the same Philox
+// rule as the forward (f = 1 when p == 0, which draws nothing), dh the gradient of the updated
+// residual stream:
+//   d branch[r,j]  = gate[b,j] * (f(i) * dh[r,j])            (gate null: 1)
+//   d gate[b,j]   += sum_{r in batch b} dh[r,j] * (branch[r,j] * f(i))
+// (branch * f is the forward's f32 product, so d gate is the exact derivative of what the forward
+// added.) The skip path passes dh through unchanged: the caller keeps using the same dh buffer
+// as the gradient of the stream before the add; this kernel does not touch it.
+// Shapes and dtypes: dh (rows, D) f32 (the residual-stream gradient); branch (rows, D) bf16 (kept
+//   by the caller; read only for d gate); gate (B, D) f32 or null; d branch (rows, D) bf16 (the
+//   operand of the branch's backward GEMMs); part: scratch (B * chunks, D) f32, chunks =
+//   ceil(rows_per_batch / 64); d gate (B, D) f32.
+// Thread mapping, stage 1: grid (ceil(units/128), B * chunks), 128 threads; blockIdx.y = b *
+//   chunks + c owns rows b*rows_per_batch + c*64 + (0..63) inside batch b. A unit is 8 consecutive
+//   columns (D % 8 == 0 and 16-byte aligned buffers: two float4 loads of dh, two Philox calls for
+//   the two aligned groups of 4, one 16-byte store of d branch, one 16-byte load of branch) or
+//   one column otherwise (one Philox call per element). Each thread walks its block's rows for its
+//   unit (units strided by the grid), summing the d gate terms in fp32 registers, then writes its
+//   columns of part[blockIdx.y] (when part != null).
+// Thread mapping, stage 2 (residual_bwd_reduce_f32): grid (ceil(D/32), B), 256 threads; d gate[b,j]
+//   += the chunks partials of batch b, column j, in a fixed order (imdm_colsum_partials).
+// Accumulation rule (backward): d branch is written (=); d gate += (deterministic: no atomics).
 #include "common.cuh"
 
 #define RES_THREADS 256
@@ -107,4 +131,95 @@ residual_fwd_bf16(float* __restrict__ h, const __nv_bfloat16* __restrict__ branc
             }
         }
     }
+}
+
+#define RES_BWD_THREADS 128
+#define RES_BWD_ROWS 64
+
+extern "C" __global__ void __launch_bounds__(RES_BWD_THREADS)
+residual_bwd_bf16(__nv_bfloat16* __restrict__ dbranch, float* __restrict__ part,
+                  const float* __restrict__ dh, const __nv_bfloat16* __restrict__ branch,
+                  const float* __restrict__ gate, int rows, int d, int rows_per_batch, float p,
+                  uint64_t seed, uint64_t offset) {
+    const bool drop = p > 0.f;
+    const float scale = 1.f / (1.f - p);
+    const int chunks = (rows_per_batch + RES_BWD_ROWS - 1) / RES_BWD_ROWS;
+    const int b = blockIdx.y / chunks, c = blockIdx.y % chunks;
+    const size_t ra = (size_t)b * rows_per_batch + (size_t)c * RES_BWD_ROWS;
+    const size_t rb = (size_t)b * rows_per_batch + min(rows_per_batch, (c + 1) * RES_BWD_ROWS);
+    if (rb > (size_t)rows) return;  // never for valid shapes (rows = B * rows_per_batch)
+    const float* gb = gate != nullptr ? gate + (size_t)b * d : nullptr;
+    float* pr = part != nullptr ? part + (size_t)blockIdx.y * d : nullptr;
+    const bool vec = d % 8 == 0 && imdm_aligned16(dbranch) && imdm_aligned16(dh) &&
+                     imdm_aligned16(branch);
+    const int units = vec ? d / 8 : d;
+    for (int u = blockIdx.x * blockDim.x + threadIdx.x; u < units; u += gridDim.x * blockDim.x) {
+        if (vec) {
+            const int j0 = u * 8;
+            float g[8], acc[8];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                g[k] = gb != nullptr ? gb[j0 + k] : 1.f;
+                acc[k] = 0.f;
+            }
+            for (size_t r = ra; r < rb; ++r) {
+                const size_t i = r * d + j0;  // a multiple of 8
+                float f[8];
+                if (drop) {
+                    // groups i/4 and i/4 + 1 cover the 8 elements exactly, as in the forward
+                    const uint4 w0 = res_words(i / 4, seed, offset);
+                    const uint4 w1 = res_words(i / 4 + 1, seed, offset);
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        f[k] = res_factor(res_word(w0, k), p, scale);
+                        f[k + 4] = res_factor(res_word(w1, k), p, scale);
+                    }
+                } else {
+#pragma unroll
+                    for (int k = 0; k < 8; ++k) f[k] = 1.f;
+                }
+                const float4 h0 = *reinterpret_cast<const float4*>(dh + i);
+                const float4 h1 = *reinterpret_cast<const float4*>(dh + i + 4);
+                const float gh[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+                float out[8];
+#pragma unroll
+                for (int k = 0; k < 8; ++k) out[k] = g[k] * (f[k] * gh[k]);
+                *reinterpret_cast<uint4*>(dbranch + i) = f32_to_bf16x8(out);
+                if (pr != nullptr) {
+                    float br[8];
+                    bf16x8_to_f32(*reinterpret_cast<const uint4*>(branch + i), br);
+#pragma unroll
+                    for (int k = 0; k < 8; ++k) acc[k] += gh[k] * (br[k] * f[k]);
+                }
+            }
+            if (pr != nullptr) {
+#pragma unroll
+                for (int k = 0; k < 8; ++k) pr[j0 + k] = acc[k];
+            }
+        } else {
+            const int j = u;
+            const float g = gb != nullptr ? gb[j] : 1.f;
+            float acc = 0.f;
+            for (size_t r = ra; r < rb; ++r) {
+                const size_t i = r * d + j;
+                const float f =
+                    drop ? res_factor(res_word(res_words(i / 4, seed, offset), (int)(i % 4)), p,
+                                      scale)
+                         : 1.f;
+                const float gh = dh[i];
+                dbranch[i] = __float2bfloat16_rn(g * (f * gh));
+                if (pr != nullptr) acc += gh * (__bfloat162float(branch[i]) * f);
+            }
+            if (pr != nullptr) pr[j] = acc;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(IMDM_RED_WARPS * IMDM_WARP)
+residual_bwd_reduce_f32(float* __restrict__ dgate, const float* __restrict__ part, int batches,
+                        int chunks, int d) {
+    const int b = blockIdx.y;
+    if (b >= batches) return;  // block-uniform
+    imdm_colsum_partials(dgate + (size_t)b * d, part + (size_t)b * chunks * d, chunks, d, d,
+                         blockIdx.x * IMDM_WARP);
 }

@@ -145,6 +145,177 @@ pub fn attention_fwd(
     Ok(())
 }
 
+/// Must equal ATT_BWD_WARPS in the kernel: rows (queries, keys or positions) per block of the
+/// backward kernels, one warp each.
+const BWD_ROWS: usize = 8;
+/// Must equal ATT_BWD_THREADS in the kernel.
+const BWD_THREADS: u32 = 256;
+
+/// Scratch of [`attention_bwd`] for one shape: rotated q and k, their gradients before the
+/// rotary backward (each (B, H, L, hd) f32) and D = dO.o (B, H, L) f32. Allocate once per shape.
+pub struct AttentionBwdWorkspace {
+    qr: CudaSlice<f32>,
+    kr: CudaSlice<f32>,
+    dqr: CudaSlice<f32>,
+    dkr: CudaSlice<f32>,
+    dsum: CudaSlice<f32>,
+    shape: AttentionShape,
+}
+
+impl AttentionBwdWorkspace {
+    /// The rotated, bf16-rounded q' and k' ((B, H, L, hd) f32) the last [`attention_bwd`] call
+    /// recomputed: the forward's values bit for bit (tests and debugging).
+    pub fn rotated_qk(&self, gpu: &Gpu) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((
+            gpu.stream.clone_dtoh(&self.qr)?,
+            gpu.stream.clone_dtoh(&self.kr)?,
+        ))
+    }
+
+    pub fn new(gpu: &Gpu, shape: &AttentionShape) -> Result<Self> {
+        let n = shape.batch * shape.heads * shape.len;
+        let s = &gpu.stream;
+        Ok(AttentionBwdWorkspace {
+            qr: s.alloc_zeros(n * shape.head_dim)?,
+            kr: s.alloc_zeros(n * shape.head_dim)?,
+            dqr: s.alloc_zeros(n * shape.head_dim)?,
+            dkr: s.alloc_zeros(n * shape.head_dim)?,
+            dsum: s.alloc_zeros(n)?,
+            shape: *shape,
+        })
+    }
+}
+
+/// Launches the attention backward (`attention_bwd_prep_f32`, `attention_bwd_dq_hd{hd}`,
+/// `attention_bwd_dkv_hd{hd}`, `attention_bwd_rope_bf16`; maths and the correctness-first
+/// design in the kernel header): `dqkv` (rows, 3*H*hd) bf16 **=** the gradient of the loss with
+/// respect to `qkv`, from the forward's `lse` (B, H, L) and `o` (rows, H*hd), the forward's input
+/// `qkv` and `dout` = d o (rows, H*hd) bf16. Deterministic (no atomics). Lengths are checked.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd(
+    gpu: &Gpu,
+    dqkv: &mut CudaSlice<bf16>,
+    ws: &mut AttentionBwdWorkspace,
+    lse: &CudaSlice<f32>,
+    o: &CudaSlice<bf16>,
+    qkv: &CudaSlice<bf16>,
+    dout: &CudaSlice<bf16>,
+    shape: &AttentionShape,
+) -> Result<()> {
+    check_shape(o.len(), lse.len(), qkv.len(), shape)?;
+    if dqkv.len() != qkv.len() || dout.len() != o.len() {
+        return Err(Error::Shape(format!(
+            "attention backward: dqkv/dout hold {}/{} elements, expected {}/{} ({shape:?})",
+            dqkv.len(),
+            dout.len(),
+            qkv.len(),
+            o.len()
+        )));
+    }
+    if ws.shape != *shape {
+        return Err(Error::Shape(format!(
+            "attention backward: workspace built for {:?}, called with {shape:?}",
+            ws.shape
+        )));
+    }
+    let n_rows = shape.batch * shape.heads * shape.len;
+    if n_rows.div_ceil(BWD_ROWS) > i32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "attention backward: {n_rows} (batch, head, position) rows exceed the grid"
+        )));
+    }
+    let (batch_i, len_i, heads_i, hd_i) = (
+        shape.batch as i32,
+        shape.len as i32,
+        shape.heads as i32,
+        shape.head_dim as i32,
+    );
+    let causal_i = shape.causal as i32;
+    let softcap = shape.softcap;
+    let rows_cfg = LaunchConfig {
+        grid_dim: (n_rows.div_ceil(BWD_ROWS) as u32, 1, 1),
+        block_dim: (BWD_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let tiles_cfg = LaunchConfig {
+        grid_dim: (
+            shape.len.div_ceil(BWD_ROWS) as u32,
+            (shape.batch * shape.heads) as u32,
+            1,
+        ),
+        block_dim: (BWD_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let hd = shape.head_dim;
+
+    let f = gpu.function(MODULE, "attention_bwd_prep_f32")?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&mut ws.qr)
+        .arg(&mut ws.kr)
+        .arg(&mut ws.dsum)
+        .arg(qkv)
+        .arg(o)
+        .arg(dout)
+        .arg(&batch_i)
+        .arg(&len_i)
+        .arg(&heads_i)
+        .arg(&hd_i);
+    // SAFETY: argument order and types match the kernel signature; check_shape verified qkv,
+    // o (= dout) and the B*H*L rows; the workspace was built for this shape (qr, kr: B*H*L*hd,
+    // dsum: B*H*L); one warp per row with a bounds check.
+    unsafe { b.launch(rows_cfg) }?;
+
+    let f = gpu.function(MODULE, &format!("attention_bwd_dq_hd{hd}"))?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&mut ws.dqr)
+        .arg(&ws.qr)
+        .arg(&ws.kr)
+        .arg(lse)
+        .arg(&ws.dsum)
+        .arg(qkv)
+        .arg(dout)
+        .arg(&len_i)
+        .arg(&heads_i)
+        .arg(&causal_i)
+        .arg(&softcap);
+    // SAFETY: as above; lse holds B*H*L (check_shape); the grid is (ceil(L/8), B*H) with B*H <=
+    // 65535 (check_shape) and query/key bounds checks inside; static shared memory only.
+    unsafe { b.launch(tiles_cfg) }?;
+
+    let f = gpu.function(MODULE, &format!("attention_bwd_dkv_hd{hd}"))?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&mut ws.dkr)
+        .arg(&mut *dqkv)
+        .arg(&ws.qr)
+        .arg(&ws.kr)
+        .arg(lse)
+        .arg(&ws.dsum)
+        .arg(qkv)
+        .arg(dout)
+        .arg(&len_i)
+        .arg(&heads_i)
+        .arg(&causal_i)
+        .arg(&softcap);
+    // SAFETY: as for the dq kernel; dqkv holds rows*3*H*hd elements (checked), of which this
+    // kernel writes the v part of each valid key row.
+    unsafe { b.launch(tiles_cfg) }?;
+
+    let f = gpu.function(MODULE, "attention_bwd_rope_bf16")?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(dqkv)
+        .arg(&ws.dqr)
+        .arg(&ws.dkr)
+        .arg(&batch_i)
+        .arg(&len_i)
+        .arg(&heads_i)
+        .arg(&hd_i);
+    // SAFETY: argument order and types match the kernel signature; dqr, dkr hold B*H*L*hd
+    // (workspace for this shape) and dqkv rows*3*H*hd; one warp per row with a bounds check;
+    // it writes the q and k parts of dqkv.
+    unsafe { b.launch(rows_cfg) }?;
+    Ok(())
+}
+
 /// CPU twin of the kernel: same maths, f64 accumulation, rayon over (batch, head, query) rows.
 pub mod cpu {
     use super::AttentionShape;
@@ -166,7 +337,12 @@ pub mod cpu {
 
     /// Rotated q (`part` 0) or k (`part` 1) of every (batch, head, position), (B, H, L, hd).
     /// The angle p * f_t is an f32 product (as in the kernel and the reference), the rest f64.
-    fn rotate(qkv: &[f32], s: &AttentionShape, part: usize, round: bool) -> Vec<f64> {
+    fn rotate<T: Copy + Into<f64> + Sync>(
+        qkv: &[T],
+        s: &AttentionShape,
+        part: usize,
+        round: bool,
+    ) -> Vec<f64> {
         let (hd, d) = (s.head_dim, s.width());
         let inv = inv_freq(hd);
         let mut out = vec![0f64; s.batch * s.heads * s.len * hd];
@@ -176,7 +352,7 @@ pub mod cpu {
             let x = &qkv[(b * s.len + p) * 3 * d + part * d + h * hd..][..hd];
             for t in 0..hd / 2 {
                 let (sin, cos) = ((p as f32 * inv[t]) as f64).sin_cos();
-                let (x1, x2) = (x[t] as f64, x[t + hd / 2] as f64);
+                let (x1, x2) = (x[t].into(), x[t + hd / 2].into());
                 y[t] = x1 * cos - x2 * sin;
                 y[t + hd / 2] = x2 * cos + x1 * sin;
             }
@@ -196,6 +372,19 @@ pub mod cpu {
         shape: &AttentionShape,
         round_bf16: bool,
     ) -> (Vec<f32>, Vec<f32>) {
+        let (o, lse) = attention_fwd_f64(qkv, shape, round_bf16);
+        let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        (f(o), f(lse))
+    }
+
+    /// [`attention_fwd`] on any float input, returning f64 (o and lse unrounded to f32; with
+    /// `round_bf16` o is still rounded to bf16 values). The finite-difference tests of the
+    /// backward run this on f64 inputs.
+    pub fn attention_fwd_f64<T: Copy + Into<f64> + Sync>(
+        qkv: &[T],
+        shape: &AttentionShape,
+        round_bf16: bool,
+    ) -> (Vec<f64>, Vec<f64>) {
         let s = *shape;
         let (hd, d) = (s.head_dim, s.width());
         assert_eq!(qkv.len(), s.rows() * 3 * d, "qkv length");
@@ -204,8 +393,8 @@ pub mod cpu {
         let scale = 1.0 / (hd as f64).sqrt();
         let cap = s.softcap as f64;
         let round = |x: f64| if round_bf16 { to_bf16(x) } else { x };
-        let mut o_bhl = vec![0f32; s.batch * s.heads * s.len * hd];
-        let mut lse = vec![0f32; s.batch * s.heads * s.len];
+        let mut o_bhl = vec![0f64; s.batch * s.heads * s.len * hd];
+        let mut lse = vec![0f64; s.batch * s.heads * s.len];
         o_bhl
             .par_chunks_mut(hd)
             .zip(lse.par_iter_mut())
@@ -237,15 +426,15 @@ pub mod cpu {
                     let v = &qkv[(b * s.len + j) * 3 * d + v_off..][..hd];
                     acc.iter_mut()
                         .zip(v)
-                        .for_each(|(a, &vv)| *a += pr * vv as f64);
+                        .for_each(|(a, &vv)| *a += pr * vv.into());
                 }
                 for (y, a) in orow.iter_mut().zip(&acc) {
-                    *y = round(a / l) as f32;
+                    *y = round(a / l);
                 }
-                *lrow = (m + l.ln()) as f32;
+                *lrow = m + l.ln();
             });
         // (B, H, L, hd) -> (B*L, H*hd)
-        let mut o = vec![0f32; s.rows() * d];
+        let mut o = vec![0f64; s.rows() * d];
         for (row, orow) in o_bhl.chunks(hd).enumerate() {
             let (bh, i) = (row / s.len, row % s.len);
             let (b, h) = (bh / s.heads, bh % s.heads);
@@ -253,12 +442,109 @@ pub mod cpu {
         }
         (o, lse)
     }
+
+    /// The backward in f64 (twin of the `attention_bwd_*` kernels): returns dqkv (rows, 3*H*hd)
+    /// for the forward's `o` (rows, H*hd) and `lse` (B, H, L) (given, as the kernel takes them)
+    /// and `dout` = d o. With `round_bf16` the rotated q and k are rounded to bf16 first, as the
+    /// forward kernel (and the backward's recomputation) does; otherwise everything is exact.
+    /// P = exp(s - lse), D_i = dO_i.o_i, dS = P (dP - D), softcap and rotary backward as in the
+    /// kernel header.
+    pub fn attention_bwd(
+        qkv: &[f32],
+        o: &[f64],
+        lse: &[f64],
+        dout: &[f32],
+        shape: &AttentionShape,
+        round_bf16: bool,
+    ) -> Vec<f64> {
+        let q = rotate(qkv, shape, 0, round_bf16);
+        let k = rotate(qkv, shape, 1, round_bf16);
+        attention_bwd_rotated(&q, &k, qkv, o, lse, dout, shape)
+    }
+
+    /// [`attention_bwd`] from given rotated q' and k' ((B, H, L, hd), e.g. the GPU's own, so a
+    /// comparison is free of bf16 rounding flips between two rotation implementations); v is
+    /// read from `qkv`.
+    pub fn attention_bwd_rotated(
+        q: &[f64],
+        k: &[f64],
+        qkv: &[f32],
+        o: &[f64],
+        lse: &[f64],
+        dout: &[f32],
+        shape: &AttentionShape,
+    ) -> Vec<f64> {
+        let s = *shape;
+        let (hd, d, l) = (s.head_dim, s.width(), s.len);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let cap = s.softcap as f64;
+        let nbh = s.batch * s.heads;
+        let v = |b: usize, h: usize, j: usize, e: usize| {
+            qkv[(b * l + j) * 3 * d + 2 * d + h * hd + e] as f64
+        };
+        let g = |b: usize, h: usize, i: usize, e: usize| dout[(b * l + i) * d + h * hd + e] as f64;
+        // Per (b, h): dq', dk', dv in (L, hd), f64.
+        let per_head: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = (0..nbh)
+            .into_par_iter()
+            .map(|bh| {
+                let (b, h) = (bh / s.heads, bh % s.heads);
+                let (mut dq, mut dk, mut dv) =
+                    (vec![0f64; l * hd], vec![0f64; l * hd], vec![0f64; l * hd]);
+                for i in 0..l {
+                    let qi = &q[(bh * l + i) * hd..][..hd];
+                    let di: f64 = (0..hd)
+                        .map(|e| o[(b * l + i) * d + h * hd + e] * g(b, h, i, e))
+                        .sum();
+                    let n_keys = if s.causal { i + 1 } else { l };
+                    for j in 0..n_keys {
+                        let kj = &k[(bh * l + j) * hd..][..hd];
+                        let r = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() * scale;
+                        let (sc, dcap) = if cap > 0.0 {
+                            let t = (r / cap).tanh();
+                            (cap * t, 1.0 - t * t)
+                        } else {
+                            (r, 1.0)
+                        };
+                        let p = (sc - lse[bh * l + i]).exp();
+                        let dp: f64 = (0..hd).map(|e| g(b, h, i, e) * v(b, h, j, e)).sum();
+                        let dr = p * (dp - di) * dcap * scale;
+                        for e in 0..hd {
+                            dv[j * hd + e] += p * g(b, h, i, e);
+                            dq[i * hd + e] += dr * kj[e];
+                            dk[j * hd + e] += dr * qi[e];
+                        }
+                    }
+                }
+                (dq, dk, dv)
+            })
+            .collect();
+        // Rotary backward and the (rows, 3*H*hd) layout.
+        let inv = inv_freq(hd);
+        let mut dqkv = vec![0f64; s.rows() * 3 * d];
+        for (bh, (dq, dk, dv)) in per_head.iter().enumerate() {
+            let (b, h) = (bh / s.heads, bh % s.heads);
+            for p in 0..l {
+                let row = &mut dqkv[(b * l + p) * 3 * d..][..3 * d];
+                for t in 0..hd / 2 {
+                    let (sin, cos) = ((p as f32 * inv[t]) as f64).sin_cos();
+                    for (part, src) in [(0, dq), (1, dk)] {
+                        let (y1, y2) = (src[p * hd + t], src[p * hd + t + hd / 2]);
+                        row[part * d + h * hd + t] = y1 * cos + y2 * sin;
+                        row[part * d + h * hd + t + hd / 2] = y2 * cos - y1 * sin;
+                    }
+                }
+                row[2 * d + h * hd..][..hd].copy_from_slice(&dv[p * hd..][..hd]);
+            }
+        }
+        dqkv
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::gpu::gpu_for_tests;
+    use crate::ops::grad_check::{assert_bits_eq, assert_grad, f64s, fd_grad};
     use crate::testing::{assert_close, compare, Tol};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -575,5 +861,223 @@ mod tests {
         check(&gpu, shape(1, 200, 2, 64, false, 50.0), 8.0, false);
         check(&gpu, shape(1, 150, 2, 128, true, 0.0), 8.0, false);
         check(&gpu, shape(2, 70, 2, 32, false, 2.0), 8.0, false);
+    }
+
+    // ---- backward ----------------------------------------------------------------------------
+
+    /// Seeded d o, uniform in [-1, 1], rounded to bf16.
+    fn rand_dout(s: &AttentionShape, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..s.rows() * s.width())
+            .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0)).to_f32())
+            .collect()
+    }
+
+    #[test]
+    fn twin_bwd_matches_finite_differences() {
+        // F = Σ G ⊙ o(qkv) (exact forward, no bf16 rounding): dF/dqkv is the backward.
+        for (k, (s, amp)) in [
+            (shape(1, 5, 2, 32, false, 0.0), 1.0),
+            (shape(1, 6, 1, 32, true, 2.0), 2.0),
+            (shape(2, 3, 1, 64, false, 50.0), 2.0),
+            (shape(1, 1, 1, 32, true, 0.0), 1.0),
+            (shape(1, 4, 1, 96, true, 0.0), 1.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let qkv = rand_qkv(&s, amp, 300 + k as u64);
+            let dout = rand_dout(&s, 400 + k as u64);
+            let (o, lse) = cpu::attention_fwd_f64(&qkv, &s, false);
+            let got = cpu::attention_bwd(&qkv, &o, &lse, &dout, &s, false);
+            let f = |x: &[f64]| -> f64 {
+                let (o, _) = cpu::attention_fwd_f64(x, &s, false);
+                o.iter().zip(&dout).map(|(a, &b)| a * b as f64).sum()
+            };
+            let fd = fd_grad(f, &f64s(&qkv), 1e-4, None);
+            let tol = Tol {
+                abs: 1e-6,
+                rel: 1e-5,
+            };
+            assert_grad(&format!("attention twin bwd {s:?}"), &got, &fd, tol);
+        }
+    }
+
+    #[test]
+    fn twin_bwd_structured() {
+        // Bidirectional with q = 0: every query attends uniformly, so dv_j = mean_i dO_i over all
+        // queries i (each P_ij = 1/L), for every key j.
+        let s = shape(1, 6, 2, 32, false, 0.0);
+        let mut qkv = rand_qkv(&s, 2.0, 5);
+        let d = s.width();
+        (0..s.rows()).for_each(|r| qkv[r * 3 * d..][..d].fill(0.0));
+        let dout = rand_dout(&s, 6);
+        let (o, lse) = cpu::attention_fwd_f64(&qkv, &s, false);
+        let g = cpu::attention_bwd(&qkv, &o, &lse, &dout, &s, false);
+        for j in 0..s.len {
+            for c in 0..d {
+                let mean = (0..s.len).map(|i| dout[i * d + c] as f64).sum::<f64>() / s.len as f64;
+                let got = g[j * 3 * d + 2 * d + c];
+                assert!((got - mean).abs() < 1e-12, "dv[{j}][{c}] {got} vs {mean}");
+            }
+        }
+        // dO = 0: all gradients vanish.
+        let zero = vec![0f32; s.rows() * d];
+        let g = cpu::attention_bwd(&qkv, &o, &lse, &zero, &s, false);
+        assert!(g.iter().all(|&x| x == 0.0));
+    }
+
+    /// GPU forward then backward on `qkv`, `dout`: (dqkv, o, lse, q', k') read back.
+    #[allow(clippy::type_complexity)]
+    fn run_gpu_bwd(
+        gpu: &Gpu,
+        qkv: &[f32],
+        dout: &[f32],
+        s: &AttentionShape,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let st = &gpu.stream;
+        let up16 = |v: &[f32]| {
+            let b: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+            st.clone_htod(&b).unwrap()
+        };
+        let (dq, dg) = (up16(qkv), up16(dout));
+        let mut o = st
+            .clone_htod(&vec![bf16::NAN; s.rows() * s.width()])
+            .unwrap();
+        let mut lse = st
+            .clone_htod(&vec![f32::NAN; s.batch * s.heads * s.len])
+            .unwrap();
+        attention_fwd(gpu, &mut o, &mut lse, &dq, s).unwrap();
+        // NaN-filled output: an element the backward forgets to write fails the comparison.
+        let mut dqkv = st.clone_htod(&vec![bf16::NAN; qkv.len()]).unwrap();
+        let mut ws = AttentionBwdWorkspace::new(gpu, s).unwrap();
+        attention_bwd(gpu, &mut dqkv, &mut ws, &lse, &o, &dq, &dg, s).unwrap();
+        let f = |v: Vec<bf16>| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        let (qr, kr) = ws.rotated_qk(gpu).unwrap();
+        (
+            f(st.clone_dtoh(&dqkv).unwrap()),
+            f(st.clone_dtoh(&o).unwrap()),
+            st.clone_dtoh(&lse).unwrap(),
+            qr,
+            kr,
+        )
+    }
+
+    /// GPU backward against the f64 twin run on the GPU's own rotated q', k', o and lse (so only
+    /// fp32 arithmetic and the final bf16 rounding differ): max |got - exact| <= max(2 max
+    /// |bf16(exact) - exact|, 2e-3 max |exact|). Also: the forward's lse is consistent with the
+    /// backward's recomputed q', k' (else P would not sum to 1).
+    fn check_bwd(gpu: &Gpu, s: AttentionShape, amp: f32, zero_q: bool) {
+        let seed = (s.batch * 7_000_003 + s.len * 131 + s.heads * 17 + s.head_dim) as u64;
+        let mut qkv = rand_qkv(&s, amp, seed + s.causal as u64);
+        if zero_q {
+            let d = s.width();
+            (0..s.rows()).for_each(|r| qkv[r * 3 * d..][..d].fill(0.0));
+        }
+        let dout = rand_dout(&s, seed + 99);
+        let (got, o, lse, qr, kr) = run_gpu_bwd(gpu, &qkv, &dout, &s);
+        let tag = format!("{s:?} amp {amp} zero_q {zero_q}");
+        let (q64, k64) = (f64s(&qr), f64s(&kr));
+        // lse from the backward's q', k' in f64 vs the forward kernel's.
+        let scale = 1.0 / (s.head_dim as f64).sqrt();
+        for (idx, &z) in lse.iter().enumerate() {
+            let (bh, i) = (idx / s.len, idx % s.len);
+            let n = if s.causal { i + 1 } else { s.len };
+            let sc: Vec<f64> = (0..n)
+                .map(|j| {
+                    let x = (0..s.head_dim)
+                        .map(|e| {
+                            q64[(bh * s.len + i) * s.head_dim + e]
+                                * k64[(bh * s.len + j) * s.head_dim + e]
+                        })
+                        .sum::<f64>()
+                        * scale;
+                    let c = s.softcap as f64;
+                    if c > 0.0 {
+                        c * (x / c).tanh()
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let want = m + sc.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            assert!(
+                (z as f64 - want).abs() <= 1e-4 + 1e-5 * want.abs(),
+                "{tag}: forward lse[{idx}] {z} vs {want} from the backward's q', k'"
+            );
+        }
+        let exact = cpu::attention_bwd_rotated(&q64, &k64, &qkv, &f64s(&o), &f64s(&lse), &dout, &s);
+        let exact32: Vec<f32> = exact.iter().map(|&x| x as f32).collect();
+        let twin16: Vec<f32> = exact.iter().map(|&x| bf16::from_f64(x).to_f32()).collect();
+        let max_abs = exact.iter().fold(0f64, |a, &x| a.max(x.abs()));
+        assert_twice(
+            &format!("attention dqkv {tag}"),
+            &got,
+            &twin16,
+            &exact32,
+            2e-3 * max_abs,
+        );
+    }
+
+    #[test]
+    fn gpu_bwd_matches_twin() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        for s in [
+            shape(2, 128, 12, 64, false, 0.0),
+            shape(2, 128, 12, 64, false, 50.0),
+            shape(2, 128, 12, 64, true, 0.0),
+            shape(1, 512, 12, 64, false, 0.0),
+            shape(1, 256, 16, 96, true, 2.0),
+            shape(2, 128, 4, 32, false, 50.0),
+            shape(1, 192, 4, 128, true, 0.0),
+            shape(1, 192, 4, 128, false, 2.0),
+        ] {
+            check_bwd(&gpu, s, 2.0, false);
+        }
+        check_bwd(&gpu, shape(2, 64, 4, 64, false, 0.0), 2.0, true);
+        check_bwd(&gpu, shape(1, 150, 2, 64, false, 0.0), 4.0, false);
+        // Awkward lengths for every head dim, both masks, all softcap settings.
+        let caps = [0.0, 50.0, 2.0];
+        let mut k = 0;
+        for l in [1, 7, 129] {
+            for hd in HEAD_DIMS {
+                for causal in [false, true] {
+                    check_bwd(&gpu, shape(2, l, 3, hd, causal, caps[k % 3]), 2.0, false);
+                    k += 1;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gpu_bwd_is_bitwise_deterministic() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        let s = shape(2, 256, 12, 64, true, 50.0);
+        let qkv = rand_qkv(&s, 2.0, 1);
+        let dout = rand_dout(&s, 2);
+        let a = run_gpu_bwd(&gpu, &qkv, &dout, &s).0;
+        let b = run_gpu_bwd(&gpu, &qkv, &dout, &s).0;
+        assert_bits_eq("attention dqkv run-to-run", &a, &b);
+    }
+
+    #[test]
+    fn gpu_bwd_rejects_bad_shapes() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        let st = &gpu.stream;
+        let s = shape(1, 8, 2, 32, false, 0.0);
+        let (rows, d) = (s.rows(), s.width());
+        let qkv = st.alloc_zeros::<bf16>(rows * 3 * d).unwrap();
+        let o = st.alloc_zeros::<bf16>(rows * d).unwrap();
+        let lse = st.alloc_zeros::<f32>(s.batch * s.heads * s.len).unwrap();
+        let mut ws = AttentionBwdWorkspace::new(&gpu, &s).unwrap();
+        let mut small = st.alloc_zeros::<bf16>(rows * 3 * d - 1).unwrap();
+        let r = attention_bwd(&gpu, &mut small, &mut ws, &lse, &o, &qkv, &o, &s);
+        assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+        let mut dqkv = st.alloc_zeros::<bf16>(rows * 3 * d).unwrap();
+        let other = AttentionShape { causal: true, ..s };
+        let r = attention_bwd(&gpu, &mut dqkv, &mut ws, &lse, &o, &qkv, &o, &other);
+        assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+        attention_bwd(&gpu, &mut dqkv, &mut ws, &lse, &o, &qkv, &o, &s).unwrap();
     }
 }

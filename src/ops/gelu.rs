@@ -29,6 +29,14 @@ impl GeluKind {
             GeluKind::Exact => "gelu_exact_fwd_bf16",
         }
     }
+
+    /// The backward kernel symbol of this variant.
+    pub fn bwd_symbol(self) -> &'static str {
+        match self {
+            GeluKind::Tanh => "gelu_tanh_bwd_bf16",
+            GeluKind::Exact => "gelu_exact_bwd_bf16",
+        }
+    }
 }
 
 /// Launches the `kind` kernel: `pre = x + bias` (bias (n) f32, or none), `y = GELU(pre)`, and
@@ -105,6 +113,121 @@ pub fn gelu_fwd(
     Ok(())
 }
 
+/// Must equal GELU_BWD_THREADS in the kernel.
+const BWD_THREADS: usize = 128;
+/// Must equal GELU_BWD_ROWS in the kernel: rows per stage-1 block (one partial row each).
+const BWD_ROWS: usize = 64;
+/// CUDA's limit on gridDim.y.
+const MAX_GRID_Y: usize = 65535;
+
+/// Elements of the scratch buffer [`gelu_bwd`] needs for the bias gradient: (ceil(rows / 64),
+/// n) f32 partial sums.
+pub fn gelu_bwd_scratch_len(rows: usize, n: usize) -> usize {
+    rows.div_ceil(BWD_ROWS) * n
+}
+
+/// Launches the `kind` backward (`gelu_{tanh,exact}_bwd_bf16`, then `gelu_bwd_reduce_f32` when
+/// a bias gradient is requested; maths in the kernel header):
+/// - `dx` (rows, n) bf16 **=** `dy ⊙ GELU'(x + bias)`;
+/// - `dbias`: `(d bias (n) f32 **+=** Σ_rows dx (from fp32), scratch of at least
+///   [`gelu_bwd_scratch_len`] f32)`, or `None`;
+/// - `dy` (rows, n) bf16; `x` (rows, n) bf16: the saved pre-activation (then `bias` = `None`)
+///   or the forward's input (then `bias` = the forward's bias (n) f32).
+///
+/// Deterministic: no atomics, fixed summation order. Every length is checked before launching.
+#[allow(clippy::too_many_arguments)]
+pub fn gelu_bwd(
+    gpu: &Gpu,
+    kind: GeluKind,
+    dx: &mut CudaSlice<bf16>,
+    dbias: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+    dy: &CudaSlice<bf16>,
+    x: &CudaSlice<bf16>,
+    bias: Option<&CudaSlice<f32>>,
+    rows: usize,
+    n: usize,
+) -> Result<()> {
+    if n == 0 || n > i32::MAX as usize || rows.div_ceil(BWD_ROWS) > MAX_GRID_Y {
+        return Err(Error::Shape(format!(
+            "gelu backward: n {n} must be in 1..=2^31-1 and rows {rows} at most {}",
+            MAX_GRID_Y * BWD_ROWS
+        )));
+    }
+    let total = rows * n;
+    if dx.len() != total || dy.len() != total || x.len() != total {
+        return Err(Error::Shape(format!(
+            "gelu backward: dx/dy/x hold {}/{}/{} elements, expected rows {rows} x n {n}",
+            dx.len(),
+            dy.len(),
+            x.len()
+        )));
+    }
+    if let Some(b) = bias {
+        if b.len() != n {
+            return Err(Error::Shape(format!(
+                "gelu backward: bias has {} elements, expected n {n}",
+                b.len()
+            )));
+        }
+    }
+    if let Some((db, scratch)) = dbias.as_ref() {
+        if db.len() != n || scratch.len() < gelu_bwd_scratch_len(rows, n) {
+            return Err(Error::Shape(format!(
+                "gelu backward: dbias has {} elements (expected n {n}), scratch {} (needs {})",
+                db.len(),
+                scratch.len(),
+                gelu_bwd_scratch_len(rows, n)
+            )));
+        }
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(MODULE, kind.bwd_symbol())?;
+    let (rows_i, n_i) = (rows as i32, n as i32);
+    let null: u64 = 0;
+    let units = if n % 8 == 0 { n / 8 } else { n };
+    let chunks = rows.div_ceil(BWD_ROWS);
+    let cfg = LaunchConfig {
+        grid_dim: (units.div_ceil(BWD_THREADS) as u32, chunks as u32, 1),
+        block_dim: (BWD_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut dbias = dbias;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&mut *dx);
+    match dbias.as_mut() {
+        Some((_, scratch)) => b.arg(&mut **scratch),
+        None => b.arg(&null),
+    };
+    b.arg(dy).arg(x);
+    match bias {
+        Some(bi) => b.arg(bi),
+        None => b.arg(&null),
+    };
+    b.arg(&rows_i).arg(&n_i);
+    // SAFETY: argument order and types match both kernels' signature; dx, dy, x hold rows*n
+    // elements, bias n, scratch at least ceil(rows/64)*n, as checked above; blockIdx.y <
+    // ceil(rows/64) indexes the row chunk and the partial row, and the unit loop stays below n.
+    unsafe { b.launch(cfg) }?;
+
+    if let Some((db, scratch)) = dbias {
+        let f = gpu.function(MODULE, "gelu_bwd_reduce_f32")?;
+        let nparts = chunks as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(32) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(db).arg(&*scratch).arg(&nparts).arg(&n_i);
+        // SAFETY: dbias holds n elements and scratch the ceil(rows/64)*n partials written by the
+        // first kernel on the same stream; columns >= n are skipped inside the kernel.
+        unsafe { b.launch(cfg) }?;
+    }
+    Ok(())
+}
+
 /// CPU twin of the kernels: the textbook GELU formulas in f64.
 pub mod cpu {
     use super::GeluKind;
@@ -144,12 +267,58 @@ pub mod cpu {
             });
         (y, pre)
     }
+
+    /// d GELU / dx of one value, the textbook derivatives:
+    /// tanh form `0.5(1 + tanh u) + 0.5x(1 - tanh^2 u) k(1 + 3·0.044715x^2)`,
+    /// exact form `Phi(x) + x phi(x)`.
+    pub fn gelu_grad(kind: GeluKind, x: f64) -> f64 {
+        match kind {
+            GeluKind::Tanh => {
+                let k = (2.0 / std::f64::consts::PI).sqrt();
+                let t = (k * (x + 0.044715 * x * x * x)).tanh();
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * x * x)
+            }
+            GeluKind::Exact => {
+                let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
+                let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                cdf + x * pdf
+            }
+        }
+    }
+
+    /// The backward with the kernels' rules: `dx = dy · GELU'(x + bias)` (written), and
+    /// `dbias += Σ_rows dx` in f64 when given. `dy`, `x` hold the bf16 values as f32.
+    pub fn gelu_bwd(
+        kind: GeluKind,
+        dx: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        dy: &[f32],
+        x: &[f32],
+        bias: Option<&[f32]>,
+        n: usize,
+    ) {
+        let b = |j: usize| bias.map_or(0.0, |b| b[j] as f64);
+        let g = |i: usize| dy[i] as f64 * gelu_grad(kind, x[i] as f64 + b(i % n));
+        dx.par_chunks_mut(n).enumerate().for_each(|(r, dxr)| {
+            for (j, v) in dxr.iter_mut().enumerate() {
+                *v = g(r * n + j) as f32;
+            }
+        });
+        if let Some(db) = dbias {
+            let rows = x.len() / n;
+            db.par_iter_mut().enumerate().for_each(|(j, v)| {
+                let s: f64 = (0..rows).map(|r| g(r * n + j)).sum();
+                *v = (*v as f64 + s) as f32;
+            });
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::gpu::gpu_for_tests;
+    use crate::ops::grad_check::{assert_bits_eq, assert_close_scaled, assert_grad, f64s, fd_grad};
     use crate::testing::{assert_close, Tol};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -298,6 +467,246 @@ mod tests {
                 (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
                 "x {x}: {got} vs {want}"
             );
+        }
+    }
+
+    // ---- backward ----------------------------------------------------------------------------
+
+    #[test]
+    fn twin_grad_matches_finite_differences() {
+        // The derivative formulas against f64 central differences of the twin's GELU, over the
+        // curved region and the tails.
+        let tol = Tol {
+            abs: 1e-8,
+            rel: 1e-7,
+        };
+        for kind in [GeluKind::Tanh, GeluKind::Exact] {
+            let xs: Vec<f64> = (-1200..=1200).map(|i| i as f64 * 0.01).collect();
+            let got: Vec<f64> = xs.iter().map(|&x| cpu::gelu_grad(kind, x)).collect();
+            let want: Vec<f64> = xs
+                .iter()
+                .map(|&x| {
+                    let h = 1e-5;
+                    (cpu::gelu(kind, x + h) - cpu::gelu(kind, x - h)) / (2.0 * h)
+                })
+                .collect();
+            assert_grad(&format!("gelu' {kind:?}"), &got, &want, tol);
+        }
+    }
+
+    #[test]
+    fn twin_bwd_matches_finite_differences() {
+        // F = Σ G ⊙ GELU(x + bias): dF/dx = dx, dF/dbias = dbias.
+        for &(rows, n, with_bias) in &[(5, 7, true), (3, 8, false), (1, 1, true)] {
+            let x = rand_bf16(rows as u64, rows * n, -4.0, 4.0);
+            let g = rand_bf16(n as u64 + 9, rows * n, -1.0, 1.0);
+            let bias = rand_bf16(3, n, -1.0, 1.0);
+            for kind in [GeluKind::Tanh, GeluKind::Exact] {
+                let bi = with_bias.then_some(&bias[..]);
+                let mut dx = vec![0f32; rows * n];
+                let db0: Vec<f32> = (0..n).map(|j| j as f32 * 0.25 - 1.0).collect();
+                let mut db = db0.clone();
+                cpu::gelu_bwd(kind, &mut dx, Some(&mut db), &g, &x, bi, n);
+                let f = |xv: &[f64], bv: &[f64]| -> f64 {
+                    (0..rows * n)
+                        .map(|i| g[i] as f64 * cpu::gelu(kind, xv[i] + bv[i % n]))
+                        .sum()
+                };
+                let (x64, b64) = (f64s(&x), if with_bias { f64s(&bias) } else { vec![0.0; n] });
+                let tol = Tol {
+                    abs: 1e-6,
+                    rel: 1e-6,
+                };
+                let tag = format!("{kind:?} rows {rows} n {n} bias {with_bias}");
+                let fd = fd_grad(|v| f(v, &b64), &x64, 1e-5, None);
+                assert_grad(&format!("gelu dx {tag}"), &f64s(&dx), &fd, tol);
+                let fd = fd_grad(|v| f(&x64, v), &b64, 1e-5, None);
+                let ddb: Vec<f64> = db.iter().zip(&db0).map(|(a, b)| (a - b) as f64).collect();
+                assert_grad(&format!("gelu dbias {tag}"), &ddb, &fd, tol);
+            }
+        }
+    }
+
+    /// The kernel's tanh-form derivative (sigmoid form, |x| > 10 clamp) emulated in f32 against
+    /// the textbook derivative over the bf16 range that matters and far beyond.
+    #[test]
+    fn kernel_tanh_grad_rewrite_matches_definition() {
+        let kernel = |x: f32| -> f32 {
+            if x.abs() > 10.0 {
+                return if x > 0.0 { 1.0 } else { 0.0 };
+            }
+            let x2 = x * x;
+            let u = 0.797_884_6_f32 * x * (1.0 + 0.044715 * x2);
+            let e = (-2.0 * u).exp();
+            let s = 1.0 / (1.0 + e);
+            let oms = e * s;
+            let du = 0.797_884_6_f32 * (1.0 + 3.0 * 0.044715 * x2);
+            s + 2.0 * x * du * s * oms
+        };
+        for i in -30000..=30000 {
+            let x = i as f32 * 1e-3;
+            let (got, want) = (kernel(x) as f64, cpu::gelu_grad(GeluKind::Tanh, x as f64));
+            assert!(
+                (got - want).abs() <= 2e-6 * (1.0 + want.abs()),
+                "x {x}: {got} vs {want}"
+            );
+        }
+        for x in [-3e38f32, -1e13, -10.001, 10.001, 1e13, 3e38] {
+            let (got, want) = (kernel(x) as f64, cpu::gelu_grad(GeluKind::Tanh, x as f64));
+            assert!((got - want).abs() <= 1e-6, "x {x}: {got} vs {want}");
+        }
+    }
+
+    /// Runs the GPU backward; returns (dx, dbias) read back (dbias starts at `db0`).
+    #[allow(clippy::too_many_arguments)]
+    fn run_bwd(
+        gpu: &Gpu,
+        kind: GeluKind,
+        dy: &[f32],
+        x: &[f32],
+        bias: Option<&[f32]>,
+        db0: Option<&[f32]>,
+        n: usize,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        let (rows, s) = (x.len() / n, &gpu.stream);
+        let (ddy, dxin) = (
+            s.clone_htod(&to_bf16(dy)).unwrap(),
+            s.clone_htod(&to_bf16(x)).unwrap(),
+        );
+        let db = bias.map(|b| s.clone_htod(b).unwrap());
+        let mut dx = s.alloc_zeros::<bf16>(x.len()).unwrap();
+        let mut dbias = db0.map(|v| s.clone_htod(v).unwrap());
+        let mut scratch = s.alloc_zeros::<f32>(gelu_bwd_scratch_len(rows, n)).unwrap();
+        let grads = dbias.as_mut().map(|d| (d, &mut scratch));
+        gelu_bwd(gpu, kind, &mut dx, grads, &ddy, &dxin, db.as_ref(), rows, n).unwrap();
+        let dx: Vec<f32> = s
+            .clone_dtoh(&dx)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        (dx, dbias.map(|d| s.clone_dtoh(&d).unwrap()))
+    }
+
+    /// Σ_rows |dy GELU'(x + bias)| + |db0| per column: the scale of the f32 bias-gradient sums.
+    fn dbias_scale(
+        kind: GeluKind,
+        dy: &[f32],
+        x: &[f32],
+        bias: Option<&[f32]>,
+        db0: &[f32],
+        n: usize,
+    ) -> Vec<f64> {
+        let mut sc: Vec<f64> = db0.iter().map(|v| v.abs() as f64).collect();
+        for i in 0..x.len() {
+            let b = bias.map_or(0.0, |b| b[i % n] as f64);
+            sc[i % n] += (dy[i] as f64 * cpu::gelu_grad(kind, x[i] as f64 + b)).abs();
+        }
+        sc
+    }
+
+    #[test]
+    fn gpu_bwd_matches_twin() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        // (rows, n): the DiT-small MLP (4D = 3072), then awkward shapes (n not % 8: scalar path;
+        // rows not a multiple of the 64-row chunk; a single row).
+        for &(rows, n) in &[
+            (8 * 1024, 3072),
+            (129, 3072),
+            (1, 3072),
+            (7, 130),
+            (129, 36),
+            (33, 1001),
+        ] {
+            let x = rand_bf16(rows as u64 + 1, rows * n, -6.0, 6.0);
+            let dy = rand_bf16(rows as u64 + 2, rows * n, -1.0, 1.0);
+            let bias = rand_bf16(n as u64, n, -1.0, 1.0);
+            let db0 = rand_bf16(n as u64 + 5, n, -1.0, 1.0);
+            for kind in [GeluKind::Tanh, GeluKind::Exact] {
+                for with_bias in [true, false] {
+                    let bi = with_bias.then_some(&bias[..]);
+                    let (dx, db) = run_bwd(&gpu, kind, &dy, &x, bi, Some(&db0), n);
+                    let mut want_dx = vec![0f32; x.len()];
+                    let mut want_db = db0.clone();
+                    cpu::gelu_bwd(kind, &mut want_dx, Some(&mut want_db), &dy, &x, bi, n);
+                    let tag = format!("{kind:?} rows {rows} n {n} bias {with_bias}");
+                    assert_close(&format!("gelu bwd dx {tag}"), &dx, &want_dx, Tol::BF16);
+                    let sc = dbias_scale(kind, &dy, &x, bi, &db0, n);
+                    assert_close_scaled(
+                        &format!("gelu bwd dbias {tag}"),
+                        &db.unwrap(),
+                        &want_db,
+                        &sc,
+                        2e-5,
+                    );
+                }
+                // Without a bias gradient: dx only.
+                let (dx, db) = run_bwd(&gpu, kind, &dy, &x, None, None, n);
+                assert!(db.is_none());
+                let mut want_dx = vec![0f32; x.len()];
+                cpu::gelu_bwd(kind, &mut want_dx, None, &dy, &x, None, n);
+                assert_close("gelu bwd dx only", &dx, &want_dx, Tol::BF16);
+            }
+        }
+        // Structured: zeros, an arange sweep through the curved region; large magnitude.
+        let n = 1024;
+        let sweep: Vec<f32> = (0..4 * n)
+            .map(|i| bf16::from_f32(-8.0 + i as f32 * 4e-3).to_f32())
+            .collect();
+        let ones = vec![1f32; 4 * n];
+        for x in [vec![0f32; 4 * n], sweep, rand_bf16(9, 4 * n, -3e4, 3e4)] {
+            for kind in [GeluKind::Tanh, GeluKind::Exact] {
+                let (dx, _) = run_bwd(&gpu, kind, &ones, &x, None, None, n);
+                let mut want = vec![0f32; x.len()];
+                cpu::gelu_bwd(kind, &mut want, None, &ones, &x, None, n);
+                assert_close(
+                    &format!("gelu bwd structured {kind:?}"),
+                    &dx,
+                    &want,
+                    Tol::BF16,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gpu_bwd_is_bitwise_deterministic() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        let (rows, n) = (4 * 1024, 3072);
+        let x = rand_bf16(1, rows * n, -6.0, 6.0);
+        let dy = rand_bf16(2, rows * n, -1.0, 1.0);
+        let db0 = vec![0f32; n];
+        let a = run_bwd(&gpu, GeluKind::Tanh, &dy, &x, None, Some(&db0), n);
+        let b = run_bwd(&gpu, GeluKind::Tanh, &dy, &x, None, Some(&db0), n);
+        assert_bits_eq("gelu bwd dx run-to-run", &a.0, &b.0);
+        assert_bits_eq("gelu bwd dbias run-to-run", &a.1.unwrap(), &b.1.unwrap());
+    }
+
+    #[test]
+    fn gpu_bwd_rejects_bad_shapes() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        let s = &gpu.stream;
+        let (dy, x) = (
+            s.alloc_zeros::<bf16>(4 * 8).unwrap(),
+            s.alloc_zeros::<bf16>(4 * 8).unwrap(),
+        );
+        let mut dx = s.alloc_zeros::<bf16>(4 * 8).unwrap();
+        let mut db = s.alloc_zeros::<f32>(8).unwrap();
+        let mut small = s.alloc_zeros::<f32>(1).unwrap();
+        let r1 = gelu_bwd(&gpu, GeluKind::Tanh, &mut dx, None, &dy, &x, None, 4, 9);
+        let r2 = gelu_bwd(
+            &gpu,
+            GeluKind::Exact,
+            &mut dx,
+            Some((&mut db, &mut small)),
+            &dy,
+            &x,
+            None,
+            4,
+            8,
+        );
+        for r in [r1, r2] {
+            assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
         }
     }
 }

@@ -104,9 +104,211 @@ pub fn ln_modulate_fwd(
     Ok(())
 }
 
-/// CPU twin of the kernel: same maths and outputs, f32 result with f64 statistics.
+/// Must equal LN_BWD_ROWS in the kernel: rows per stage-1 block (one partial row each).
+const BWD_ROWS: usize = 32;
+/// Must equal LN_BWD_THREADS in the kernel.
+const BWD_THREADS: usize = 256;
+/// Stage-2 block: IMDM_RED_WARPS (8) warps of 32 columns.
+const RED_THREADS: usize = 256;
+/// Largest D whose 3*D f32 column partials fit the default 48 KiB of dynamic shared memory
+/// (with room for the kernel's static reduction array).
+const BWD_MAX_D: usize = 4000;
+/// CUDA's limit on gridDim.y.
+const MAX_GRID_Y: usize = 65535;
+
+/// Elements of the scratch buffer [`ln_modulate_bwd`] needs: (B * chunks, 3, d) f32 partial
+/// sums, chunks = ceil(rows_per_batch / 32), B = rows / rows_per_batch.
+pub fn ln_modulate_bwd_scratch_len(rows: usize, d: usize, rows_per_batch: usize) -> usize {
+    if rows_per_batch == 0 {
+        return 0;
+    }
+    rows / rows_per_batch * rows_per_batch.div_ceil(BWD_ROWS) * 3 * d
+}
+
+/// Launches the LayerNorm + modulate backward (`ln_modulate_bwd_f32`, then
+/// `ln_modulate_bwd_reduce_f32`; maths in the kernel header):
+/// - `dx` (rows, d) f32 **+=** the input gradient (the residual-stream gradient buffer, which
+///   already holds the skip path's gradient);
+/// - `dweight` (d) **+=**; `dmodulation` = (d shift, d scale), each (B, d), **+=**, present
+///   exactly when `scale` is (the forward had a modulation);
+/// - `scratch`: at least [`ln_modulate_bwd_scratch_len`] f32 (contents are overwritten);
+/// - saved `mean`, `rstd` (rows) from [`ln_modulate_fwd`]; `dy` (rows, d) f32 (the consumer
+///   GEMM's input gradient); `x` (rows, d), `weight` (d), `scale` (B, d) as in the forward.
+///
+/// Deterministic: no atomics, fixed summation order. Every length is checked before launching.
+#[allow(clippy::too_many_arguments)]
+pub fn ln_modulate_bwd(
+    gpu: &Gpu,
+    dx: &mut CudaSlice<f32>,
+    dweight: &mut CudaSlice<f32>,
+    dmodulation: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+    scratch: &mut CudaSlice<f32>,
+    mean: &CudaSlice<f32>,
+    rstd: &CudaSlice<f32>,
+    dy: &CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    weight: &CudaSlice<f32>,
+    scale: Option<&CudaSlice<f32>>,
+    rows: usize,
+    d: usize,
+    rows_per_batch: usize,
+) -> Result<()> {
+    if d == 0 || d > BWD_MAX_D || rows > i32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "ln_modulate backward: d {d} must be in 1..={BWD_MAX_D} and rows {rows} at most \
+             2^31-1"
+        )));
+    }
+    if rows_per_batch == 0 || rows % rows_per_batch != 0 {
+        return Err(Error::Shape(format!(
+            "ln_modulate backward: rows {rows} is not a multiple of rows_per_batch \
+             {rows_per_batch}"
+        )));
+    }
+    let n = rows * d;
+    if dx.len() != n || dy.len() != n || x.len() != n {
+        return Err(Error::Shape(format!(
+            "ln_modulate backward: dx/dy/x hold {}/{}/{} elements, expected rows {rows} x d {d}",
+            dx.len(),
+            dy.len(),
+            x.len()
+        )));
+    }
+    if mean.len() != rows || rstd.len() != rows || weight.len() != d || dweight.len() != d {
+        return Err(Error::Shape(format!(
+            "ln_modulate backward: mean/rstd hold {}/{} (expected {rows}), weight/dweight {}/{} \
+             (expected {d})",
+            mean.len(),
+            rstd.len(),
+            weight.len(),
+            dweight.len()
+        )));
+    }
+    let batches = rows / rows_per_batch;
+    if batches + 1 > MAX_GRID_Y {
+        return Err(Error::Shape(format!(
+            "ln_modulate backward: {batches} modulation rows exceed the grid limit"
+        )));
+    }
+    let want = batches * d;
+    match (&dmodulation, scale) {
+        (Some((ds, dc)), Some(sc)) => {
+            if ds.len() != want || dc.len() != want || sc.len() != want {
+                return Err(Error::Shape(format!(
+                    "ln_modulate backward: dshift/dscale/scale hold {}/{}/{} elements, \
+                     expected (B {batches}, d {d}) = {want}",
+                    ds.len(),
+                    dc.len(),
+                    sc.len()
+                )));
+            }
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::Shape(
+                "ln_modulate backward: dmodulation and scale must be both given or both absent"
+                    .into(),
+            ))
+        }
+    }
+    let need = ln_modulate_bwd_scratch_len(rows, d, rows_per_batch);
+    if scratch.len() < need {
+        return Err(Error::Shape(format!(
+            "ln_modulate backward: scratch holds {} f32, needs {need}",
+            scratch.len()
+        )));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let chunks = rows_per_batch.div_ceil(BWD_ROWS);
+    let (rows_i, d_i, rpb_i) = (rows as i32, d as i32, rows_per_batch as i32);
+    let (batches_i, chunks_i) = (batches as i32, chunks as i32);
+    let null: u64 = 0;
+
+    let f = gpu.function(MODULE, "ln_modulate_bwd_f32")?;
+    let cfg = LaunchConfig {
+        grid_dim: (chunks as u32, batches as u32, 1),
+        block_dim: (BWD_THREADS as u32, 1, 1),
+        shared_mem_bytes: (3 * d * 4) as u32,
+    };
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&mut *dx)
+        .arg(&mut *scratch)
+        .arg(mean)
+        .arg(rstd)
+        .arg(dy)
+        .arg(x)
+        .arg(weight);
+    match scale {
+        Some(sc) => b.arg(sc),
+        None => b.arg(&null),
+    };
+    b.arg(&rows_i).arg(&d_i).arg(&rpb_i);
+    // SAFETY: argument order and types match the kernel signature; dx, dy, x hold rows*d
+    // elements, mean/rstd rows, weight d, scale B*d, scratch at least B*chunks*3*d, as checked
+    // above; the grid is (chunks, B) exactly, each block stays inside its batch's rows, and the
+    // dynamic shared memory holds the kernel's 3*d floats (at most 48 000 bytes).
+    unsafe { b.launch(cfg) }?;
+
+    let f = gpu.function(MODULE, "ln_modulate_bwd_reduce_f32")?;
+    let cfg = LaunchConfig {
+        grid_dim: (d.div_ceil(32) as u32, (batches + 1) as u32, 1),
+        block_dim: (RED_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(dweight);
+    match dmodulation {
+        Some((ds, dc)) => b.arg(ds).arg(dc),
+        None => b.arg(&null).arg(&null),
+    };
+    b.arg(&*scratch).arg(&batches_i).arg(&chunks_i).arg(&d_i);
+    // SAFETY: argument order and types match the kernel signature; dweight holds d elements,
+    // dshift/dscale B*d (or both null, which the kernel checks before use), scratch the
+    // B*chunks*3*d partials the first kernel wrote (same stream, so ordered); columns >= d are
+    // skipped inside the kernel.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// CPU twin of the kernels: same maths, f64 statistics and accumulation.
 pub mod cpu {
     use rayon::prelude::*;
+
+    /// The forward in f64 on any float inputs: returns (y, mean, rstd) unrounded. The f32 twin
+    /// below and the finite-difference tests both call this one implementation.
+    pub fn ln_modulate_fwd_f64<T: Copy + Into<f64> + Sync>(
+        x: &[T],
+        weight: &[T],
+        modulation: Option<(&[T], &[T])>,
+        d: usize,
+        rows_per_batch: usize,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let rows = x.len() / d;
+        let mut y = vec![0f64; x.len()];
+        let mut stats = vec![(0f64, 0f64); rows];
+        y.par_chunks_mut(d)
+            .zip(stats.par_iter_mut())
+            .enumerate()
+            .for_each(|(r, (yr, st))| {
+                let xr = &x[r * d..(r + 1) * d];
+                let mean = xr.iter().map(|&v| v.into()).sum::<f64>() / d as f64;
+                let var = xr.iter().map(|&v| (v.into() - mean).powi(2)).sum::<f64>() / d as f64;
+                let rstd = 1.0 / (var + 1e-5).sqrt();
+                let b = r / rows_per_batch;
+                for j in 0..d {
+                    let mut z = (xr[j].into() - mean) * rstd * weight[j].into();
+                    if let Some((shift, scale)) = modulation {
+                        z = z * (1.0 + scale[b * d + j].into()) + shift[b * d + j].into();
+                    }
+                    yr[j] = z;
+                }
+                *st = (mean, rstd);
+            });
+        let (mean, rstd) = stats.into_iter().unzip();
+        (y, mean, rstd)
+    }
 
     /// Returns (y (rows, d) f32, mean (rows), rstd (rows)).
     pub fn ln_modulate_fwd(
@@ -116,29 +318,65 @@ pub mod cpu {
         d: usize,
         rows_per_batch: usize,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (y, mean, rstd) = ln_modulate_fwd_f64(x, weight, modulation, d, rows_per_batch);
+        let f = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect::<Vec<f32>>();
+        (f(y), f(mean), f(rstd))
+    }
+
+    /// The backward with the kernels' accumulation rules: `dx +=`, `dweight +=`,
+    /// `dmodulation` = (d shift, d scale) `+=` (present exactly when `scale` is). Uses the saved
+    /// f32 `mean`/`rstd` as the kernel does; every sum is f64, rounded once when added.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ln_modulate_bwd(
+        dx: &mut [f32],
+        dweight: &mut [f32],
+        dmodulation: Option<(&mut [f32], &mut [f32])>,
+        mean: &[f32],
+        rstd: &[f32],
+        dy: &[f32],
+        x: &[f32],
+        weight: &[f32],
+        scale: Option<&[f32]>,
+        d: usize,
+        rows_per_batch: usize,
+    ) {
         let rows = x.len() / d;
-        let mut y = vec![0f32; x.len()];
-        let mut stats = vec![(0f32, 0f32); rows];
-        y.par_chunks_mut(d)
-            .zip(stats.par_iter_mut())
-            .enumerate()
-            .for_each(|(r, (yr, st))| {
-                let xr = &x[r * d..(r + 1) * d];
-                let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-                let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
-                let rstd = 1.0 / (var + 1e-5).sqrt();
-                let b = r / rows_per_batch;
-                for j in 0..d {
-                    let mut z = (xr[j] as f64 - mean) * rstd * weight[j] as f64;
-                    if let Some((shift, scale)) = modulation {
-                        z = z * (1.0 + scale[b * d + j] as f64) + shift[b * d + j] as f64;
+        let xh = |r: usize, j: usize| (x[r * d + j] as f64 - mean[r] as f64) * rstd[r] as f64;
+        let one_plus_s = |r: usize, j: usize| {
+            1.0 + scale.map_or(0.0, |s| s[(r / rows_per_batch) * d + j] as f64)
+        };
+        let dz = |r: usize, j: usize| dy[r * d + j] as f64 * one_plus_s(r, j);
+        dx.par_chunks_mut(d).enumerate().for_each(|(r, dxr)| {
+            let dxh: Vec<f64> = (0..d).map(|j| dz(r, j) * weight[j] as f64).collect();
+            let m1 = dxh.iter().sum::<f64>() / d as f64;
+            let m2 = (0..d).map(|j| dxh[j] * xh(r, j)).sum::<f64>() / d as f64;
+            for j in 0..d {
+                let g = rstd[r] as f64 * (dxh[j] - m1 - xh(r, j) * m2);
+                dxr[j] = (dxr[j] as f64 + g) as f32;
+            }
+        });
+        dweight.par_iter_mut().enumerate().for_each(|(j, dw)| {
+            let s: f64 = (0..rows).map(|r| dz(r, j) * xh(r, j)).sum();
+            *dw = (*dw as f64 + s) as f32;
+        });
+        if let Some((dshift, dscale)) = dmodulation {
+            dshift
+                .par_iter_mut()
+                .zip(dscale.par_iter_mut())
+                .enumerate()
+                .for_each(|(bj, (dsh, dsc))| {
+                    let (b, j) = (bj / d, bj % d);
+                    let batch = b * rows_per_batch..(b + 1) * rows_per_batch;
+                    let (mut a, mut c) = (0f64, 0f64);
+                    for r in batch {
+                        let g = dy[r * d + j] as f64;
+                        a += g;
+                        c += g * xh(r, j) * weight[j] as f64;
                     }
-                    yr[j] = z as f32;
-                }
-                *st = (mean as f32, rstd as f32);
-            });
-        let (mean, rstd) = stats.into_iter().unzip();
-        (y, mean, rstd)
+                    *dsh = (*dsh as f64 + a) as f32;
+                    *dsc = (*dsc as f64 + c) as f32;
+                });
+        }
     }
 }
 
@@ -146,6 +384,7 @@ pub mod cpu {
 mod tests {
     use super::*;
     use crate::gpu::gpu_for_tests;
+    use crate::ops::grad_check::{assert_bits_eq, assert_close_scaled, assert_grad, f64s, fd_grad};
     use crate::testing::{assert_close, Tol};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -238,5 +477,353 @@ mod tests {
         for (a, b) in y.iter().zip(&y2) {
             assert!((a * 2.0 + 0.5 - b).abs() < 1e-5);
         }
+    }
+
+    // ---- backward ----------------------------------------------------------------------------
+
+    /// Inputs of one backward problem (host, f32).
+    struct BwdCase {
+        d: usize,
+        rpb: usize,
+        x: Vec<f32>,
+        w: Vec<f32>,
+        shift: Vec<f32>,
+        scale: Vec<f32>,
+        dy: Vec<f32>,
+        /// Initial values of the accumulated outputs (the += rule is part of what is tested).
+        dx0: Vec<f32>,
+        dw0: Vec<f32>,
+        dsh0: Vec<f32>,
+        dsc0: Vec<f32>,
+    }
+
+    fn bwd_case(seed: u64, rows: usize, d: usize, rpb: usize, offset: f32) -> BwdCase {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let b = rows / rpb;
+        let x = rand_vec(&mut rng, rows * d, -2.0, 2.0)
+            .into_iter()
+            .map(|v| v + offset)
+            .collect();
+        BwdCase {
+            d,
+            rpb,
+            x,
+            w: rand_vec(&mut rng, d, 0.5, 1.5),
+            shift: rand_vec(&mut rng, b * d, -0.5, 0.5),
+            scale: rand_vec(&mut rng, b * d, -0.5, 0.5),
+            dy: rand_vec(&mut rng, rows * d, -1.0, 1.0),
+            dx0: rand_vec(&mut rng, rows * d, -1.0, 1.0),
+            dw0: rand_vec(&mut rng, d, -1.0, 1.0),
+            dsh0: rand_vec(&mut rng, b * d, -1.0, 1.0),
+            dsc0: rand_vec(&mut rng, b * d, -1.0, 1.0),
+        }
+    }
+
+    /// The twin's backward from the twin's saved statistics: (dx, dw, dshift, dscale), each
+    /// including its initial value.
+    fn twin_bwd(c: &BwdCase, modulated: bool) -> [Vec<f32>; 4] {
+        let m = modulated.then_some((&c.shift[..], &c.scale[..]));
+        let (_, mean, rstd) = cpu::ln_modulate_fwd(&c.x, &c.w, m, c.d, c.rpb);
+        let (mut dx, mut dw, mut dsh, mut dsc) =
+            (c.dx0.clone(), c.dw0.clone(), c.dsh0.clone(), c.dsc0.clone());
+        let dm = modulated.then_some((&mut dsh[..], &mut dsc[..]));
+        let sc = modulated.then_some(&c.scale[..]);
+        cpu::ln_modulate_bwd(
+            &mut dx, &mut dw, dm, &mean, &rstd, &c.dy, &c.x, &c.w, sc, c.d, c.rpb,
+        );
+        [dx, dw, dsh, dsc]
+    }
+
+    #[test]
+    fn twin_bwd_matches_finite_differences() {
+        // F = sum(G * y) with G = dy: its gradient is what the backward computes.
+        for &(rows, d, rpb, modulated) in &[
+            (6, 8, 3, true),
+            (6, 8, 6, true),
+            (5, 7, 1, true),
+            (4, 5, 2, false),
+            (1, 1, 1, true),
+        ] {
+            let c = bwd_case(rows as u64 * 31 + d as u64, rows, d, rpb, 0.0);
+            let [dx, dw, dsh, dsc] = twin_bwd(&c, modulated);
+            let (x, w, sh, sc, g) = (
+                f64s(&c.x),
+                f64s(&c.w),
+                f64s(&c.shift),
+                f64s(&c.scale),
+                f64s(&c.dy),
+            );
+            let f = |x: &[f64], w: &[f64], sh: &[f64], sc: &[f64]| -> f64 {
+                let m = modulated.then_some((sh, sc));
+                let (y, _, _) = cpu::ln_modulate_fwd_f64(x, w, m, d, rpb);
+                y.iter().zip(&g).map(|(a, b)| a * b).sum()
+            };
+            let h = 1e-5;
+            let tol = Tol {
+                abs: 1e-6,
+                rel: 1e-5,
+            };
+            let delta = |got: &[f32], init: &[f32]| -> Vec<f64> {
+                got.iter()
+                    .zip(init)
+                    .map(|(&a, &b)| a as f64 - b as f64)
+                    .collect()
+            };
+            let tag = format!("rows {rows} d {d} rpb {rpb} mod {modulated}");
+            let fd = fd_grad(|v| f(v, &w, &sh, &sc), &x, h, None);
+            assert_grad(&format!("ln dx {tag}"), &delta(&dx, &c.dx0), &fd, tol);
+            let fd = fd_grad(|v| f(&x, v, &sh, &sc), &w, h, None);
+            assert_grad(&format!("ln dweight {tag}"), &delta(&dw, &c.dw0), &fd, tol);
+            if modulated {
+                let fd = fd_grad(|v| f(&x, &w, v, &sc), &sh, h, None);
+                assert_grad(&format!("ln dshift {tag}"), &delta(&dsh, &c.dsh0), &fd, tol);
+                let fd = fd_grad(|v| f(&x, &w, &sh, v), &sc, h, None);
+                assert_grad(&format!("ln dscale {tag}"), &delta(&dsc, &c.dsc0), &fd, tol);
+            } else {
+                assert_eq!(dsh, c.dsh0, "no modulation: dshift untouched");
+            }
+        }
+    }
+
+    #[test]
+    fn twin_bwd_structured_inputs() {
+        // dy = 0: every gradient keeps its initial value exactly.
+        let mut c = bwd_case(3, 4, 16, 2, 0.0);
+        c.dy.iter_mut().for_each(|v| *v = 0.0);
+        let [dx, dw, dsh, dsc] = twin_bwd(&c, true);
+        assert_eq!((dx, dw, dsh, dsc), (c.dx0, c.dw0, c.dsh0, c.dsc0));
+        // A constant dy along a row is orthogonal to the LayerNorm's image with weight = 1 and
+        // no modulation: dx gets nothing (the output is invariant to shifting x).
+        let mut c = bwd_case(4, 3, 16, 3, 0.0);
+        c.w.iter_mut().for_each(|v| *v = 1.0);
+        c.dy.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = (i / 16) as f32 + 1.0);
+        let [dx, ..] = twin_bwd(&c, false);
+        for (a, b) in dx.iter().zip(&c.dx0) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    /// Sums of |terms| of dweight, dshift and dscale (tolerance scales for the f32 reductions).
+    fn param_grad_scales(c: &BwdCase, modulated: bool) -> [Vec<f64>; 3] {
+        let (d, rows) = (c.d, c.x.len() / c.d);
+        let m = modulated.then_some((&c.shift[..], &c.scale[..]));
+        let (_, mean, rstd) = cpu::ln_modulate_fwd(&c.x, &c.w, m, d, c.rpb);
+        let (mut sw, mut ssh, mut ssc) = (
+            vec![0f64; d],
+            vec![0f64; c.scale.len()],
+            vec![0f64; c.scale.len()],
+        );
+        for r in 0..rows {
+            let b = r / c.rpb;
+            for j in 0..d {
+                let xh = ((c.x[r * d + j] - mean[r]) * rstd[r]).abs() as f64;
+                let g = c.dy[r * d + j].abs() as f64;
+                let s = if modulated {
+                    (1.0 + c.scale[b * d + j]).abs() as f64
+                } else {
+                    1.0
+                };
+                sw[j] += g * s * xh;
+                ssh[b * d + j] += g;
+                ssc[b * d + j] += g * xh * c.w[j].abs() as f64;
+            }
+        }
+        // The initial values are added too.
+        for (s, v) in sw.iter_mut().zip(&c.dw0) {
+            *s += v.abs() as f64;
+        }
+        for (s, v) in ssh.iter_mut().zip(&c.dsh0) {
+            *s += v.abs() as f64;
+        }
+        for (s, v) in ssc.iter_mut().zip(&c.dsc0) {
+            *s += v.abs() as f64;
+        }
+        [sw, ssh, ssc]
+    }
+
+    /// Runs the GPU backward on `c` with the twin's saved statistics; returns (dx, dw, dshift,
+    /// dscale) read back.
+    fn gpu_bwd(gpu: &Gpu, c: &BwdCase, modulated: bool) -> [Vec<f32>; 4] {
+        let (d, rows) = (c.d, c.x.len() / c.d);
+        let m = modulated.then_some((&c.shift[..], &c.scale[..]));
+        let (_, mean, rstd) = cpu::ln_modulate_fwd(&c.x, &c.w, m, d, c.rpb);
+        let s = &gpu.stream;
+        let up = |v: &[f32]| s.clone_htod(v).unwrap();
+        let (mut dx, mut dw, mut dsh, mut dsc) = (up(&c.dx0), up(&c.dw0), up(&c.dsh0), up(&c.dsc0));
+        let mut scratch = s
+            .alloc_zeros::<f32>(ln_modulate_bwd_scratch_len(rows, d, c.rpb))
+            .unwrap();
+        let (dmean, drstd, ddy, dxin, dwt, dscale) = (
+            up(&mean),
+            up(&rstd),
+            up(&c.dy),
+            up(&c.x),
+            up(&c.w),
+            up(&c.scale),
+        );
+        let dm = modulated.then_some((&mut dsh, &mut dsc));
+        let sc = modulated.then_some(&dscale);
+        ln_modulate_bwd(
+            gpu,
+            &mut dx,
+            &mut dw,
+            dm,
+            &mut scratch,
+            &dmean,
+            &drstd,
+            &ddy,
+            &dxin,
+            &dwt,
+            sc,
+            rows,
+            d,
+            c.rpb,
+        )
+        .unwrap();
+        let down = |v: &CudaSlice<f32>| s.clone_dtoh(v).unwrap();
+        [down(&dx), down(&dw), down(&dsh), down(&dsc)]
+    }
+
+    /// dx: O(1) values from f32 sums over D (about 1e-6 error at D = 1536) added to an O(1)
+    /// initial value; abs 5e-5 leaves a wide margin while catching any wrong term.
+    const TOL_DX: Tol = Tol {
+        abs: 5e-5,
+        rel: 1e-5,
+    };
+    /// Parameter gradients: f32 sums of up to 32 + rows/32/8 + 8 terms in sequence; 2e-5 of the
+    /// sum of |terms| bounds that with margin at every tested size.
+    const REL_PARAM: f64 = 2e-5;
+
+    #[test]
+    fn gpu_bwd_matches_twin() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        // (batch, len, d, rows_per_batch = len or all rows): the DiT shares one modulation row
+        // (rows_per_batch = rows); real widths; awkward L in 1, 7, 129 and D not % 4.
+        for &(b, l, d) in &[
+            (2, 128, 768),
+            (1, 1024, 1536),
+            (4, 1024, 768),
+            (3, 7, 64),
+            (1, 1, 256),
+            (2, 129, 130),
+            (5, 1, 33),
+        ] {
+            let rows = b * l;
+            for rpb in [l, rows] {
+                for modulated in [true, false] {
+                    let c = bwd_case((rows * 7 + d + rpb) as u64, rows, d, rpb, 0.0);
+                    let got = gpu_bwd(&gpu, &c, modulated);
+                    let want = twin_bwd(&c, modulated);
+                    let scales = param_grad_scales(&c, modulated);
+                    let tag = format!("B{b} L{l} D{d} rpb {rpb} mod {modulated}");
+                    assert_close(&format!("ln bwd dx {tag}"), &got[0], &want[0], TOL_DX);
+                    assert_close_scaled(
+                        &format!("ln bwd dweight {tag}"),
+                        &got[1],
+                        &want[1],
+                        &scales[0],
+                        REL_PARAM,
+                    );
+                    if modulated {
+                        for (k, name) in [(2, "dshift"), (3, "dscale")] {
+                            assert_close_scaled(
+                                &format!("ln bwd {name} {tag}"),
+                                &got[k],
+                                &want[k],
+                                &scales[k - 1],
+                                REL_PARAM,
+                            );
+                        }
+                    } else {
+                        assert_eq!(got[2], c.dsh0, "no modulation: dshift untouched");
+                        assert_eq!(got[3], c.dsc0, "no modulation: dscale untouched");
+                    }
+                }
+            }
+        }
+        // Large-mean rows (the statistics' precision case).
+        let c = bwd_case(11, 2 * 33, 768, 33, 1000.0);
+        let (got, want) = (gpu_bwd(&gpu, &c, true), twin_bwd(&c, true));
+        assert_close("ln bwd dx offset 1000", &got[0], &want[0], TOL_DX);
+        let scales = param_grad_scales(&c, true);
+        assert_close_scaled("ln bwd dw offset", &got[1], &want[1], &scales[0], REL_PARAM);
+    }
+
+    #[test]
+    fn gpu_bwd_is_bitwise_deterministic() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        let c = bwd_case(5, 4 * 1024, 768, 4 * 1024, 0.0);
+        let a = gpu_bwd(&gpu, &c, true);
+        let b = gpu_bwd(&gpu, &c, true);
+        for k in 0..4 {
+            assert_bits_eq(&format!("ln bwd run-to-run output {k}"), &a[k], &b[k]);
+        }
+    }
+
+    #[test]
+    fn gpu_bwd_rejects_bad_shapes() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        let s = &gpu.stream;
+        let z = |n: usize| s.alloc_zeros::<f32>(n).unwrap();
+        let (rows, d) = (4, 8);
+        let (mut dx, mut dw, mut scratch) = (z(rows * d), z(d), z(1));
+        let (mean, rstd, dy, x, w, sc) = (z(rows), z(rows), z(rows * d), z(rows * d), z(d), z(d));
+        // Scratch too small.
+        let r = ln_modulate_bwd(
+            &gpu,
+            &mut dx,
+            &mut dw,
+            None,
+            &mut scratch,
+            &mean,
+            &rstd,
+            &dy,
+            &x,
+            &w,
+            None,
+            rows,
+            d,
+            rows,
+        );
+        assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+        let mut scratch = z(ln_modulate_bwd_scratch_len(rows, d, rows));
+        // scale without dmodulation.
+        let r = ln_modulate_bwd(
+            &gpu,
+            &mut dx,
+            &mut dw,
+            None,
+            &mut scratch,
+            &mean,
+            &rstd,
+            &dy,
+            &x,
+            &w,
+            Some(&sc),
+            rows,
+            d,
+            rows,
+        );
+        assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+        // rows not a multiple of rows_per_batch.
+        let r = ln_modulate_bwd(
+            &gpu,
+            &mut dx,
+            &mut dw,
+            None,
+            &mut scratch,
+            &mean,
+            &rstd,
+            &dy,
+            &x,
+            &w,
+            None,
+            rows,
+            d,
+            3,
+        );
+        assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
     }
 }

@@ -22,16 +22,20 @@ const STATIC_SMEM: usize = 256;
 /// Logit element types with a SUBS kernel: the symbol and the elements per 16-byte vector.
 trait Logit: DeviceRepr {
     const SYMBOL: &'static str;
+    /// The fused loss + backward kernel for this logit dtype.
+    const BWD_SYMBOL: &'static str;
     const VEC: usize;
 }
 
 impl Logit for f32 {
     const SYMBOL: &'static str = "subs_fwd_f32";
+    const BWD_SYMBOL: &'static str = "subs_bwd_f32";
     const VEC: usize = 4;
 }
 
 impl Logit for bf16 {
     const SYMBOL: &'static str = "subs_fwd_bf16";
+    const BWD_SYMBOL: &'static str = "subs_bwd_bf16";
     const VEC: usize = 8;
 }
 
@@ -143,6 +147,185 @@ fn launch<T: Logit, I: TokenId>(
     Ok(())
 }
 
+/// The backward kernel's static shared memory (two 32-float arrays and one float), rounded up.
+const BWD_STATIC_SMEM: usize = 512;
+
+/// Shape of a fused SUBS + cross-entropy call: `rows` logit rows of `vocab` real columns stored
+/// with row stride `ld >= vocab` (padding columns `vocab..ld` are ignored and get gradient 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XentShape {
+    pub rows: usize,
+    pub vocab: usize,
+    pub ld: usize,
+    pub mask_index: usize,
+}
+
+/// Fused SUBS log-softmax + weighted cross-entropy, loss and backward, on bf16 logits
+/// (`subs_bwd_bf16`; maths in the kernel header). `logits` (rows, ld) bf16 is overwritten **in
+/// place** by d logits (bf16, dense (rows, ld): the operand of the dW and dy GEMMs, K = ld);
+/// `loss` (rows) f32 **=** `w_r / norm · (-log p(x0_r | xt_r))` (0 at carry-over rows and rows
+/// with w = 0); `tokens` = xt, `targets` = x0, `weight` = w, all (rows). Sum `loss` with
+/// [`subs_loss_sum`] or on the host. Every length is checked first.
+#[allow(clippy::too_many_arguments)]
+pub fn subs_bwd_bf16<I: TokenId>(
+    gpu: &Gpu,
+    logits: &mut CudaSlice<bf16>,
+    loss: &mut CudaSlice<f32>,
+    tokens: &CudaSlice<I>,
+    targets: &CudaSlice<I>,
+    weight: &CudaSlice<f32>,
+    shape: XentShape,
+    norm: f32,
+) -> Result<()> {
+    launch_bwd(
+        gpu, logits, loss, tokens, targets, weight, shape, norm, true,
+    )
+}
+
+/// [`subs_bwd_bf16`] on f32 logits (`subs_bwd_f32`). The gradient is bf16 written in place into
+/// the first half of each f32 row's bytes: as bf16 it is (rows, ld) with row stride `2 * ld`
+/// elements (view the buffer with `transmute_mut::<bf16>(2 * rows * ld)`); the GEMM consuming
+/// it needs `lda = 2 * ld`. The second half of each row keeps stale logits.
+#[allow(clippy::too_many_arguments)]
+pub fn subs_bwd_f32<I: TokenId>(
+    gpu: &Gpu,
+    logits: &mut CudaSlice<f32>,
+    loss: &mut CudaSlice<f32>,
+    tokens: &CudaSlice<I>,
+    targets: &CudaSlice<I>,
+    weight: &CudaSlice<f32>,
+    shape: XentShape,
+    norm: f32,
+) -> Result<()> {
+    launch_bwd(
+        gpu, logits, loss, tokens, targets, weight, shape, norm, true,
+    )
+}
+
+/// The shared launcher of the fused loss; `allow_cache = false` forces the global re-read path.
+#[allow(clippy::too_many_arguments)]
+fn launch_bwd<T: Logit, I: TokenId>(
+    gpu: &Gpu,
+    logits: &mut CudaSlice<T>,
+    loss: &mut CudaSlice<f32>,
+    tokens: &CudaSlice<I>,
+    targets: &CudaSlice<I>,
+    weight: &CudaSlice<f32>,
+    XentShape {
+        rows,
+        vocab,
+        ld,
+        mask_index,
+    }: XentShape,
+    norm: f32,
+    allow_cache: bool,
+) -> Result<()> {
+    if !(2..=i32::MAX as usize).contains(&vocab) || ld < vocab || ld > i32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "subs loss: vocab {vocab} must be in 2..=2^31-1 and ld {ld} in vocab..=2^31-1"
+        )));
+    }
+    if rows > i32::MAX as usize || mask_index >= vocab {
+        return Err(Error::Shape(format!(
+            "subs loss: rows {rows} at most 2^31-1; mask_index {mask_index} must be < vocab \
+             {vocab}"
+        )));
+    }
+    if logits.len() != rows * ld {
+        return Err(Error::Shape(format!(
+            "subs loss: logits have {} elements, expected rows {rows} x ld {ld}",
+            logits.len()
+        )));
+    }
+    if loss.len() != rows || tokens.len() != rows || targets.len() != rows || weight.len() != rows {
+        return Err(Error::Shape(format!(
+            "subs loss: loss/tokens/targets/weight hold {}/{}/{}/{} elements, expected rows \
+             {rows}",
+            loss.len(),
+            tokens.len(),
+            targets.len(),
+            weight.len()
+        )));
+    }
+    if !(norm.is_finite() && norm > 0.0) {
+        return Err(Error::Config(format!(
+            "subs loss: norm {norm} must be finite and positive"
+        )));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(MODULE, T::BWD_SYMBOL)?;
+    // The row cache is used on the vector path only (ld % 4 == 0); it holds ld elements.
+    let row_bytes = (ld * std::mem::size_of::<T>()).next_multiple_of(16);
+    let optin = gpu
+        .ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+    let cache = allow_cache && ld % 4 == 0 && row_bytes + BWD_STATIC_SMEM <= optin.max(0) as usize;
+    let smem = if cache { row_bytes } else { 0 };
+    if cache {
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )?;
+    }
+    let (vocab_i, ld_i, mask_u, cache_i) =
+        (vocab as i32, ld as i32, mask_index as u32, cache as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(logits)
+        .arg(loss)
+        .arg(tokens)
+        .arg(targets)
+        .arg(weight)
+        .arg(&vocab_i)
+        .arg(&ld_i)
+        .arg(&mask_u)
+        .arg(&norm)
+        .arg(&cache_i);
+    // SAFETY: argument order and types match the kernel signature (u32/i32 ids are both 4-byte
+    // integers read as u32); logits hold rows*ld elements and loss/tokens/targets/weight rows, as
+    // checked above; one block per row; the kernel reads row elements < ld and x[target] only for
+    // target < vocab <= ld; with cache_i = 1 the dynamic shared memory holds the ld elements the
+    // kernel caches, and the function's dynamic shared memory limit was raised to that size.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// `out[0] =` the sum of `loss` (rows) in f64, rounded once to f32, in a fixed order
+/// (`subs_loss_sum_f32`: one block; deterministic). `out` holds 1 element.
+pub fn subs_loss_sum(
+    gpu: &Gpu,
+    out: &mut CudaSlice<f32>,
+    loss: &CudaSlice<f32>,
+    rows: usize,
+) -> Result<()> {
+    if out.len() != 1 || loss.len() != rows || rows > i32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "subs loss sum: out has {} elements (expected 1), loss {} (expected rows {rows})",
+            out.len(),
+            loss.len()
+        )));
+    }
+    let f = gpu.function(MODULE, "subs_loss_sum_f32")?;
+    let rows_i = rows as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(out).arg(loss).arg(&rows_i);
+    // SAFETY: argument order and types match the kernel signature; out holds 1 element and loss
+    // rows, as checked; one block of the 1024 threads the kernel's reduction array is sized for.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
 /// CPU twin of the kernels: the same SUBS maths with f64 max / sum / lse.
 pub mod cpu {
     pub use crate::model::dit_ref::NEG_INF;
@@ -189,6 +372,59 @@ pub mod cpu {
             });
         (out, lse)
     }
+
+    /// The fused SUBS + weighted cross-entropy in f64 (twin of `subs_bwd_*`): returns
+    /// (loss (rows), d logits (rows, ld)) for logits (rows, ld) with `vocab` real columns. Row r:
+    /// carry-over (`tokens[r] != mask_index`) or `weight[r] == 0` gives loss 0 and a zero
+    /// gradient; otherwise with c = f32(w / norm), lse over the real non-mask columns,
+    /// `loss = c (lse - x[t])` (x[mask] = -1e6) and `grad_j = c (softmax_j - [j == t])`, 0 at
+    /// the mask and padding columns. A target >= vocab gives NaN loss and NaN real-column
+    /// gradients, as in the kernel. Generic so the finite-difference test runs it on f64.
+    #[allow(clippy::too_many_arguments)]
+    pub fn subs_xent<T: Copy + Into<f64> + Sync>(
+        logits: &[T],
+        tokens: &[u32],
+        targets: &[u32],
+        weight: &[f32],
+        mask_index: usize,
+        vocab: usize,
+        ld: usize,
+        norm: f32,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let rows = tokens.len();
+        let mut loss = vec![0f64; rows];
+        let mut grad = vec![0f64; rows * ld];
+        grad.par_chunks_mut(ld)
+            .zip(loss.par_iter_mut())
+            .enumerate()
+            .for_each(|(r, (g, l))| {
+                if tokens[r] as usize != mask_index || weight[r] == 0.0 {
+                    return;
+                }
+                let t = targets[r] as usize;
+                let c = if t < vocab {
+                    (weight[r] / norm) as f64
+                } else {
+                    f64::NAN
+                };
+                let x = |j: usize| -> f64 { logits[r * ld + j].into() };
+                let real = || (0..vocab).filter(|&j| j != mask_index);
+                let m = real().map(x).fold(f64::NEG_INFINITY, f64::max);
+                let lse = m + real().map(|j| (x(j) - m).exp()).sum::<f64>().ln();
+                let xt = if t == mask_index {
+                    NEG_INF as f64
+                } else if t < vocab {
+                    x(t)
+                } else {
+                    f64::NAN
+                };
+                *l = c * (lse - xt);
+                for j in real() {
+                    g[j] = c * ((x(j) - lse).exp() - if j == t { 1.0 } else { 0.0 });
+                }
+            });
+        (loss, grad)
+    }
 }
 
 #[cfg(test)]
@@ -196,6 +432,7 @@ mod tests {
     use super::*;
     use crate::gpu::gpu_for_tests;
     use crate::model::dit_ref::subs_log_probs;
+    use crate::ops::grad_check::{assert_bits_eq, assert_grad, f64s, fd_grad};
     use crate::tensor::{Tensor, Tokens};
     use crate::testing::{assert_close, Tol};
     use rand::{Rng, SeedableRng};
@@ -417,5 +654,457 @@ mod tests {
             assert!((lp2[j] - lp[j]).abs() < 1e-4, "col {j}");
         }
         assert!((lse2[0] - lse[0] - 100.0).abs() < 1e-4);
+    }
+
+    // ---- fused loss + backward ---------------------------------------------------------------
+
+    /// One fused-loss problem on the host: logits (rows, ld) as f32 (garbage in the padding and
+    /// a large mask-column logit, both of which must be ignored), xt, x0, w.
+    struct XentCase {
+        shape: XentShape,
+        logits: Vec<f32>,
+        tokens: Vec<u32>,
+        targets: Vec<u32>,
+        weight: Vec<f32>,
+    }
+
+    /// About half the rows masked; targets are real non-mask ids at masked rows and equal the
+    /// input at carry-over rows; some masked rows get w = 0; carry-over rows get w != 0 (it
+    /// must be ignored). `lo..hi` is the logit range; `bf16_exact` rounds the logits.
+    #[allow(clippy::too_many_arguments)]
+    fn xent_case(
+        seed: u64,
+        rows: usize,
+        vocab: usize,
+        ld: usize,
+        mask: usize,
+        lo: f32,
+        hi: f32,
+        bf16_exact: bool,
+    ) -> XentCase {
+        let mut logits = rand_logits(seed, rows * ld, lo, hi, bf16_exact);
+        for r in 0..rows {
+            for j in vocab..ld {
+                logits[r * ld + j] = if j % 2 == 0 { f32::NAN } else { 1e4 };
+            }
+            logits[r * ld + mask] = 50.0;
+        }
+        let tokens = tokens(seed + 1, rows, vocab, mask);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 2);
+        let targets: Vec<u32> = tokens
+            .iter()
+            .map(|&t| {
+                if t as usize != mask {
+                    return t;
+                }
+                let x = rng.random_range(0..vocab - 1);
+                (x + (x >= mask) as usize) as u32
+            })
+            .collect();
+        let weight: Vec<f32> = (0..rows)
+            .map(|r| {
+                if r % 5 == 3 {
+                    0.0
+                } else {
+                    rng.random_range(0.5f32..4.0)
+                }
+            })
+            .collect();
+        XentCase {
+            shape: XentShape {
+                rows,
+                vocab,
+                ld,
+                mask_index: mask,
+            },
+            logits,
+            tokens,
+            targets,
+            weight,
+        }
+    }
+
+    fn twin_xent(c: &XentCase, norm: f32) -> (Vec<f64>, Vec<f64>) {
+        let sh = c.shape;
+        cpu::subs_xent(
+            &c.logits,
+            &c.tokens,
+            &c.targets,
+            &c.weight,
+            sh.mask_index,
+            sh.vocab,
+            sh.ld,
+            norm,
+        )
+    }
+
+    #[test]
+    fn twin_xent_matches_finite_differences() {
+        // F = Σ loss, as a function of every logit (padding and mask columns included: their
+        // finite differences are 0 because the loss ignores them).
+        for &(rows, vocab, ld, mask) in &[(6, 7, 8, 6), (5, 5, 5, 0), (4, 9, 12, 4), (3, 2, 4, 1)] {
+            let mut c = xent_case(rows as u64, rows, vocab, ld, mask, -3.0, 3.0, false);
+            // Finite padding values (the FD perturbs them; NaN would poison F itself).
+            for r in 0..rows {
+                for j in vocab..ld {
+                    c.logits[r * ld + j] = 7.0;
+                }
+            }
+            let norm = 3.0;
+            let (_, grad) = twin_xent(&c, norm);
+            let x64 = f64s(&c.logits);
+            let f = |x: &[f64]| -> f64 {
+                let (l, _) =
+                    cpu::subs_xent(x, &c.tokens, &c.targets, &c.weight, mask, vocab, ld, norm);
+                l.iter().sum()
+            };
+            let fd = fd_grad(f, &x64, 1e-5, None);
+            let tol = Tol {
+                abs: 1e-7,
+                rel: 1e-6,
+            };
+            assert_grad(
+                &format!("subs xent rows {rows} V {vocab} ld {ld}"),
+                &grad,
+                &fd,
+                tol,
+            );
+        }
+        // Target = the mask id: x[t] is the constant -1e6, so the gradient is c·softmax.
+        let (v, mask) = (5, 2);
+        let logits = [0.5f64, -1.0, 3.0, 2.0, 0.0];
+        let f = |x: &[f64]| cpu::subs_xent(x, &[2], &[2], &[1.5], mask, v, v, 0.5).0[0];
+        let (loss, grad) = cpu::subs_xent(&logits, &[2], &[2], &[1.5], mask, v, v, 0.5);
+        let fd = fd_grad(f, &logits, 1e-3, None);
+        assert_grad(
+            "subs xent target = mask",
+            &grad,
+            &fd,
+            Tol {
+                abs: 1e-6,
+                rel: 1e-6,
+            },
+        );
+        assert!(loss[0] > 3e6 - 10.0, "loss {}", loss[0]);
+    }
+
+    #[test]
+    fn twin_xent_agrees_with_subs_forward() {
+        // loss_r = -c log p_r(x0) with log p from the forward twin on the unpadded logits, and
+        // each masked row's gradient sums to 0 with exact zeros at mask/padding columns.
+        let (rows, vocab, ld, mask) = (40, 1001, 1024, 500);
+        let c = xent_case(3, rows, vocab, ld, mask, -8.0, 8.0, false);
+        let norm = 2.5;
+        let (loss, grad) = twin_xent(&c, norm);
+        let dense: Vec<f32> = (0..rows)
+            .flat_map(|r| c.logits[r * ld..r * ld + vocab].to_vec())
+            .collect();
+        let (lp, _) = cpu::subs_fwd(&dense, &c.tokens, mask, vocab);
+        for r in 0..rows {
+            let g = &grad[r * ld..(r + 1) * ld];
+            if c.tokens[r] as usize != mask || c.weight[r] == 0.0 {
+                assert_eq!(loss[r], 0.0);
+                assert!(
+                    g.iter().all(|&x| x == 0.0),
+                    "row {r}: carry-over gradient 0"
+                );
+                continue;
+            }
+            let cw = (c.weight[r] / norm) as f64;
+            let want = -cw * lp[r * vocab + c.targets[r] as usize] as f64;
+            assert!(
+                (loss[r] - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "row {r}"
+            );
+            assert!(g.iter().sum::<f64>().abs() < 1e-12, "row {r}: Σ grad = 0");
+            assert!(g[mask] == 0.0 && g[vocab..].iter().all(|&x| x == 0.0));
+            assert!(g[c.targets[r] as usize] < 0.0);
+        }
+        // A target >= V: NaN loss and NaN real-column gradients.
+        let (l, g) = cpu::subs_xent(&[0f32, 1.0, 2.0, 3.0], &[3], &[9], &[1.0], 3, 3, 4, 1.0);
+        assert!(l[0].is_nan() && g[0].is_nan() && g[2].is_nan() && g[3] == 0.0);
+    }
+
+    /// GPU run of the fused loss on `c` (bf16 or f32 logits, cache or not): (loss, d logits as
+    /// f32 in (rows, ld), dense).
+    fn gpu_xent(
+        gpu: &Gpu,
+        c: &XentCase,
+        norm: f32,
+        bf16_in: bool,
+        cache: bool,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (s, sh) = (&gpu.stream, c.shape);
+        let (rows, ld) = (sh.rows, sh.ld);
+        let mut loss = s.alloc_zeros::<f32>(rows).unwrap();
+        let (dtok, dtgt, dw) = (
+            s.clone_htod(&c.tokens).unwrap(),
+            s.clone_htod(&c.targets).unwrap(),
+            s.clone_htod(&c.weight).unwrap(),
+        );
+        let grad: Vec<f32> = if bf16_in {
+            let b: Vec<bf16> = c.logits.iter().map(|&x| bf16::from_f32(x)).collect();
+            let mut dl = s.clone_htod(&b).unwrap();
+            launch_bwd(gpu, &mut dl, &mut loss, &dtok, &dtgt, &dw, sh, norm, cache).unwrap();
+            s.clone_dtoh(&dl)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_f32())
+                .collect()
+        } else {
+            let mut dl = s.clone_htod(&c.logits).unwrap();
+            launch_bwd(gpu, &mut dl, &mut loss, &dtok, &dtgt, &dw, sh, norm, cache).unwrap();
+            let raw = s.clone_dtoh(&dl).unwrap();
+            // bf16 gradient rows in the first half of each f32 row: stride 2*ld.
+            let as_bf16: &[bf16] = bytemuck::cast_slice(&raw);
+            (0..rows)
+                .flat_map(|r| {
+                    as_bf16[r * 2 * ld..r * 2 * ld + ld]
+                        .iter()
+                        .map(|v| v.to_f32())
+                })
+                .collect()
+        };
+        (s.clone_dtoh(&loss).unwrap(), grad)
+    }
+
+    /// Checks a GPU result against the f64 twin: exact zeros where the twin has them; the loss
+    /// within 2e-6 of c (2 max|x| + ln V + 25), i.e. fp32 accuracy of lse and x[t]; the
+    /// gradient's worst relative error (in units of c, floored at 3e-5 c) at most twice that of
+    /// the twin's own gradient rounded to bf16 (architecture.md section 4, item 2), plus 1e-5
+    /// for the fp32 softmax.
+    fn check_xent(
+        name: &str,
+        c: &XentCase,
+        norm: f32,
+        got: &(Vec<f32>, Vec<f32>),
+        want: &(Vec<f64>, Vec<f64>),
+    ) {
+        let sh = c.shape;
+        let (rows, ld) = (sh.rows, sh.ld);
+        let (mut err_gpu, mut err_bf16) = (0f64, 0f64);
+        for r in 0..rows {
+            let g = &got.1[r * ld..(r + 1) * ld];
+            let w = &want.1[r * ld..(r + 1) * ld];
+            let live = c.tokens[r] as usize == sh.mask_index && c.weight[r] != 0.0;
+            if !live {
+                assert_eq!(got.0[r], 0.0, "{name}: row {r} loss must be 0");
+                assert!(
+                    g.iter().all(|&x| x == 0.0),
+                    "{name}: row {r} gradient must be 0"
+                );
+                continue;
+            }
+            let cw = (c.weight[r] / norm) as f64;
+            let xmax = c.logits[r * ld..r * ld + sh.vocab]
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != sh.mask_index)
+                .map(|(_, x)| x.abs() as f64)
+                .fold(0f64, f64::max);
+            let scale = cw * (2.0 * xmax + (sh.vocab as f64).ln() + 25.0);
+            let le = (got.0[r] as f64 - want.0[r]).abs();
+            assert!(
+                le <= 2e-6 * scale,
+                "{name}: row {r} loss {} vs {} (error {le:e}, allowed {:e})",
+                got.0[r],
+                want.0[r],
+                2e-6 * scale
+            );
+            for j in 0..ld {
+                if w[j] == 0.0 {
+                    assert_eq!(g[j], 0.0, "{name}: row {r} column {j} must be 0");
+                    continue;
+                }
+                // Relative to max(|want|, 3e-5 c): the target column's c (p - 1) is computed
+                // as a difference near 1 in fp32 (absolute error ~6e-8 c), which must not count
+                // as a large relative error where |p - 1| is tiny; 3e-5 keeps that below 2^-9.
+                let floor = 3e-5;
+                let rel = |v: f64| (v / cw - w[j] / cw).abs() / (w[j] / cw).abs().max(floor);
+                let eg = rel(g[j] as f64);
+                let eb = rel(bf16::from_f64(w[j]).to_f64());
+                assert!(!eg.is_nan(), "{name}: row {r} column {j}: got {}", g[j]);
+                err_gpu = err_gpu.max(eg);
+                err_bf16 = err_bf16.max(eb);
+            }
+        }
+        assert!(
+            err_gpu <= 2.0 * err_bf16 + 1e-5,
+            "{name}: gradient max rel error {err_gpu:e} > 2 x bf16-rounded twin's {err_bf16:e}"
+        );
+    }
+
+    #[test]
+    fn gpu_xent_matches_twin() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        // (rows, V, ld, mask): OWT (V 50258 padded to 50304) and LM1B vocabularies, awkward row
+        // counts (1, 7, 129), mask at 0 / inside / last, unpadded rows, ld % 4 != 0 (scalar path),
+        // and tiny vocabularies.
+        for &(rows, vocab, ld, mask) in &[
+            (1024, 50258, 50304, 50257),
+            (7, 50258, 50304, 0),
+            (1, 30522, 30528, 15001),
+            (129, 1001, 1024, 500),
+            (129, 1001, 1001, 3),
+            (5, 2, 2, 1),
+            (3, 13, 13, 12),
+            (3, 13, 16, 12),
+        ] {
+            for bf16_in in [true, false] {
+                let c = xent_case(rows as u64, rows, vocab, ld, mask, -8.0, 8.0, bf16_in);
+                let norm = 2.0;
+                let want = twin_xent(&c, norm);
+                for cache in [true, false] {
+                    let got = gpu_xent(&gpu, &c, norm, bf16_in, cache);
+                    let name = format!(
+                        "subs xent rows {rows} V {vocab} ld {ld} mask {mask} bf16 {bf16_in} \
+                         cache {cache}"
+                    );
+                    check_xent(&name, &c, norm, &got, &want);
+                }
+            }
+        }
+        // The real normaliser (a tiny c), zero logits, and large-magnitude bf16 logits.
+        let (rows, vocab, ld) = (64, 50258, 50304);
+        let mut c = xent_case(9, rows, vocab, ld, vocab - 1, -8.0, 8.0, true);
+        let norm = (32 * 1024) as f32;
+        check_xent(
+            "subs xent norm 32768",
+            &c,
+            norm,
+            &gpu_xent(&gpu, &c, norm, true, true),
+            &twin_xent(&c, norm),
+        );
+        for r in 0..rows {
+            c.logits[r * ld..r * ld + vocab].fill(0.0);
+        }
+        check_xent(
+            "subs xent zeros",
+            &c,
+            2.0,
+            &gpu_xent(&gpu, &c, 2.0, false, true),
+            &twin_xent(&c, 2.0),
+        );
+        let mut c = xent_case(10, rows, vocab, ld, vocab - 1, -3e3, 3e3, true);
+        c.logits
+            .iter_mut()
+            .for_each(|x| *x = bf16::from_f32(*x).to_f32());
+        for bf16_in in [true, false] {
+            let name = format!("subs xent large bf16 {bf16_in}");
+            check_xent(
+                &name,
+                &c,
+                2.0,
+                &gpu_xent(&gpu, &c, 2.0, bf16_in, true),
+                &twin_xent(&c, 2.0),
+            );
+        }
+    }
+
+    #[test]
+    fn gpu_xent_is_deterministic_and_sums() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        let c = xent_case(4, 256, 50258, 50304, 50257, -8.0, 8.0, true);
+        let a = gpu_xent(&gpu, &c, 2.0, true, true);
+        let b = gpu_xent(&gpu, &c, 2.0, true, true);
+        assert_bits_eq("subs xent loss run-to-run", &a.0, &b.0);
+        assert_bits_eq("subs xent grad run-to-run", &a.1, &b.1);
+        // The loss sum against the host's f64 sum, for several row counts.
+        let s = &gpu.stream;
+        for rows in [1usize, 7, 129, 1024, 32 * 1024, 100_003] {
+            let v = rand_logits(rows as u64, rows, 0.0, 20.0, false);
+            let dl = s.clone_htod(&v).unwrap();
+            let mut out = s.alloc_zeros::<f32>(1).unwrap();
+            subs_loss_sum(&gpu, &mut out, &dl, rows).unwrap();
+            let got = s.clone_dtoh(&out).unwrap()[0] as f64;
+            let want: f64 = v.iter().map(|&x| x as f64).sum();
+            assert!(
+                (got - want).abs() <= 1e-7 * want.abs() + 1e-12,
+                "loss sum rows {rows}: {got} vs {want}"
+            );
+            let mut again = s.alloc_zeros::<f32>(1).unwrap();
+            subs_loss_sum(&gpu, &mut again, &dl, rows).unwrap();
+            assert_eq!(s.clone_dtoh(&again).unwrap()[0], got as f32);
+        }
+    }
+
+    #[test]
+    fn gpu_xent_rejects_bad_shapes() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        let s = &gpu.stream;
+        let (rows, vocab, ld) = (3, 10, 12);
+        let mut logits = s.alloc_zeros::<f32>(rows * ld).unwrap();
+        let mut loss = s.alloc_zeros::<f32>(rows).unwrap();
+        let ids = s.alloc_zeros::<u32>(rows).unwrap();
+        let w = s.alloc_zeros::<f32>(rows).unwrap();
+        let sh = |vocab, ld, mask_index| XentShape {
+            rows,
+            vocab,
+            ld,
+            mask_index,
+        };
+        let bad = [
+            subs_bwd_f32(
+                &gpu,
+                &mut logits,
+                &mut loss,
+                &ids,
+                &ids,
+                &w,
+                sh(13, 12, 0),
+                1.0,
+            ),
+            subs_bwd_f32(
+                &gpu,
+                &mut logits,
+                &mut loss,
+                &ids,
+                &ids,
+                &w,
+                sh(vocab, 11, 0),
+                1.0,
+            ),
+            subs_bwd_f32(
+                &gpu,
+                &mut logits,
+                &mut loss,
+                &ids,
+                &ids,
+                &w,
+                sh(vocab, ld, 10),
+                1.0,
+            ),
+            subs_bwd_f32(
+                &gpu,
+                &mut logits,
+                &mut loss,
+                &ids,
+                &ids,
+                &w,
+                sh(1, ld, 0),
+                1.0,
+            ),
+        ];
+        for r in bad {
+            assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+        }
+        for norm in [0.0f32, -1.0, f32::NAN] {
+            let r = subs_bwd_f32(
+                &gpu,
+                &mut logits,
+                &mut loss,
+                &ids,
+                &ids,
+                &w,
+                sh(vocab, ld, 0),
+                norm,
+            );
+            assert!(matches!(r, Err(Error::Config(_))), "norm {norm}: {r:?}");
+        }
+        let mut out = s.alloc_zeros::<f32>(2).unwrap();
+        assert!(matches!(
+            subs_loss_sum(&gpu, &mut out, &loss, rows),
+            Err(Error::Shape(_))
+        ));
     }
 }
