@@ -48,6 +48,11 @@ pub struct DemoArgs {
     /// Optimizer steps of the MDLM teacher and of the plain IMDM.
     #[arg(long)]
     pub base_steps: Option<u64>,
+    /// Where each round's couplings come from: `ot` (default; minibatch optimal transport
+    /// between eps and real rows under the source's one-step likelihood, keeping the data
+    /// marginal) or `sample` (the reference: the source samples x0 with many steps).
+    #[arg(long, value_enum)]
+    pub coupling: Option<crate::distill::synthetic::Coupling>,
     /// Couplings generated per round.
     #[arg(long)]
     pub pairs: Option<usize>,
@@ -107,7 +112,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     }
     set!(rounds => rounds, vocab => vocab, length => length, student_steps => student_steps,
          base_steps => base_steps, pairs => pairs, student_top_p => student_top_p,
-         eval_steps => eval_steps, lr => lr, datagen_steps => datagen_steps);
+         eval_steps => eval_steps, lr => lr, datagen_steps => datagen_steps,
+         coupling => coupling);
     if let Some(n) = a.samples {
         cfg.eval.samples = n;
     }

@@ -9,8 +9,8 @@ use crate::gpu::DeviceChoice;
 use crate::model::{Algo, DitConfig, NoiseType, Preset};
 
 pub mod bench;
-pub mod demo;
 pub mod data;
+pub mod demo;
 pub mod forward;
 pub mod info;
 pub mod init;

@@ -207,3 +207,182 @@ pub fn evaluate<D: Denoiser + ?Sized>(
         nfe: nfe as f64 / calls as f64,
     })
 }
+
+/// Minibatch optimal-transport couplings (an engine extension, not in the reference): within
+/// each minibatch of `batch` clean rows and `batch` fresh seeded ε fields, pair ε_i with the row
+/// x0_σ(i) that maximises Σ_i log p_θ(x0_σ(i) | all-mask, ε_i) under `source`'s one-step
+/// prediction (a linear assignment, solved exactly by Kuhn-Munkres). The pairs keep the data's
+/// marginal exactly (every x0 is a real row, used once), so rectifying on them cannot collapse
+/// onto a few sequences, while each round makes x0 a sharper function of ε, which is what a
+/// one-step IMDM needs. This is the discrete analogue of minibatch-OT couplings for flow
+/// matching. With `perturbed`, the stored x_T masks the matched x0 at a random t (as IM-ReDi's
+/// perturbed rectification does), so the student also keeps learning partially masked inputs.
+pub fn ot_couplings<D: Denoiser + ?Sized>(
+    source: &mut D,
+    x0: &Tokens,
+    batch: usize,
+    perturbed: bool,
+    seed: u64,
+) -> Result<Couplings> {
+    use pathfinding::kuhn_munkres::kuhn_munkres_min;
+    use pathfinding::matrix::Matrix;
+
+    if batch == 0 {
+        return Err(Error::Config("ot couplings: batch must be positive".into()));
+    }
+    let model = source.config().clone();
+    let (l, mask, v) = (x0.len, model.mask_index as u32, model.vocab_size);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Couplings {
+        xt: Tokens {
+            batch: 0,
+            len: l,
+            ids: vec![],
+        },
+        x0: Tokens {
+            batch: 0,
+            len: l,
+            ids: vec![],
+        },
+        t: vec![],
+        seeds: vec![],
+    };
+    for lo in (0..x0.batch).step_by(batch) {
+        let n = batch.min(x0.batch - lo);
+        let rows = &x0.ids[lo * l..(lo + n) * l];
+        let seeds: Vec<i64> = (0..n).map(|_| rng.random_range(0..1i64 << 31)).collect();
+        let eps = model.has_eps_mlp().then(|| {
+            crate::rng::seeded_eps(
+                &seeds,
+                l,
+                model.noise_dim,
+                model.noise_type,
+                model.noise_scale as f32,
+            )
+        });
+        let all_mask = Tokens {
+            batch: n,
+            len: l,
+            ids: vec![mask; n * l],
+        };
+        let lp = source.log_probs(&all_mask, eps.as_ref())?;
+        // cost[i][j] = −Σ_l log p(x0_j,l | ε_i), in micro-nats so the assignment is exact on
+        // integers; log-probs are ≥ −1e6·L at worst, far inside i64.
+        let cost = Matrix::from_fn(n, n, |(i, j)| {
+            let s: f64 = (0..l)
+                .map(|p| lp.data[(i * l + p) * v + rows[j * l + p] as usize] as f64)
+                .sum();
+            (-s * 1e6).round() as i64
+        });
+        let (_, sigma) = kuhn_munkres_min(&cost);
+        for (i, &j) in sigma.iter().enumerate() {
+            let target = &rows[j * l..(j + 1) * l];
+            let t = if perturbed {
+                1.0 - rng.random::<f64>()
+            } else {
+                1.0
+            };
+            let p = 1.0 - alpha(t);
+            out.xt.ids.extend(
+                target
+                    .iter()
+                    .map(|&x| if rng.random::<f64>() < p { mask } else { x }),
+            );
+            out.x0.ids.extend_from_slice(target);
+            out.t.push(t as f32);
+            out.seeds.push(seeds[i]);
+        }
+        out.xt.batch += n;
+        out.x0.batch += n;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::toy::toy_config;
+    use crate::tensor::Tensor;
+
+    /// A denoiser whose one-step prediction at every position is token (⌊(ε_0 + 1)·V/2⌋),
+    /// i.e. a deterministic function of the first eps coordinate of position 0.
+    struct EpsArgmax(crate::model::DitConfig);
+    impl Denoiser for EpsArgmax {
+        fn config(&self) -> &crate::model::DitConfig {
+            &self.0
+        }
+        fn log_probs(&mut self, xt: &Tokens, eps: Option<&Tensor>) -> Result<Tensor> {
+            let (v, l, nd) = (self.0.vocab_size, xt.len, self.0.noise_dim);
+            let eps = eps.expect("imdm");
+            let data_v = v - 1;
+            let mut out = vec![-30f32; xt.batch * l * v];
+            for b in 0..xt.batch {
+                let e = eps.data[b * l * nd];
+                let tok = (((e + 1.0) / 2.0 * data_v as f32) as usize).min(data_v - 1);
+                for p in 0..l {
+                    out[(b * l + p) * v + tok] = 0.0;
+                }
+            }
+            Tensor::from_vec(&[xt.batch, l, v], out)
+        }
+    }
+
+    #[test]
+    fn ot_pairs_keep_the_data_marginal_and_follow_the_prediction() {
+        let c = toy_config(5, 4, Algo::Imdm, 3);
+        let data_v = c.vocab_size - 1;
+        // 8 clean rows, each one token repeated: tokens 0,1,2,3,0,1,2,3.
+        let n = 8;
+        let ids: Vec<u32> = (0..n)
+            .flat_map(|r| std::iter::repeat_n((r % data_v) as u32, c.length))
+            .collect();
+        let x0 = Tokens {
+            batch: n,
+            len: c.length,
+            ids,
+        };
+        let mut den = EpsArgmax(c.clone());
+        let pairs = ot_couplings(&mut den, &x0, n, false, 3).unwrap();
+        // Same multiset of rows as the data.
+        let mut got: Vec<&[u32]> = pairs.x0.ids.chunks(c.length).collect();
+        let mut want: Vec<&[u32]> = x0.ids.chunks(c.length).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        assert!(pairs.xt.ids.iter().all(|&x| x as usize == c.mask_index));
+        // The assignment beats the identity pairing on the source's log-likelihood.
+        let eps = crate::rng::seeded_eps(&pairs.seeds, c.length, 3, c.noise_type, 1.0);
+        let lp = den
+            .log_probs(
+                &Tokens {
+                    batch: n,
+                    len: c.length,
+                    ids: vec![0; n * c.length],
+                },
+                Some(&eps),
+            )
+            .unwrap();
+        let score = |rows: &[u32]| -> f64 {
+            (0..n * c.length)
+                .map(|k| lp.data[k * c.vocab_size + rows[k] as usize] as f64)
+                .sum()
+        };
+        assert!(score(&pairs.x0.ids) >= score(&x0.ids));
+        // Each ε_i predicts one token; the optimum matches as many rows as the counts allow:
+        // Σ_c min(#ε predicting c, #rows of c).
+        let pred: Vec<usize> = (0..n)
+            .map(|b| {
+                (0..data_v)
+                    .find(|&k| lp.data[(b * c.length) * c.vocab_size + k] == 0.0)
+                    .unwrap()
+            })
+            .collect();
+        let best: usize = (0..data_v)
+            .map(|k| pred.iter().filter(|&&p| p == k).count().min(2))
+            .sum();
+        let hits = (0..n)
+            .filter(|&b| pairs.x0.ids[b * c.length] as usize == pred[b])
+            .count();
+        assert_eq!(hits, best, "predictions {pred:?}");
+    }
+}
