@@ -7,4 +7,5 @@ pub mod gelu;
 pub mod gemm;
 pub mod ln_modulate;
 pub mod residual;
+pub mod sample;
 pub mod subs;
