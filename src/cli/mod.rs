@@ -13,6 +13,7 @@ pub mod forward;
 pub mod info;
 pub mod init;
 pub mod probe;
+pub mod sample;
 
 /// Masked diffusion language models (MDLM, IMDM) with hand-written CUDA kernels.
 ///
@@ -38,8 +39,10 @@ pub enum Command {
     Forward(forward::ForwardArgs),
     /// Check the GPU: load the embedded PTX, run each kernel, compare with its CPU twin.
     Probe(probe::ProbeArgs),
-    /// GPU benchmarks: kernels, whole forward.
+    /// GPU benchmarks: kernels, whole forward, sampler steps.
     Bench(bench::BenchArgs),
+    /// Generate token ids (unconditional, prefix or infill) with the IMDM or MDLM sampler.
+    Sample(sample::SampleArgs),
 }
 
 /// Model configuration flags shared by the subcommands that build or check a config.
@@ -139,6 +142,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Forward(a) => forward::run(a),
         Command::Probe(a) => probe::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Sample(a) => sample::run(a),
     }
 }
 
