@@ -1,6 +1,7 @@
 //! Benchmarks shared by `imdm-engine bench` and `benches/`: every kernel at the DiT-small and
 //! DiT-large shapes, and whole forwards, reported beside the PyTorch figures of peers.md.
 
+pub mod sample;
 pub mod timing;
 
 use cudarc::driver::CudaSlice;

@@ -33,6 +33,20 @@ pub enum BenchWhat {
         #[arg(long, value_enum, default_value = "mdlm")]
         algo: Algo,
     },
+    /// The sampler: ms per step (forward + fused posterior/draw kernel) and samples/s for 8
+    /// and 32 steps (random weights, all-mask start), beside the PyTorch sample step.
+    Sample {
+        #[arg(long, value_enum, default_value = "small")]
+        preset: Preset,
+        #[arg(long, value_enum, default_value = "owt")]
+        shape: Shape,
+        /// Also time a whole run of this many steps.
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        /// imdm: IMDM model and posterior (V+1 categories); mdlm: MDLM model and posterior.
+        #[arg(long, value_enum, default_value = "imdm")]
+        algo: Algo,
+    },
 }
 
 fn write_json(path: &Option<PathBuf>, value: serde_json::Value) -> Result<()> {
@@ -82,6 +96,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
             write_json(
                 &a.json,
                 serde_json::json!({ "device": gpu.name(), "forward": r }),
+            )
+        }
+        BenchWhat::Sample {
+            preset,
+            shape,
+            steps,
+            algo,
+        } => {
+            if steps == 0 {
+                return Err(Error::Config("--steps must be at least 1".into()));
+            }
+            let r = bench::sample::sample(&gpu, preset, shape, algo, steps)?;
+            bench::sample::print(&r);
+            write_json(
+                &a.json,
+                serde_json::json!({ "device": gpu.name(), "sample": r }),
             )
         }
     }

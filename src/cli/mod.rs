@@ -16,12 +16,14 @@ pub mod info;
 pub mod init;
 pub mod probe;
 pub mod train;
+pub mod sample;
 
 /// Masked diffusion language models (MDLM, IMDM) with hand-written CUDA kernels.
 ///
 /// Implemented so far: model initialisation, checkpoint inspection, the CPU reference forward,
-/// the GPU probe, data preparation (text to token shards), CPU training and the synthetic
-/// experiment (`demo`). GPU training, sampling and distillation arrive with their own issues.
+/// the GPU probe, data preparation (text to token shards), CPU training, sampling (CPU, and GPU
+/// through the fused step kernel) and the synthetic experiment (`demo`). GPU training arrives
+/// with its own issue.
 #[derive(Parser, Debug)]
 #[command(name = "imdm-engine", version, about, long_about)]
 pub struct Cli {
@@ -42,13 +44,15 @@ pub enum Command {
     Forward(forward::ForwardArgs),
     /// Check the GPU: load the embedded PTX, run each kernel, compare with its CPU twin.
     Probe(probe::ProbeArgs),
-    /// GPU benchmarks: kernels, whole forward.
+    /// GPU benchmarks: kernels, whole forward, sampler steps.
     Bench(bench::BenchArgs),
     /// Train MDLM or IMDM (NELBO) into a resumable run directory (CPU for now).
     #[command(long_about = train::LONG_ABOUT)]
     Train(train::TrainArgs),
     /// Text data: tokenize a corpus into token shards, inspect prepared shards.
     Data(data::DataArgs),
+    /// Generate token ids (unconditional, prefix or infill) with the IMDM or MDLM sampler.
+    Sample(sample::SampleArgs),
 }
 
 /// Model configuration flags shared by the subcommands that build or check a config.
@@ -144,6 +148,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Train(a) => train::run(a),
         Command::Data(a) => data::run(a),
+        Command::Sample(a) => sample::run(a),
     }
 }
 

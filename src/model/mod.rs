@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dit;
 pub mod dit_ref;
+pub mod gpu_denoiser;
 pub mod init;
 pub mod params;
 

@@ -9,4 +9,5 @@ pub mod gemm;
 pub(crate) mod grad_check;
 pub mod ln_modulate;
 pub mod residual;
+pub mod sample;
 pub mod subs;

@@ -1,0 +1,643 @@
+//! The DiT on the GPU as the samplers see it, two ways:
+//!
+//! - [`GpuDenoiser`] implements [`Denoiser`]: a `GpuDit` forward with SUBS, log-probs
+//!   downloaded to the host, so the CPU driver (`diffusion::generate`) runs on the GPU model.
+//!   Every feature works this way (nucleus included), but each forward moves B·L·V f32 over
+//!   PCIe (6.6 GB at the OWT shape).
+//! - [`GpuDenoiser::generate`]: the fast path. Tokens, eps and log-probs stay on the device;
+//!   each step is the forward (only when the cache is empty) plus one fused `ops::sample`
+//!   launch that updates the tokens in place and writes a reset's fresh eps into the
+//!   workspace; only the step's (unmasks, resets) counters come back for the cache rule. It
+//!   returns exactly what `diffusion::generate` returns on the same `GpuDenoiser` (same tokens,
+//!   NFE and resets; eps is returned bf16-rounded, the precision the model sees), because the
+//!   kernel reproduces the CPU posterior and its Philox draws bit for bit. Nucleus filtering is
+//!   not on the device: use the first way when it is on.
+//!
+//! One deliberate reordering keeps the fast path fused: the CPU driver redraws a reset
+//! position's eps just before the next forward (step i+1), while the kernel writes it during
+//! step i, with the counters of step i+1. The two agree because a reset always drops the cache,
+//! so that forward always runs at step i+1; at the last step nothing is redrawn.
+//!
+//! The loop itself ([`drive`]) is shared with [`generate_twin`], which runs it with the
+//! kernel's CPU twin on any denoiser, so the loop is tested against the CPU driver without a
+//! GPU.
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::diffusion::schedule::alpha;
+use crate::diffusion::{Denoiser, NoiseRemoval, SampleOutput, SamplerConfig, SamplerKind};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::model::dit::{ForwardOpts, GpuDit, Keep, Workspace};
+use crate::model::{DitConfig, DitParams, NoiseType};
+use crate::ops::sample::{cpu as sample_cpu, sample_fwd_f32, SampleParams};
+use crate::tensor::{Tensor, Tokens};
+
+/// A DiT uploaded to the GPU with a workspace for the last (batch, len) it ran at.
+pub struct GpuDenoiser<'g> {
+    gpu: &'g Gpu,
+    model: GpuDit,
+    ws: Option<Workspace>,
+}
+
+impl<'g> GpuDenoiser<'g> {
+    /// Checks the configuration and uploads the weights.
+    pub fn new(gpu: &'g Gpu, params: &DitParams) -> Result<Self> {
+        params.config.validate()?;
+        Ok(GpuDenoiser {
+            gpu,
+            model: GpuDit::upload(gpu, params)?,
+            ws: None,
+        })
+    }
+
+    /// The inference workspace for (batch, len), reallocated (old one freed first) when the
+    /// shape changes.
+    fn workspace(&mut self, batch: usize, len: usize) -> Result<&mut Workspace> {
+        if !matches!(&self.ws, Some(w) if w.batch == batch && w.len == len) {
+            self.ws = None;
+            self.ws = Some(Workspace::new(
+                self.gpu,
+                &self.model.config,
+                batch,
+                len,
+                Keep::None,
+            )?);
+        }
+        Ok(self.ws.as_mut().expect("allocated above"))
+    }
+
+    /// The fast sampler: the same contract and result as `diffusion::generate` on this
+    /// denoiser (see the module doc), with everything on the device. Errors on nucleus
+    /// (`cfg.nucleus_p < 1`), which only the CPU posterior implements.
+    pub fn generate<R: Rng + ?Sized>(
+        &mut self,
+        cfg: &SamplerConfig,
+        x_t: &Tokens,
+        given_t: Option<&[f64]>,
+        eps_seeds: Option<&[i64]>,
+        rng: &mut R,
+    ) -> Result<SampleOutput> {
+        let model = self.model.config.clone();
+        let init = prepare(&model, cfg, x_t, given_t, eps_seeds, rng)?;
+        let (bsz, len) = (x_t.batch, x_t.len);
+        let gpu = self.gpu;
+        // Split borrows: the model is read while the workspace is written.
+        let ws = {
+            self.workspace(bsz, len)?;
+            self.ws.as_mut().expect("allocated")
+        };
+        ws.load_inputs(gpu, &x_t.ids, init.eps.as_ref())?;
+        let s = &gpu.stream;
+        let mut be = GpuBackend {
+            gpu,
+            model: &self.model,
+            ws,
+            cat: s.alloc_zeros(bsz * len)?,
+            counters: s.alloc_zeros(2)?,
+            alphas: s.alloc_zeros(2 * bsz)?,
+        };
+        let (nfe, resets) = drive(&mut be, &model, cfg, (bsz, len), &init.given_t)?;
+        let ids = s.clone_dtoh(&be.ws.tokens)?;
+        let eps = match &be.ws.eps {
+            Some(e) => {
+                let v: Vec<f32> = s.clone_dtoh(e)?.iter().map(|x| x.to_f32()).collect();
+                Some(Tensor::from_vec(&[bsz, len, model.noise_dim], v)?)
+            }
+            None => None,
+        };
+        Ok(SampleOutput {
+            tokens: Tokens {
+                batch: bsz,
+                len,
+                ids,
+            },
+            nfe,
+            resets,
+            eps,
+        })
+    }
+}
+
+impl Denoiser for GpuDenoiser<'_> {
+    fn config(&self) -> &DitConfig {
+        &self.model.config
+    }
+
+    fn log_probs(&mut self, xt: &Tokens, eps: Option<&Tensor>) -> Result<Tensor> {
+        let (bsz, len, v) = (xt.batch, xt.len, self.model.config.vocab_size);
+        if let Some((i, t)) = xt.ids.iter().enumerate().find(|(_, &t)| t as usize >= v) {
+            return Err(Error::Shape(format!(
+                "GPU denoiser: id {t} at flat index {i} is outside the vocabulary of {v}"
+            )));
+        }
+        let gpu = self.gpu;
+        self.workspace(bsz, len)?;
+        let ws = self.ws.as_mut().expect("allocated");
+        ws.load_inputs(gpu, &xt.ids, eps)?;
+        self.model.forward(gpu, ws, ForwardOpts::eval())?;
+        let lp = gpu.stream.clone_dtoh(&ws.log_probs)?;
+        Tensor::from_vec(&[bsz, len, v], lp)
+    }
+}
+
+/// The checked inputs of a run: per-row given_t and the initial eps.
+pub struct Prepared {
+    pub given_t: Vec<f64>,
+    pub eps: Option<Tensor>,
+}
+
+/// The checks and the initial eps of `diffusion::generate`, in the same order with the same
+/// messages (and, for unseeded rows, the same draws from `rng`), plus the device driver's own
+/// limit: no nucleus.
+pub fn prepare<R: Rng + ?Sized>(
+    model: &DitConfig,
+    cfg: &SamplerConfig,
+    x_t: &Tokens,
+    given_t: Option<&[f64]>,
+    eps_seeds: Option<&[i64]>,
+    rng: &mut R,
+) -> Result<Prepared> {
+    cfg.validate()?;
+    if cfg.filter().nucleus_on() {
+        return Err(Error::Config(format!(
+            "sampler: nucleus (p = {}) runs only in the CPU posterior; use diffusion::generate \
+             with a GpuDenoiser",
+            cfg.nucleus_p
+        )));
+    }
+    let (bsz, len, vocab) = (x_t.batch, x_t.len, model.vocab_size);
+    let mask = model.mask_index as u32;
+    if x_t.ids.len() != bsz * len {
+        return Err(Error::Shape(format!(
+            "sampler: x_t has {} ids for shape {bsz}x{len}",
+            x_t.ids.len()
+        )));
+    }
+    if let Some((i, t)) = x_t
+        .ids
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= vocab)
+    {
+        return Err(Error::Shape(format!(
+            "sampler: x_t id {t} at flat index {i} is outside the vocabulary of {vocab}"
+        )));
+    }
+    if bsz * len > u32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "sampler: B·L = {} exceeds the stream's 2^32 positions",
+            bsz * len
+        )));
+    }
+    let g: Vec<f64> = match given_t {
+        None => vec![1.0; bsz],
+        Some(g) if g.len() != bsz => {
+            return Err(Error::Shape(format!(
+                "sampler: given_t has {} entries for a batch of {bsz}",
+                g.len()
+            )))
+        }
+        Some(g) => g.to_vec(),
+    };
+    for (b, &gb) in g.iter().enumerate() {
+        let has_mask = x_t.ids[b * len..(b + 1) * len].contains(&mask);
+        if !(0.0..=1.0).contains(&gb) || (has_mask && gb == 0.0) {
+            return Err(Error::Config(format!(
+                "sampler: given_t[{b}] = {gb} must be in (0, 1] for a row with masked positions"
+            )));
+        }
+    }
+    let (nd, scale) = (model.noise_dim, model.noise_scale as f32);
+    let eps = if model.has_eps_mlp() {
+        Some(match eps_seeds {
+            Some(s) if s.len() != bsz => {
+                return Err(Error::Shape(format!(
+                    "sampler: {} eps seeds for a batch of {bsz}",
+                    s.len()
+                )))
+            }
+            Some(s) => crate::rng::seeded_eps(s, len, nd, model.noise_type, scale),
+            None => {
+                // The draws of `diffusion::sampler`'s unseeded eps, in the same order.
+                let data = (0..bsz * len * nd)
+                    .map(|_| match model.noise_type {
+                        NoiseType::Rand => (2.0 * rng.random::<f32>() - 1.0) * scale,
+                        NoiseType::Randn => {
+                            let z: f32 = StandardNormal.sample(rng);
+                            z * scale
+                        }
+                    })
+                    .collect();
+                Tensor::from_vec(&[bsz, len, nd], data)?
+            }
+        })
+    } else {
+        None
+    };
+    Ok(Prepared { given_t: g, eps })
+}
+
+/// Where [`drive`] runs: the GPU, or the kernel's CPU twin.
+pub trait StepBackend {
+    /// Runs the denoiser on the current tokens and eps and keeps its log-probs.
+    fn forward(&mut self) -> Result<()>;
+    /// One fused step on the kept log-probs with `alphas` (B, 2); returns (unmasks, resets).
+    fn step(&mut self, alphas: &[f64], p: &SampleParams) -> Result<[u32; 2]>;
+}
+
+/// The sampler loop of `diffusion::generate` on a [`StepBackend`]: forward when the cache is
+/// empty, one fused step, the cache dropped after any unmask or reset. Returns (NFE, resets).
+pub fn drive<B: StepBackend + ?Sized>(
+    be: &mut B,
+    model: &DitConfig,
+    cfg: &SamplerConfig,
+    (bsz, len): (usize, usize),
+    given_t: &[f64],
+) -> Result<(usize, usize)> {
+    let dims = (bsz, len, model.vocab_size, model.mask_index);
+    let (mut nfe, mut resets, mut cached) = (0usize, 0usize, false);
+    let mut alphas = vec![0f64; 2 * bsz];
+    for i in 0..cfg.steps {
+        let last = i + 1 == cfg.steps;
+        if !cached {
+            be.forward()?;
+            nfe += 1;
+            cached = true;
+        }
+        for (b, &g) in given_t.iter().enumerate() {
+            let (t, s) = cfg.step_times(i, g);
+            alphas[2 * b] = alpha(t);
+            alphas[2 * b + 1] = if last { 1.0 } else { alpha(s) };
+        }
+        let mut p = SampleParams::new(cfg.kind, dims, cfg.seed, i as u32)
+            .with_temperature(cfg.temperature)
+            .with_greedy(last && cfg.noise_removal == NoiseRemoval::Greedy);
+        if model.has_eps_mlp() {
+            // Only the IMDM posterior has a reset category.
+            let write = !cfg.fix_eps && !last && cfg.kind == SamplerKind::ImdmPosterior;
+            let scale = model.noise_scale as f32;
+            p = p.with_eps(model.noise_dim, model.noise_type, scale, write);
+        }
+        let [unmasks, step_resets] = be.step(&alphas, &p)?;
+        resets += step_resets as usize;
+        if unmasks + step_resets > 0 {
+            cached = false;
+        }
+    }
+    Ok((nfe, resets))
+}
+
+/// The device-resident state of [`GpuDenoiser::generate`].
+struct GpuBackend<'a> {
+    gpu: &'a Gpu,
+    model: &'a GpuDit,
+    ws: &'a mut Workspace,
+    cat: CudaSlice<u32>,
+    counters: CudaSlice<u32>,
+    alphas: CudaSlice<f64>,
+}
+
+impl StepBackend for GpuBackend<'_> {
+    fn forward(&mut self) -> Result<()> {
+        self.model.forward(self.gpu, self.ws, ForwardOpts::eval())
+    }
+
+    fn step(&mut self, alphas: &[f64], p: &SampleParams) -> Result<[u32; 2]> {
+        let s = &self.gpu.stream;
+        s.memcpy_htod(alphas, &mut self.alphas)?;
+        s.memset_zeros(&mut self.counters)?;
+        let ws = &mut *self.ws;
+        sample_fwd_f32(
+            self.gpu,
+            &mut ws.tokens,
+            &mut self.cat,
+            ws.eps.as_mut(),
+            &mut self.counters,
+            &ws.log_probs,
+            &self.alphas,
+            p,
+        )?;
+        let c = s.clone_dtoh(&self.counters)?;
+        Ok([c[0], c[1]])
+    }
+}
+
+/// [`drive`]'s state on the host, with the kernel's twin and any denoiser.
+struct TwinBackend<'d, D: ?Sized> {
+    den: &'d mut D,
+    x: Tokens,
+    eps: Option<Tensor>,
+    log_probs: Option<Tensor>,
+    cat: Vec<u32>,
+}
+
+impl<D: Denoiser + ?Sized> StepBackend for TwinBackend<'_, D> {
+    fn forward(&mut self) -> Result<()> {
+        let v = self.den.config().vocab_size;
+        let out = self.den.log_probs(&self.x, self.eps.as_ref())?;
+        out.expect_shape(
+            "sampler: denoiser log-probs",
+            &[self.x.batch, self.x.len, v],
+        )?;
+        self.log_probs = Some(out);
+        Ok(())
+    }
+
+    fn step(&mut self, alphas: &[f64], p: &SampleParams) -> Result<[u32; 2]> {
+        let lp = self.log_probs.as_ref().expect("forward ran first");
+        let mut counters = [0u32; 2];
+        sample_cpu::sample_fwd(
+            &mut self.x.ids,
+            &mut self.cat,
+            self.eps.as_mut().map(|e| e.data.as_mut_slice()),
+            &mut counters,
+            &lp.data,
+            alphas,
+            p,
+        )?;
+        Ok(counters)
+    }
+}
+
+/// [`GpuDenoiser::generate`]'s loop with the kernel's CPU twin on any denoiser: the same result
+/// as `diffusion::generate` (tested), so the device driver's logic is checked without a GPU.
+pub fn generate_twin<D: Denoiser + ?Sized, R: Rng + ?Sized>(
+    den: &mut D,
+    cfg: &SamplerConfig,
+    x_t: &Tokens,
+    given_t: Option<&[f64]>,
+    eps_seeds: Option<&[i64]>,
+    rng: &mut R,
+) -> Result<SampleOutput> {
+    let model = den.config().clone();
+    let init = prepare(&model, cfg, x_t, given_t, eps_seeds, rng)?;
+    let (bsz, len) = (x_t.batch, x_t.len);
+    let mut be = TwinBackend {
+        den,
+        x: x_t.clone(),
+        eps: init.eps,
+        log_probs: None,
+        cat: vec![0; bsz * len],
+    };
+    let (nfe, resets) = drive(&mut be, &model, cfg, (bsz, len), &init.given_t)?;
+    Ok(SampleOutput {
+        tokens: be.x,
+        nfe,
+        resets,
+        eps: be.eps,
+    })
+}
+
+/// bf16 rounding of every value (what the GPU model sees of an f32 eps).
+pub fn round_bf16(t: &Tensor) -> Tensor {
+    Tensor {
+        shape: t.shape.clone(),
+        data: t.data.iter().map(|&x| bf16::from_f32(x).to_f32()).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::CpuDenoiser;
+    use crate::diffusion::generate;
+    use crate::diffusion::toy::{toy_config, AllEqual, EpsToken, FixedMarginals};
+    use crate::gpu::gpu_for_tests;
+    use crate::model::init::random_params;
+    use crate::model::Algo;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    /// Sampler configurations covering every branch of the loop: both posteriors, one step,
+    /// many steps (cache hits), fix_eps, greedy removal, temperature, distinct seeds.
+    fn configs() -> Vec<SamplerConfig> {
+        let mut v = vec![];
+        for kind in [SamplerKind::ImdmPosterior, SamplerKind::MdlmPosterior] {
+            for (steps, fix_eps, greedy, temp) in [
+                (1, false, false, 1.0),
+                (3, false, false, 1.0),
+                (8, true, false, 1.0),
+                (16, false, true, 1.0),
+                (32, false, false, 0.8),
+                (5, true, true, 1.5),
+            ] {
+                v.push(SamplerConfig {
+                    kind,
+                    fix_eps,
+                    temperature: temp,
+                    noise_removal: if greedy {
+                        NoiseRemoval::Greedy
+                    } else {
+                        NoiseRemoval::Ancestral
+                    },
+                    seed: 1000 + steps as u64 + 7 * fix_eps as u64,
+                    ..SamplerConfig::new(steps)
+                });
+            }
+        }
+        v
+    }
+
+    /// All-mask rows, one row with a prefix and one with an infill gap.
+    fn start(batch: usize, len: usize, v: usize) -> Tokens {
+        let mask = (v - 1) as u32;
+        let mut ids = vec![mask; batch * len];
+        for (l, id) in ids.iter_mut().take(len.min(3)).enumerate() {
+            *id = (l % (v - 1)) as u32;
+        }
+        if batch > 1 && len > 2 {
+            ids[len + len - 1] = 1;
+        }
+        Tokens::new(batch, len, ids, v).unwrap()
+    }
+
+    fn same(a: &SampleOutput, b: &SampleOutput, tag: &str) {
+        assert_eq!(a.tokens, b.tokens, "{tag}: tokens");
+        assert_eq!((a.nfe, a.resets), (b.nfe, b.resets), "{tag}: (nfe, resets)");
+        assert_eq!(a.eps, b.eps, "{tag}: eps");
+    }
+
+    /// The device driver's loop (run with the twin) equals the CPU driver on toy denoisers
+    /// and a small random DiT, for every configuration: same tokens, NFE, resets and eps.
+    #[test]
+    fn twin_driver_matches_the_cpu_driver() {
+        let (len, v) = (5, 9);
+        let marg: Vec<Vec<f64>> = (0..len)
+            .map(|l| (0..v - 1).map(|k| ((k + l) % 4) as f64).collect())
+            .collect();
+        let mut dit_cfg = crate::model::DitConfig::minimini();
+        dit_cfg.vocab_size = 23;
+        dit_cfg.mask_index = 22;
+        dit_cfg.length = 6;
+        dit_cfg.noise_dim = 4;
+        let mut dens: Vec<(String, Box<dyn Denoiser>)> = vec![
+            (
+                "marginals".into(),
+                Box::new(FixedMarginals::new(
+                    toy_config(v, len, Algo::Imdm, 3),
+                    &marg,
+                )),
+            ),
+            (
+                "all-equal mdlm".into(),
+                Box::new(AllEqual::new(toy_config(v, len, Algo::Mdlm, 3))),
+            ),
+            (
+                "eps-token".into(),
+                Box::new(EpsToken::new(toy_config(v, len, Algo::Imdm, 3))),
+            ),
+        ];
+        for (algo, nt) in [
+            (Algo::Imdm, NoiseType::Randn),
+            (Algo::Mdlm, NoiseType::Rand),
+        ] {
+            let mut c = dit_cfg.clone();
+            (c.algo, c.noise_type) = (algo, nt);
+            let p = random_params(&c, 3);
+            dens.push((
+                format!("dit {algo:?}"),
+                Box::new(CpuDenoiser::new(p).unwrap()),
+            ));
+        }
+        let (mut resets, mut hits) = (0, 0);
+        for (name, den) in dens.iter_mut() {
+            let (v, len) = (den.config().vocab_size, den.config().length);
+            let x = start(3, len, v);
+            for (k, cfg) in configs().iter().enumerate() {
+                let tag = format!("{name} {:?} N={} case {k}", cfg.kind, cfg.steps);
+                let g = [1.0, 0.7, 0.35];
+                let seeds = [5, 6, 7];
+                let (gt, sd) = match k % 3 {
+                    0 => (None, Some(&seeds[..])),
+                    1 => (Some(&g[..]), Some(&seeds[..])),
+                    _ => (None, None), // unseeded: both draw eps from the same rng state
+                };
+                let mut r1 = ChaCha8Rng::seed_from_u64(k as u64);
+                let mut r2 = ChaCha8Rng::seed_from_u64(k as u64);
+                let want = generate(den.as_mut(), cfg, &x, gt, sd, &mut r1).unwrap();
+                let got = generate_twin(den.as_mut(), cfg, &x, gt, sd, &mut r2).unwrap();
+                same(&got, &want, &tag);
+                resets += want.resets;
+                hits += cfg.steps - want.nfe;
+            }
+        }
+        // The comparison covered resets and cache hits.
+        assert!(resets > 0 && hits > 0, "resets {resets}, cache hits {hits}");
+    }
+
+    #[test]
+    fn prepare_rejects_what_the_cpu_driver_rejects() {
+        let (len, v) = (3, 4);
+        let mut den = AllEqual::new(toy_config(v, len, Algo::Imdm, 2));
+        let c = SamplerConfig::new(2);
+        let x = start(2, len, v);
+        let bad_ids = Tokens {
+            batch: 1,
+            len,
+            ids: vec![0, 4, 3],
+        };
+        type Case = (SamplerConfig, Tokens, Option<Vec<f64>>, Option<Vec<i64>>);
+        let cases: Vec<Case> = vec![
+            (c.clone(), x.clone(), Some(vec![1.0]), None),
+            (c.clone(), x.clone(), Some(vec![1.0, 0.0]), None),
+            (c.clone(), x.clone(), Some(vec![1.0, 1.5]), None),
+            (c.clone(), x.clone(), None, Some(vec![1, 2, 3])),
+            (c.clone(), bad_ids, None, None),
+            (SamplerConfig::new(0), x.clone(), None, None),
+        ];
+        for (cfg, x, g, s) in cases {
+            let mut rng = ChaCha8Rng::seed_from_u64(0);
+            let want = generate(&mut den, &cfg, &x, g.as_deref(), s.as_deref(), &mut rng);
+            let got = generate_twin(&mut den, &cfg, &x, g.as_deref(), s.as_deref(), &mut rng);
+            let (want, got) = (want.unwrap_err().to_string(), got.unwrap_err().to_string());
+            assert_eq!(got, want);
+        }
+        // Nucleus: the CPU driver runs it, the device loop refuses with a pointer to it.
+        let nuc = SamplerConfig {
+            nucleus_p: 0.9,
+            ..c
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        assert!(generate(&mut den, &nuc, &x, None, None, &mut rng).is_ok());
+        let e = generate_twin(&mut den, &nuc, &x, None, None, &mut rng).unwrap_err();
+        assert!(e.to_string().contains("CPU posterior"), "{e}");
+    }
+
+    /// The small DiT configuration of the GPU tests (head dim 32, odd vocabulary).
+    fn gpu_test_config(algo: Algo, noise_type: NoiseType) -> DitConfig {
+        let mut c = DitConfig::minimini();
+        (c.vocab_size, c.mask_index, c.length, c.noise_dim) = (1001, 1000, 37, 16);
+        (c.algo, c.noise_type, c.noise_scale) = (algo, noise_type, 0.5);
+        c
+    }
+
+    /// The fast path against the CPU driver on the same GPU denoiser: identical tokens, NFE,
+    /// resets, and eps up to its bf16 rounding.
+    #[test]
+    fn gpu_generate_matches_the_cpu_driver_on_the_gpu_denoiser() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        for (algo, nt) in [
+            (Algo::Imdm, NoiseType::Rand),
+            (Algo::Imdm, NoiseType::Randn),
+            (Algo::Mdlm, NoiseType::Rand),
+        ] {
+            let c = gpu_test_config(algo, nt);
+            let mut den = GpuDenoiser::new(&gpu, &random_params(&c, 11)).unwrap();
+            for (batch, len) in [(3, 37), (1, 1), (2, 64)] {
+                let x = start(batch, len, c.vocab_size);
+                let seeds: Vec<i64> = (0..batch as i64).map(|b| 40 + b).collect();
+                let g: Vec<f64> = (0..batch).map(|b| 1.0 - 0.3 * b as f64).collect();
+                for (k, cfg) in configs().iter().enumerate() {
+                    let tag = format!(
+                        "{algo:?} {nt:?} {batch}x{len} {:?} N={}",
+                        cfg.kind, cfg.steps
+                    );
+                    let gt = (k % 2 == 1).then_some(&g[..]);
+                    let mut rng = ChaCha8Rng::seed_from_u64(0);
+                    let want = generate(&mut den, cfg, &x, gt, Some(&seeds), &mut rng).unwrap();
+                    let got = den.generate(cfg, &x, gt, Some(&seeds), &mut rng).unwrap();
+                    let want = SampleOutput {
+                        eps: want.eps.as_ref().map(round_bf16),
+                        ..want
+                    };
+                    same(&got, &want, &tag);
+                    let mask = c.mask_index as u32;
+                    assert!(!got.tokens.ids.contains(&mask), "{tag}: masks left");
+                }
+            }
+        }
+    }
+
+    /// Through the GPU denoiser, carried-over positions give log p = 0 at their token, and
+    /// the fast path refuses nucleus and bad inputs with the CPU driver's messages.
+    #[test]
+    fn gpu_denoiser_contract_and_errors() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        let c = gpu_test_config(Algo::Imdm, NoiseType::Rand);
+        let mut den = GpuDenoiser::new(&gpu, &random_params(&c, 2)).unwrap();
+        let x = start(2, 9, c.vocab_size);
+        let eps = crate::rng::seeded_eps(&[1, 2], 9, c.noise_dim, c.noise_type, 0.5);
+        let lp = den.log_probs(&x, Some(&eps)).unwrap();
+        assert_eq!(lp.shape, vec![2, 9, c.vocab_size]);
+        assert_eq!(
+            lp.data[c.vocab_size + 1],
+            0.0,
+            "carry-over of token 1 at position 1"
+        );
+        assert!(den.log_probs(&x, None).is_err(), "IMDM needs eps");
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let nuc = SamplerConfig {
+            nucleus_p: 0.5,
+            ..SamplerConfig::new(4)
+        };
+        assert!(den.generate(&nuc, &x, None, None, &mut rng).is_err());
+        let e = den
+            .generate(&SamplerConfig::new(4), &x, Some(&[1.0]), None, &mut rng)
+            .unwrap_err();
+        assert!(e.to_string().contains("given_t has 1 entries"), "{e}");
+    }
+}
