@@ -437,3 +437,34 @@ fn frozen_parameters_do_not_move() {
         .to_string();
     assert!(e.contains("frozen"), "{e}");
 }
+
+#[test]
+fn resume_refuses_a_configuration_that_changes_the_trajectory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(Algo::Imdm);
+    let cfg = train_cfg(4);
+    trainer(&m, &cfg, Some(tmp.path()))
+        .run(&mut LinearSoftmax)
+        .unwrap();
+    let (rd, rec) = RunDir::open(tmp.path()).unwrap();
+    let (src, val) = data::open(&cfg.data, &m, cfg.seed, cfg.eval_size).unwrap();
+    let changed = TrainConfig {
+        lr: 0.5,
+        ..rec.train.clone()
+    };
+    let e = Trainer::resume(changed, &m, rd, src, val)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("differs from the recorded one"), "{e}");
+    // Extending is recorded in config.json.
+    let (rd, rec) = RunDir::open(tmp.path()).unwrap();
+    let (src, val) = data::open(&cfg.data, &m, cfg.seed, cfg.eval_size).unwrap();
+    let longer = TrainConfig {
+        steps: 6,
+        ..rec.train
+    };
+    let mut t = Trainer::resume(longer, &m, rd, src, val).unwrap();
+    t.run(&mut LinearSoftmax).unwrap();
+    assert_eq!(RunDir::open(tmp.path()).unwrap().1.train.steps, 6);
+}

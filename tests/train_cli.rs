@@ -230,6 +230,23 @@ fn run_directory_layout_and_resume_rules() {
         out.contains("resuming") && out.contains("done: 8 steps"),
         "{out}"
     );
+    // A finished run resumed again does nothing; --steps below its step is refused.
+    let before = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+    let out = ok(&["--resume", ds, "--objective", "linear-softmax"]);
+    assert!(out.contains("done: 8 steps"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(d.join("metrics.jsonl")).unwrap(),
+        before
+    );
+    let e = fails(&[
+        "--resume",
+        ds,
+        "--steps",
+        "3",
+        "--objective",
+        "linear-softmax",
+    ]);
+    assert!(e.contains("--steps 3 is below the step 8"), "{e}");
 }
 
 #[test]

@@ -43,7 +43,7 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Train MDLM or IMDM (NELBO) into a resumable run directory (CPU for now).
     #[command(long_about = train::LONG_ABOUT)]
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
 }
 
 /// Model configuration flags shared by the subcommands that build or check a config.
@@ -143,7 +143,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Forward(a) => forward::run(a),
         Command::Probe(a) => probe::run(a),
         Command::Bench(a) => bench::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
     }
 }
 
