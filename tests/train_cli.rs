@@ -217,6 +217,7 @@ fn run_directory_layout_and_resume_rules() {
     let e = fails(&["--resume", ds, "--lr", "0.5", "--seed", "3"]);
     assert!(e.contains("--lr 0.5") && e.contains("--seed 3"), "{e}");
     assert!(fails(&["--resume", ds, "--preset", "tiny"]).contains("model flags"));
+    assert!(fails(&["--resume", ds, "--objective", "dit"]).contains("--objective"));
     // ...and accepts a longer run.
     let out = ok(&[
         "--resume",
@@ -230,6 +231,16 @@ fn run_directory_layout_and_resume_rules() {
         out.contains("resuming") && out.contains("done: 8 steps"),
         "{out}"
     );
+    // A finished run resumed again does nothing; --steps below its step is refused.
+    let before = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+    let out = ok(&["--resume", ds]);
+    assert!(out.contains("done: 8 steps"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(d.join("metrics.jsonl")).unwrap(),
+        before
+    );
+    let e = fails(&["--resume", ds, "--steps", "3"]);
+    assert!(e.contains("--steps 3 is below the step 8"), "{e}");
 }
 
 #[test]
@@ -404,13 +415,7 @@ fn sigkill_then_resume_equals_the_uninterrupted_run() {
     assert!(killed_at < 50, "killed at {killed_at}");
 
     let o = bin()
-        .args([
-            "train",
-            "--resume",
-            b.to_str().unwrap(),
-            "--objective",
-            "linear-softmax",
-        ])
+        .args(["train", "--resume", b.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

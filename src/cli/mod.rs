@@ -48,7 +48,7 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Train MDLM or IMDM (NELBO) into a resumable run directory (CPU for now).
     #[command(long_about = train::LONG_ABOUT)]
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Text data: tokenize a corpus into token shards, inspect prepared shards.
     Data(data::DataArgs),
     /// Generate token ids (unconditional, prefix or infill) with the IMDM or MDLM sampler.
@@ -146,7 +146,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Forward(a) => forward::run(a),
         Command::Probe(a) => probe::run(a),
         Command::Bench(a) => bench::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Data(a) => data::run(a),
         Command::Sample(a) => sample::run(a),
     }

@@ -175,8 +175,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub quiet: bool,
     /// What to optimise (testing aid; see the enum).
-    #[arg(long, value_enum, default_value = "dit", hide = true)]
-    pub objective: ObjectiveKind,
+    #[arg(long, value_enum, hide = true)]
+    pub objective: Option<ObjectiveKind>,
 }
 
 /// Parses `--data`.
@@ -405,7 +405,8 @@ fn resolve_resume(a: &TrainArgs, dir: &Path, rec: &RunConfig) -> Result<TrainCon
     if freeze != Freeze::default() && freeze != t.freeze {
         clash.push(format!("--freeze/--ln-tune (the run has {:?})", t.freeze));
     }
-    if a.objective != ObjectiveKind::from_recorded(&rec.objective)? {
+    let recorded = ObjectiveKind::from_recorded(&rec.objective)?;
+    if a.objective.is_some_and(|o| o != recorded) {
         clash.push(format!("--objective (the run has {})", rec.objective));
     }
     if !clash.is_empty() {
@@ -511,7 +512,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let params: DitParams = initial_params(&model, cfg.init.as_deref(), cfg.seed)?;
             let rec = RunConfig {
                 format: RUN_FORMAT.into(),
-                objective: a.objective.recorded().into(),
+                objective: a.objective.unwrap_or(ObjectiveKind::Dit).recorded().into(),
                 model: model.clone(),
                 train: cfg.clone(),
             };
@@ -528,7 +529,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     dir.display()
                 );
             }
-            (t, a.objective, model)
+            (t, a.objective.unwrap_or(ObjectiveKind::Dit), model)
         }
         (None, None) => {
             return Err(Error::Config(

@@ -138,13 +138,13 @@ impl LinearSoftmax {
                     .for_each(|(c, &e)| *c += e as f64 / l as f64);
             }
             gctx.fill(0.0);
-            for i in 0..l {
+            for (i, &xt) in row.iter().enumerate() {
                 let flat = b * l + i;
                 let w = batch.weight[flat] as f64;
                 if w == 0.0 {
                     continue;
                 }
-                let (xt, x0) = (row[i], batch.x0.ids[flat] as usize);
+                let x0 = batch.x0.ids[flat] as usize;
                 h.iter_mut()
                     .zip(emb(xt).iter().zip(&ctx))
                     .for_each(|(h, (&e, &c))| *h = e as f64 + c);

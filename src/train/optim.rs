@@ -253,13 +253,9 @@ mod tests {
                 p - lr1 * g / (g.abs() + 1e-8)
             })
             .collect();
-        for i in 0..4 {
+        for (i, want) in want1.iter().enumerate() {
             let got = p.embedding.data[i] as f64;
-            assert!(
-                (got - want1[i]).abs() < 1e-6,
-                "step 1 [{i}]: {got} vs {}",
-                want1[i]
-            );
+            assert!((got - want).abs() < 1e-6, "step 1 [{i}]: {got} vs {want}");
         }
         assert!((p.embedding.data[0] - (1.0 * 0.999 - 0.1)).abs() < 1e-6);
         opt.step(&mut p, &with_embedding(&c, &g2), lr2).unwrap();

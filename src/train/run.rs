@@ -192,6 +192,37 @@ impl RunDir {
         Ok((run, config))
     }
 
+    /// Records a changed training configuration (a resume that extends `steps` or changes
+    /// an interval) in `config.json`. Any other change would alter the trajectory and is
+    /// refused.
+    pub fn record_train_config(&self, train: &TrainConfig) -> Result<()> {
+        let path = self.root.join(CONFIG_FILE);
+        let mut rc: RunConfig = read_json(&path)?;
+        let free = |t: &TrainConfig| TrainConfig {
+            steps: 0,
+            log_every: 0,
+            eval_every: 0,
+            save_every: 0,
+            keep_checkpoints: 0,
+            ..t.clone()
+        };
+        if free(&rc.train) != free(train) {
+            return Err(Error::Config(format!(
+                "{}: the training configuration differs from the recorded one in more than \
+                 the step count and the intervals; recorded {:?}, given {:?}",
+                path.display(),
+                rc.train,
+                train
+            )));
+        }
+        if &rc.train != train {
+            rc.train = train.clone();
+            let js = serde_json::to_string_pretty(&rc).expect("config serialises");
+            write_file_atomic(&path, js.as_bytes())?;
+        }
+        Ok(())
+    }
+
     /// Test hook: the next checkpoint fails after writing `files` of its files.
     #[doc(hidden)]
     pub fn inject_checkpoint_failure(&mut self, files: usize) {

@@ -150,8 +150,9 @@ impl Trainer {
     }
 
     /// Continues the run in `run` from its latest checkpoint. `cfg` is the run's recorded
-    /// configuration (the step count may have been raised); `data` must be the source that
-    /// configuration describes (it is moved to the recorded position).
+    /// configuration; only the step count and the intervals may differ (the changes are
+    /// recorded in `config.json`). `data` must be the source that configuration describes
+    /// (it is moved to the recorded position).
     pub fn resume(
         cfg: TrainConfig,
         model: &DitConfig,
@@ -178,8 +179,15 @@ impl Trainer {
                 ),
             ));
         }
+        if cfg.steps < ld.state.step {
+            return Err(Error::Config(format!(
+                "--steps {} is below the step {} the run has already reached",
+                cfg.steps, ld.state.step
+            )));
+        }
         data.seek(ld.state.data_position)?;
         run.truncate_metrics_after(ld.state.step)?;
+        run.record_train_config(&cfg)?;
         let mut t = Self::assemble(
             cfg,
             ld.params,
@@ -465,9 +473,10 @@ impl Trainer {
 
     /// Trains until step `stop` (at most `cfg.steps`). Reaching `cfg.steps` ends the run:
     /// final validation and final checkpoint. Stopping earlier (tests: an interruption) does
-    /// neither.
+    /// neither, and so does a call that finds the run already complete.
     pub fn run_until(&mut self, obj: &mut dyn Objective, stop: u64) -> Result<Option<ValLog>> {
         let end = self.cfg.steps;
+        let first = self.step;
         self.last_report = (self.step, Instant::now());
         while self.step < stop.min(end) {
             let log = self.step(obj)?;
@@ -484,7 +493,7 @@ impl Trainer {
                 }
             }
         }
-        if self.step == end {
+        if self.step == end && self.step > first {
             if self.last_val.as_ref().is_none_or(|v| v.step != end) {
                 self.validate(obj)?;
             }
