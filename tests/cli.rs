@@ -112,9 +112,70 @@ fn bad_input_exits_non_zero_with_a_named_cause() {
     assert!(e.contains("huge"), "{e}");
 }
 
+/// A miniature of the whole experiment (seconds, not minutes): every stage runs, the table
+/// lists every model, and --out writes synthetic.json in the documented shape plus the plot.
 #[test]
-fn demo_is_honest_about_its_state() {
-    assert!(ok(&["demo"]).contains("not yet available"));
+fn demo_runs_every_stage_and_writes_its_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let text = ok(&[
+        "demo",
+        "--base-steps",
+        "6",
+        "--student-steps",
+        "4",
+        "--rounds",
+        "2",
+        "--pairs",
+        "256",
+        "--samples",
+        "16",
+        "--eval-steps",
+        "1,2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    for model in ["mdlm", "imdm", "mdm_redi", "imdm_redi_r1", "imdm_redi_r2"] {
+        assert!(text.contains(model), "table lacks {model}:\n{text}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("synthetic.json")).unwrap())
+            .unwrap();
+    for model in [
+        "mdlm",
+        "imdm",
+        "mdm_redi",
+        "imdm_redi",
+        "imdm_redi_r1",
+        "imdm_redi_r2",
+    ] {
+        for steps in ["1", "2"] {
+            let cell = &json[model][steps];
+            let em = cell["exact_match"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&em), "{model} {steps}: {cell}");
+            assert_eq!(
+                cell["samples"].as_u64(),
+                Some(16),
+                "{model} {steps}: {cell}"
+            );
+            let distinct = cell["distinct"].as_u64().unwrap();
+            assert!((1..=16).contains(&distinct), "{model} {steps}: {cell}");
+            assert!(
+                cell["tc"].as_f64().unwrap() >= 0.0,
+                "{model} {steps}: {cell}"
+            );
+        }
+    }
+    assert_eq!(json["config"]["vocab"].as_u64(), Some(64));
+    assert_eq!(json["config"]["length"].as_u64(), Some(8));
+    assert_eq!(json["config"]["rounds"].as_u64(), Some(2));
+    let png = std::fs::read(out.join("exact_match.png")).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+    // Bad flags name themselves.
+    let e = fails(&["demo", "--student-top-p", "0"]);
+    assert!(e.contains("--student-top-p"), "{e}");
+    let e = fails(&["demo", "--rounds", "0"]);
+    assert!(e.contains("round"), "{e}");
 }
 
 #[test]

@@ -53,6 +53,15 @@ pub struct DemoArgs {
     /// marginal) or `sample` (the reference: the source samples x0 with many steps).
     #[arg(long, value_enum)]
     pub coupling: Option<crate::distill::synthetic::Coupling>,
+    /// Rows per optimal-transport minibatch (--coupling ot).
+    #[arg(long)]
+    pub ot_batch: Option<usize>,
+    /// Width D of every model (heads stay at 4).
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// DiT blocks of every model.
+    #[arg(long)]
+    pub blocks: Option<usize>,
     /// Couplings generated per round.
     #[arg(long)]
     pub pairs: Option<usize>,
@@ -113,7 +122,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     set!(rounds => rounds, vocab => vocab, length => length, student_steps => student_steps,
          base_steps => base_steps, pairs => pairs, student_top_p => student_top_p,
          eval_steps => eval_steps, lr => lr, datagen_steps => datagen_steps,
-         coupling => coupling);
+         coupling => coupling, ot_batch => ot_batch, hidden => hidden, blocks => blocks);
     if let Some(n) = a.samples {
         cfg.eval.samples = n;
     }
