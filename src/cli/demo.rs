@@ -22,7 +22,7 @@ round k's student). Every model is sampled at 1, 2, 4, 8, 16 steps with fresh ep
 never those of the couplings. Prints a table of exact-match rates (distinct sequences);
 with --out DIR writes DIR/synthetic.json and DIR/exact_match.png.
 
-The default (V = 64, L = 8, a 2-block width-64 DiT) runs on the CPU in minutes.
+The default (V = 64, L = 8, a 2-block width-64 DiT, 12 rounds) runs on the CPU in minutes.
 --full is the reference configuration (V = 50,000, L = 10, the `synthetic` preset), meant
 for a GPU.";
 
@@ -33,7 +33,7 @@ pub struct DemoArgs {
     /// small CPU one.
     #[arg(long)]
     pub full: bool,
-    /// IM-ReDi rounds (default: 3 for the demo, 5 for --full).
+    /// IM-ReDi rounds (default: 12 for the demo, 5 for --full).
     #[arg(long)]
     pub rounds: Option<usize>,
     /// Data tokens V (the mask is appended).
@@ -53,6 +53,9 @@ pub struct DemoArgs {
     /// marginal) or `sample` (the reference: the source samples x0 with many steps).
     #[arg(long, value_enum)]
     pub coupling: Option<crate::distill::synthetic::Coupling>,
+    /// Share of coupling rows with a perturbed x_T (t ~ U(0,1]); the rest are all-mask.
+    #[arg(long)]
+    pub perturbed_frac: Option<f64>,
     /// Rows per optimal-transport minibatch (--coupling ot).
     #[arg(long)]
     pub ot_batch: Option<usize>,
@@ -122,7 +125,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     set!(rounds => rounds, vocab => vocab, length => length, student_steps => student_steps,
          base_steps => base_steps, pairs => pairs, student_top_p => student_top_p,
          eval_steps => eval_steps, lr => lr, datagen_steps => datagen_steps,
-         coupling => coupling, ot_batch => ot_batch, hidden => hidden, blocks => blocks);
+         coupling => coupling, ot_batch => ot_batch, perturbed_frac => perturbed_frac, hidden => hidden, blocks => blocks);
     if let Some(n) = a.samples {
         cfg.eval.samples = n;
     }

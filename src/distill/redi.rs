@@ -1,6 +1,6 @@
 //! IM-ReDi coupling generation (spec 6.2) and few-step evaluation of a generator.
 //!
-//! Datagen: for clean rows x0, draw t per row (`perturbed`: t ~ U(0, 1], else t = 1), mask each
+//! Datagen: for clean rows x0, draw t per row (a `perturbed_frac` share with t ~ U(0, 1], the rest t = 1), mask each
 //! token with probability 1 − α(t), draw a seed per row, and let the source model complete x_T
 //! with the sampler started from the seeded ε of that seed. The pair ((x_T, seed), x0_gen) is
 //! what the student learns to reproduce in one step.
@@ -24,7 +24,7 @@ use crate::diffusion::metrics::{
     conditional_total_correlation, distinct_sequences, exact_match_rate,
 };
 use crate::diffusion::schedule::alpha;
-use crate::diffusion::{generate, Denoiser, SamplerConfig, SamplerKind};
+use crate::diffusion::{generate, Denoiser, NoiseRemoval, SamplerConfig, SamplerKind};
 use crate::distill::Couplings;
 use crate::error::{Error, Result};
 use crate::model::Algo;
@@ -38,8 +38,9 @@ pub const EVAL_SEED_BASE: i64 = 1 << 40;
 pub struct DatagenConfig {
     /// Sampler steps of the source model (the reference uses 1024).
     pub steps: usize,
-    /// t ~ U(0, 1] per row (`reflow.perturbed_rect`); else every x_T is all-mask (t = 1).
-    pub perturbed: bool,
+    /// Fraction of rows with t ~ U(0, 1] (`reflow.perturbed_rect` = 1); the others are
+    /// all-mask (t = 1).
+    pub perturbed_frac: f64,
     /// Keep ε through resets (see the module doc).
     pub fix_eps: bool,
     /// Sampler temperature of the source (1 = the reference).
@@ -92,7 +93,7 @@ pub fn generate_couplings<D: Denoiser + ?Sized>(
         let mut ts = Vec::with_capacity(n);
         for row in xt.ids.chunks_mut(l) {
             // U(0, 1]: t = 0 would leave nothing to generate and a zero NELBO weight.
-            let t = if cfg.perturbed {
+            let t = if rng.random::<f64>() < cfg.perturbed_frac {
                 1.0 - rng.random::<f64>()
             } else {
                 1.0
@@ -154,11 +155,12 @@ pub struct EvalConfig {
 }
 
 /// Samples `den` from all-mask with fresh seeded ε (seeds from [`EVAL_SEED_BASE`]) at `steps`
-/// steps: exact-match rate and distinct count over `samples` rows, and the conditional total
+/// steps with the given noise removal (the reference's ancestral, or greedy = argmax): exact-match rate and distinct count over `samples` rows, and the conditional total
 /// correlation over `tc_groups` ε draws repeated `tc_dup` times each.
 pub fn evaluate<D: Denoiser + ?Sized>(
     den: &mut D,
     steps: usize,
+    removal: NoiseRemoval,
     cfg: &EvalConfig,
 ) -> Result<StepMetrics> {
     let model = den.config().clone();
@@ -178,6 +180,7 @@ pub fn evaluate<D: Denoiser + ?Sized>(
                 ids: vec![mask; chunk.len() * l],
             };
             let mut s = sampler_for(model.algo, steps);
+            s.noise_removal = removal;
             s.seed = cfg.seed ^ ((call << 32) + k as u64 + 1).wrapping_mul(0xD134_2543_DE82_EF95);
             let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
             let out = generate(den, &s, &xt, None, Some(chunk), &mut rng)?;
@@ -215,13 +218,13 @@ pub fn evaluate<D: Denoiser + ?Sized>(
 /// marginal exactly (every x0 is a real row, used once), so rectifying on them cannot collapse
 /// onto a few sequences, while each round makes x0 a sharper function of ε, which is what a
 /// one-step IMDM needs. This is the discrete analogue of minibatch-OT couplings for flow
-/// matching. With `perturbed`, the stored x_T masks the matched x0 at a random t (as IM-ReDi's
+/// matching. A `perturbed_frac` share of the stored x_T masks the matched x0 at a random t (as IM-ReDi's
 /// perturbed rectification does), so the student also keeps learning partially masked inputs.
 pub fn ot_couplings<D: Denoiser + ?Sized>(
     source: &mut D,
     x0: &Tokens,
     batch: usize,
-    perturbed: bool,
+    perturbed_frac: f64,
     seed: u64,
 ) -> Result<Couplings> {
     use pathfinding::kuhn_munkres::kuhn_munkres_min;
@@ -277,7 +280,7 @@ pub fn ot_couplings<D: Denoiser + ?Sized>(
         let (_, sigma) = kuhn_munkres_min(&cost);
         for (i, &j) in sigma.iter().enumerate() {
             let target = &rows[j * l..(j + 1) * l];
-            let t = if perturbed {
+            let t = if rng.random::<f64>() < perturbed_frac {
                 1.0 - rng.random::<f64>()
             } else {
                 1.0
@@ -342,7 +345,7 @@ mod tests {
             ids,
         };
         let mut den = EpsArgmax(c.clone());
-        let pairs = ot_couplings(&mut den, &x0, n, false, 3).unwrap();
+        let pairs = ot_couplings(&mut den, &x0, n, 0.0, 3).unwrap();
         // Same multiset of rows as the data.
         let mut got: Vec<&[u32]> = pairs.x0.ids.chunks(c.length).collect();
         let mut want: Vec<&[u32]> = x0.ids.chunks(c.length).collect();

@@ -29,6 +29,7 @@ use crate::cpu::{CpuDenoiser, TrainOpts};
 use crate::diffusion::noising::nelbo_batch;
 use crate::diffusion::schedule::antithetic_times;
 use crate::diffusion::LossBatch;
+use crate::diffusion::NoiseRemoval;
 use crate::distill::fit::Fitter;
 use crate::distill::redi::{
     evaluate, generate_couplings, ot_couplings, DatagenConfig, EvalConfig, StepMetrics,
@@ -80,8 +81,11 @@ pub struct SyntheticConfig {
     pub ot_batch: usize,
     /// Sampler steps of coupling generation.
     pub datagen_steps: usize,
-    /// Perturbed x_T (t ~ U(0, 1]) instead of all-mask.
-    pub perturbed: bool,
+    /// Fraction of coupling rows whose x_T is perturbed (t ~ U(0, 1], masking at α(t)); the
+    /// others are all-mask (t = 1), the state a one-step sampler starts from. The reference
+    /// perturbs every row (`reflow.perturbed_rect`), which at L = 8 leaves almost no row fully
+    /// masked.
+    pub perturbed_frac: f64,
     /// Keep ε through resets during datagen.
     pub fix_eps: bool,
     /// Nucleus mass of datagen from an IMDM student (round ≥ 2); ≥ 1 = off (the reference),
@@ -105,7 +109,7 @@ impl SyntheticConfig {
             blocks: 2,
             noise_dim: 32,
             base_steps: 400,
-            student_steps: 300,
+            student_steps: 600,
             batch: 64,
             lr: 3e-3,
             warmup: 50,
@@ -113,10 +117,10 @@ impl SyntheticConfig {
             coupling: Coupling::Ot,
             ot_batch: 256,
             datagen_steps: 16,
-            perturbed: true,
+            perturbed_frac: 0.5,
             fix_eps: true,
             student_top_p: 1e-6,
-            rounds: 3,
+            rounds: 12,
             eval_steps: vec![1, 2, 4, 8, 16],
             eval: EvalConfig {
                 samples: 1000,
@@ -193,6 +197,8 @@ pub type Results = BTreeMap<String, BTreeMap<String, StepMetrics>>;
 pub struct SyntheticReport {
     pub config: SyntheticConfig,
     pub results: Results,
+    /// model -> one-step metrics with greedy noise removal.
+    pub greedy_1step: BTreeMap<String, StepMetrics>,
     /// Final training loss of each model (mean of the last 20 steps).
     pub final_loss: BTreeMap<String, f64>,
     pub seconds: f64,
@@ -295,13 +301,13 @@ fn eval_model(
     cfg: &SyntheticConfig,
     params: &DitParams,
     name: &str,
-    results: &mut Results,
+    (results, greedy): (&mut Results, &mut BTreeMap<String, StepMetrics>),
     prog: &mut dyn Progress,
 ) -> Result<()> {
     let mut den = CpuDenoiser::new(params.clone())?;
     let mut row = BTreeMap::new();
     for &n in &cfg.eval_steps {
-        let m = evaluate(&mut den, n, &cfg.eval)?;
+        let m = evaluate(&mut den, n, NoiseRemoval::Ancestral, &cfg.eval)?;
         prog.stage(&format!(
             "  eval {name:<14} {n:>3} steps: exact-match {:.4}  distinct {:>5}/{}  tc {:.2} bits",
             m.exact_match, m.distinct, m.samples, m.tc
@@ -309,6 +315,14 @@ fn eval_model(
         row.insert(n.to_string(), m);
     }
     results.insert(name.to_string(), row);
+    // One step with greedy noise removal (argmax per position): deterministic given ε, so
+    // any diversity must come from ε. An MDM collapses to one sequence here.
+    let g = evaluate(&mut den, 1, NoiseRemoval::Greedy, &cfg.eval)?;
+    prog.stage(&format!(
+        "  eval {name:<14}   1 greedy: exact-match {:.4}  distinct {:>5}/{}  tc {:.2} bits",
+        g.exact_match, g.distinct, g.samples, g.tc
+    ));
+    greedy.insert(name.to_string(), g);
     Ok(())
 }
 
@@ -325,11 +339,11 @@ fn datagen(
     let mut den = CpuDenoiser::new(source.clone())?;
     if cfg.coupling == Coupling::Ot {
         let seed = cfg.seed ^ (0x07_0000 + round as u64);
-        return ot_couplings(&mut den, &x0, cfg.ot_batch, cfg.perturbed, seed);
+        return ot_couplings(&mut den, &x0, cfg.ot_batch, cfg.perturbed_frac, seed);
     }
     let dg = DatagenConfig {
         steps: cfg.datagen_steps,
-        perturbed: cfg.perturbed,
+        perturbed_frac: cfg.perturbed_frac,
         fix_eps: cfg.fix_eps,
         temperature: 1.0,
         top_p,
@@ -348,6 +362,7 @@ pub fn run(
     cfg.validate()?;
     let start = Instant::now();
     let mut results = Results::new();
+    let mut greedy = BTreeMap::new();
     let mut final_loss = BTreeMap::new();
     let s = cfg.seed;
 
@@ -360,7 +375,7 @@ pub fn run(
         prog,
     )?;
     final_loss.insert("mdlm".into(), l);
-    eval_model(cfg, &teacher, "mdlm", &mut results, prog)?;
+    eval_model(cfg, &teacher, "mdlm", (&mut results, &mut greedy), prog)?;
 
     prog.stage("2/5 training a plain IMDM on the data");
     let (imdm, l) = train_on_data(
@@ -371,7 +386,7 @@ pub fn run(
         prog,
     )?;
     final_loss.insert("imdm".into(), l);
-    eval_model(cfg, &imdm, "imdm", &mut results, prog)?;
+    eval_model(cfg, &imdm, "imdm", (&mut results, &mut greedy), prog)?;
 
     prog.stage(&format!(
         "3/5 round-1 couplings from the teacher ({:?})",
@@ -382,7 +397,7 @@ pub fn run(
     prog.stage("4/5 MDM student on the round-1 couplings");
     let (mdm, l) = train_on_couplings(cfg, teacher.clone(), &pairs, "mdm_redi", s + 3, prog)?;
     final_loss.insert("mdm_redi".into(), l);
-    eval_model(cfg, &mdm, "mdm_redi", &mut results, prog)?;
+    eval_model(cfg, &mdm, "mdm_redi", (&mut results, &mut greedy), prog)?;
 
     prog.stage("5/5 IM-ReDi rounds");
     let mut student = graft_eps_mlp(cfg, &teacher, s + 4);
@@ -396,13 +411,14 @@ pub fn run(
         let (p, l) = train_on_couplings(cfg, student, &pairs, &name, s + 10 + k as u64, prog)?;
         student = p;
         final_loss.insert(name.clone(), l);
-        eval_model(cfg, &student, &name, &mut results, prog)?;
+        eval_model(cfg, &student, &name, (&mut results, &mut greedy), prog)?;
     }
     let last = results[&format!("imdm_redi_r{}", cfg.rounds)].clone();
     results.insert("imdm_redi".into(), last);
     let report = SyntheticReport {
         config: cfg.clone(),
         results,
+        greedy_1step: greedy,
         final_loss,
         seconds: start.elapsed().as_secs_f64(),
     };
@@ -429,6 +445,10 @@ pub fn write_outputs(report: &SyntheticReport, dir: &Path) -> Result<()> {
                            "coupling": c.coupling,
                            "experiment": c, "seconds": report.seconds,
                            "final_loss": report.final_loss}),
+    );
+    json.insert(
+        "greedy_1step".into(),
+        serde_json::to_value(&report.greedy_1step).expect("plain data"),
     );
     let path = dir.join("synthetic.json");
     let tmp = dir.join("synthetic.json.tmp");
@@ -497,11 +517,17 @@ pub fn table(report: &SyntheticReport) -> String {
                 .unwrap_or_default();
             s += &format!("{cell:>18}");
         }
-        s += "\n";
+        let g = report
+            .greedy_1step
+            .get(m)
+            .map(|x| format!("{:.3} ({})", x.exact_match, x.distinct))
+            .unwrap_or_default();
+        s += &format!("{g:>18}\n");
     }
     s += &format!(
-        "cells: exact-match rate (distinct sequences among {} samples); MDM floor at 1 step \
-         V^-(L-1) = {floor:.1e}\n",
+        "cells: exact-match rate (distinct sequences among {} samples), reference sampler \
+         (ancestral noise removal); last column: 1 step with greedy noise removal (argmax, so \
+         distinct sequences can only come from eps). MDM floor at 1 step V^-(L-1) = {floor:.1e}\n",
         report.config.eval.samples
     );
     s
