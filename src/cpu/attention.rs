@@ -134,7 +134,7 @@ pub fn attention_fwd<T: Real>(qkv: &[T], s: &AttnShape, out: &mut [T]) -> AttnSa
                 if cap_on {
                     let cg = &mut cb[h * ll..(h + 1) * ll];
                     for (v, g) in p.iter_mut().zip(cg) {
-                        let t = (*v / cap).tanh();
+                        let t = (*v / cap).tanh_fast();
                         *v = cap * t;
                         *g = T::one() - t * t;
                     }

@@ -149,6 +149,30 @@ fn activation_grads_match_fd_and_forwards_match_dit_ref() {
     }
 }
 
+/// The f32 rational tanh against f64 tanh: within 4 ulp of 1 in absolute terms everywhere
+/// and 4 ulp relative near 0, odd, and within 2 ulp of ±1 (never beyond) far out.
+#[test]
+fn rational_tanh_is_accurate() {
+    let (mut max_abs, mut max_rel) = (0f64, 0f64);
+    for i in -200_000..=200_000 {
+        let x = i as f32 * 5e-5;
+        let (got, want) = (crate::cpu::tanh_rational(x) as f64, (x as f64).tanh());
+        max_abs = max_abs.max((got - want).abs());
+        if x != 0.0 {
+            max_rel = max_rel.max(((got - want) / want).abs());
+        }
+        assert_eq!(crate::cpu::tanh_rational(-x), -crate::cpu::tanh_rational(x));
+    }
+    assert!(
+        max_abs < 4.0 * f32::EPSILON as f64 && max_rel < 4.0 * f32::EPSILON as f64,
+        "abs {max_abs:e} rel {max_rel:e}"
+    );
+    for x in [30.0f32, 1e30, f32::INFINITY] {
+        let t = crate::cpu::tanh_rational(x);
+        assert!(t <= 1.0 && 1.0 - t <= 2.0 * f32::EPSILON, "tanh({x}) = {t}");
+    }
+}
+
 #[test]
 fn rope_backward_matches_fd() {
     let (batch, len, heads, hd) = (2, 3, 2, 4);
