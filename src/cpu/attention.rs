@@ -16,7 +16,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::gemm::{gemm, Mat};
-use crate::cpu::Real;
+use crate::cpu::{Buf, Real};
 use crate::model::params::inv_freq;
 
 /// Rotary table for positions 0..L: cos and sin of `pos·inv_freq_i`, (L, hd/2) each, computed
@@ -92,11 +92,11 @@ impl AttnShape {
 
 /// What the attention backward needs besides qkv.
 #[derive(Clone, Debug, Default)]
-pub struct AttnSaved<T> {
+pub struct AttnSaved<T: Real> {
     /// (B, H, L, L) softmax probabilities (exact zeros above the diagonal when causal)
-    pub probs: Vec<T>,
+    pub probs: Buf<T>,
     /// (B, H, L, L) `1 − tanh²(S/c)`, the softcap's derivative; softcap on only
-    pub cap_grad: Option<Vec<T>>,
+    pub cap_grad: Option<Buf<T>>,
 }
 
 /// Attention over rotated `qkv` (B·L, 3D) into `out` (B·L, D).
@@ -105,8 +105,8 @@ pub fn attention_fwd<T: Real>(qkv: &[T], s: &AttnShape, out: &mut [T]) -> AttnSa
     let ll = l * l;
     let cap_on = s.softcap > 0.0;
     let mut saved = AttnSaved {
-        probs: vec![T::zero(); s.batch * s.heads * ll],
-        cap_grad: cap_on.then(|| vec![T::zero(); s.batch * s.heads * ll]),
+        probs: Buf::scratch(s.batch * s.heads * ll),
+        cap_grad: cap_on.then(|| Buf::scratch(s.batch * s.heads * ll)),
     };
     let scale = T::lit(1.0 / (hd as f64).sqrt());
     let cap = T::lit(s.softcap);

@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::gemm::{gemm, Mat};
-use crate::cpu::Real;
+use crate::cpu::{Buf, Real};
 use crate::rng::philox4x32_10;
 
 /// LayerNorm epsilon (spec 2.3).
@@ -93,11 +93,11 @@ pub fn linear_bwd<T: Real>(
 
 /// What the LayerNorm backward needs: the normalised input and the reciprocal std per row.
 #[derive(Clone, Debug, Default)]
-pub struct LnSaved<T> {
+pub struct LnSaved<T: Real> {
     /// (rows, D) `(x - mean)·rstd`
-    pub xhat: Vec<T>,
+    pub xhat: Buf<T>,
     /// (rows) `1/sqrt(var + eps)`, biased variance
-    pub rstd: Vec<T>,
+    pub rstd: Buf<T>,
 }
 
 /// `y = (x̂ ⊙ w)·(1 + scale) + shift` per row of width D = `w.len()`, with `x̂` the LayerNorm of
@@ -114,8 +114,8 @@ pub fn ln_mod_fwd<T: Real>(
     // y = x̂·a + b with per-column a = w(1+scale), b = shift.
     let (a, b) = ln_coefficients(w, mods);
     let mut s = LnSaved {
-        xhat: vec![T::zero(); rows * d],
-        rstd: vec![T::zero(); rows],
+        xhat: Buf::scratch(rows * d),
+        rstd: Buf::scratch(rows),
     };
     let (inv_d, eps) = (T::one() / T::lit(d as f64), T::lit(LN_EPS));
     x.par_chunks(d)
@@ -263,10 +263,10 @@ pub fn map_bwd<T: Real>(x: &[T], d: &mut [T], grad: impl Fn(T) -> T + Sync) {
 /// Per-element dropout factors of one branch call: `1/(1-p)` (an f32 division, as in the kernel)
 /// where `rng::dropout_keep(seed, offset, i, p)` keeps element i, else 0; i = 0..n is the flat
 /// index `r·D + j` of the (rows, D) branch. One Philox call serves four elements, as on the GPU.
-pub fn dropout_factors<T: Real>(seed: u64, offset: u64, p: f32, n: usize) -> Vec<T> {
+pub fn dropout_factors<T: Real>(seed: u64, offset: u64, p: f32, n: usize) -> Buf<T> {
     let scale = T::of_f32(1.0f32 / (1.0 - p));
     let key = [seed as u32, (seed >> 32) as u32];
-    let mut out = vec![T::zero(); n];
+    let mut out = Buf::scratch(n);
     // Chunks of a multiple of 4 elements start on a Philox group boundary.
     const CHUNK: usize = 4096;
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, ch)| {

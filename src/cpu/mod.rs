@@ -9,6 +9,7 @@
 //!   with adaLN modulation, GELUs, SiLU, gated residual with Philox dropout, embedding).
 //! - [`attention`]: rotate-half rotary and softmax attention (softcap, causal), with backward.
 //! - [`loss`]: the SUBS log-softmax, fused with the weighted cross-entropy and its gradient.
+//! - [`Buf`] (`pool`): activation buffers recycled across steps (page faults were ~15%).
 //! - `weights`: typed views of [`DitParams`] (borrowed for f32) and gradient buffers.
 //! - `dit`: the whole model: forward keeping per-block activations, backward to every parameter.
 //! - [`CpuDenoiser`]: the samplers' [`crate::diffusion::Denoiser`] on this backend.
@@ -40,6 +41,7 @@ mod dit;
 pub mod gemm;
 pub mod layers;
 pub mod loss;
+mod pool;
 mod weights;
 
 #[cfg(test)]
@@ -50,6 +52,7 @@ mod tests_layers;
 mod tests_model;
 
 pub use denoiser::CpuDenoiser;
+pub use pool::{free_cached_buffers, Buf};
 
 /// Floating-point type the CPU backend computes in (f32 or f64).
 pub trait Real:
@@ -64,6 +67,7 @@ pub trait Real:
     + Display
     + Send
     + Sync
+    + pool::Pooled
     + 'static
 {
     /// `x` rounded to `Self`.

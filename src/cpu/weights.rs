@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 
-use crate::cpu::Real;
+use crate::cpu::{Buf, Real};
 use crate::error::{Error, Result};
 use crate::model::params::{Linear, TIME_FEATURES};
 use crate::model::DitParams;
@@ -36,6 +36,10 @@ impl<'a, T: Real> Lin<'a, T> {
             inp: self.inp,
         }
     }
+    fn recycle(self) {
+        give(self.w);
+        self.b.map(give);
+    }
     fn add_into(&self, l: &mut Linear) {
         T::add_into_f32(&mut l.weight.data, &self.w);
         if let (Some(dst), Some(src)) = (l.bias.as_mut(), self.b.as_ref()) {
@@ -56,7 +60,14 @@ impl<'a, T: Real> Lin<'a, T> {
 }
 
 fn zeros<T: Real>(n: usize) -> Cow<'static, [T]> {
-    Cow::Owned(vec![T::zero(); n])
+    Cow::Owned(Buf::zeros(n).into_vec())
+}
+
+/// Hands an owned buffer back to the pool.
+fn give<T: Real>(c: Cow<'_, [T]>) {
+    if let Cow::Owned(v) = c {
+        drop(Buf::from_vec(v));
+    }
 }
 
 /// One block.
@@ -146,6 +157,25 @@ impl<'a, T: Real> Weights<'a, T> {
             final_linear: self.final_linear.zeros_like(),
             final_adaln: self.final_adaln.as_ref().map(Lin::zeros_like),
         }
+    }
+
+    /// Returns every owned buffer (gradients, f64 copies) to the pool for the next step.
+    pub fn recycle(self) {
+        give(self.embedding);
+        for (a, b) in self.eps_mlp.into_iter().chain(self.sigma_map) {
+            a.recycle();
+            b.recycle();
+        }
+        for b in self.blocks {
+            give(b.norm1);
+            give(b.norm2);
+            for l in [b.qkv, b.out, b.fc1, b.fc2].into_iter().chain(b.adaln) {
+                l.recycle();
+            }
+        }
+        give(self.final_norm);
+        self.final_linear.recycle();
+        self.final_adaln.map(Lin::recycle);
     }
 
     /// `g += self` (rounded to f32); `g` must have been checked with [`check_shapes`].
