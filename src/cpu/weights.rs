@@ -38,7 +38,9 @@ impl<'a, T: Real> Lin<'a, T> {
     }
     fn recycle(self) {
         give(self.w);
-        self.b.map(give);
+        if let Some(b) = self.b {
+            give(b);
+        }
     }
     fn add_into(&self, l: &mut Linear) {
         T::add_into_f32(&mut l.weight.data, &self.w);
@@ -175,7 +177,9 @@ impl<'a, T: Real> Weights<'a, T> {
         }
         give(self.final_norm);
         self.final_linear.recycle();
-        self.final_adaln.map(Lin::recycle);
+        if let Some(l) = self.final_adaln {
+            l.recycle();
+        }
     }
 
     /// `g += self` (rounded to f32); `g` must have been checked with [`check_shapes`].
