@@ -16,6 +16,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::gemm::{gemm, Mat};
+use crate::cpu::layers::{dot, sum};
 use crate::cpu::{Buf, Real};
 use crate::model::params::inv_freq;
 
@@ -60,13 +61,14 @@ pub fn rope_apply<T: Real>(qkv: &mut [T], rope: &Rope<T>, len: usize, heads: usi
             &rope.cos[pos * half..(pos + 1) * half],
             &rope.sin[pos * half..(pos + 1) * half],
         );
+        // The inverse rotation is the same one with sin negated.
+        let sign = if inverse { -T::one() } else { T::one() };
         for x in r[..2 * d].chunks_exact_mut(hd) {
             let (x1, x2) = x.split_at_mut(half);
-            for i in 0..half {
-                let s = if inverse { -sin[i] } else { sin[i] };
-                let (a, b) = (x1[i], x2[i]);
-                x1[i] = a * cos[i] - b * s;
-                x2[i] = b * cos[i] + a * s;
+            for ((a, b), (&c, &s)) in x1.iter_mut().zip(x2.iter_mut()).zip(cos.iter().zip(sin)) {
+                let (u, v, s) = (*a, *b, s * sign);
+                *a = u * c - v * s;
+                *b = v * c + u * s;
             }
         }
     });
@@ -142,12 +144,8 @@ pub fn attention_fwd<T: Real>(qkv: &[T], s: &AttnShape, out: &mut [T]) -> AttnSa
                 for (i, row) in p.chunks_exact_mut(l).enumerate() {
                     let n = if s.causal { i + 1 } else { l };
                     let m = row[..n].iter().copied().fold(T::neg_infinity(), T::max);
-                    let mut z = T::zero();
-                    for v in &mut row[..n] {
-                        *v = (*v - m).exp();
-                        z += *v;
-                    }
-                    let inv = T::one() / z;
+                    row[..n].iter_mut().for_each(|v| *v = (*v - m).exp_fast());
+                    let inv = T::one() / sum(&row[..n]);
                     row[..n].iter_mut().for_each(|v| *v *= inv);
                     row[n..].iter_mut().for_each(|v| *v = T::zero());
                 }
@@ -208,10 +206,10 @@ pub fn attention_bwd<T: Real>(
                     l,
                 );
                 for (pr, dr) in p.chunks_exact(l).zip(ds.chunks_exact_mut(l)) {
-                    let dot = pr.iter().zip(dr.iter()).map(|(&a, &b)| a * b).sum::<T>();
+                    let pd = dot(pr, dr);
                     dr.iter_mut()
                         .zip(pr)
-                        .for_each(|(g, &pv)| *g = pv * (*g - dot));
+                        .for_each(|(g, &pv)| *g = pv * (*g - pd));
                 }
                 if let Some(cg) = &saved.cap_grad {
                     let cg = &cg[b * hll + h * ll..][..ll];

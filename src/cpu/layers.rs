@@ -14,6 +14,43 @@ use crate::rng::philox4x32_10;
 /// LayerNorm epsilon (spec 2.3).
 pub const LN_EPS: f64 = 1e-5;
 
+/// `Σ x` in a fixed order with 8 interleaved partial sums: LLVM vectorises it (a serial float
+/// sum cannot be reordered), and it is no less accurate.
+#[inline]
+pub fn sum<T: Real>(x: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += c[k];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for &v in rest {
+        s += v;
+    }
+    s
+}
+
+/// `Σ a ⊙ b` in the order of [`sum`].
+#[inline]
+pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (&x, &y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
 /// `acc[j] += Σ_r x[r, j]` over rows of width `d`, in row order.
 pub fn col_sum_into<T: Real>(x: &[T], d: usize, acc: &mut [T]) {
     for r in x.chunks_exact(d) {
@@ -123,14 +160,13 @@ pub fn ln_mod_fwd<T: Real>(
         .zip(s.xhat.par_chunks_mut(d))
         .zip(s.rstd.par_iter_mut())
         .for_each(|(((xr, yr), xh), rs)| {
-            let mean = xr.iter().copied().sum::<T>() * inv_d;
-            let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() * inv_d;
-            let r = T::one() / (var + eps).sqrt();
+            let mean = sum(xr) * inv_d;
+            xh.iter_mut().zip(xr).for_each(|(h, &v)| *h = v - mean);
+            let r = T::one() / (dot(xh, xh) * inv_d + eps).sqrt();
             *rs = r;
-            for j in 0..d {
-                let z = (xr[j] - mean) * r;
-                xh[j] = z;
-                yr[j] = z * a[j] + b[j];
+            for ((y, h), (&a, &b)) in yr.iter_mut().zip(xh.iter_mut()).zip(a.iter().zip(&b)) {
+                *h *= r;
+                *y = *h * a + b;
             }
         });
     s
@@ -164,28 +200,35 @@ pub fn ln_mod_bwd<T: Real>(
     let d = w.len();
     let (a, _) = ln_coefficients(w, mods);
     let inv_d = T::one() / T::lit(d as f64);
-    dy.par_chunks(d)
-        .zip(saved.xhat.par_chunks(d))
-        .zip(saved.rstd.par_iter())
-        .zip(dx.par_chunks_mut(d))
-        .for_each(|(((g, xh), &r), dxr)| {
-            let (mut m1, mut m2) = (T::zero(), T::zero());
-            for j in 0..d {
-                let gj = g[j] * a[j];
-                m1 += gj;
-                m2 += gj * xh[j];
-            }
-            let (m1, m2) = (m1 * inv_d, m2 * inv_d);
-            for j in 0..d {
-                dxr[j] += r * (g[j] * a[j] - m1 - xh[j] * m2);
+    // Rows in chunks, so that each task reuses one scratch row for g = dy ⊙ a.
+    const ROWS: usize = 64;
+    dy.par_chunks(d * ROWS)
+        .zip(saved.xhat.par_chunks(d * ROWS))
+        .zip(saved.rstd.par_chunks(ROWS))
+        .zip(dx.par_chunks_mut(d * ROWS))
+        .for_each(|(((gs, xhs), rs), dxs)| {
+            let mut ga = vec![T::zero(); d];
+            for (((g, xh), &r), dxr) in gs
+                .chunks_exact(d)
+                .zip(xhs.chunks_exact(d))
+                .zip(rs)
+                .zip(dxs.chunks_exact_mut(d))
+            {
+                ga.iter_mut()
+                    .zip(g.iter().zip(&a))
+                    .for_each(|(o, (&g, &a))| *o = g * a);
+                let (m1, m2) = (sum(&ga) * inv_d, dot(&ga, xh) * inv_d);
+                for ((dx, &g), &h) in dxr.iter_mut().zip(&ga).zip(xh) {
+                    *dx += r * (g - m1 - h * m2);
+                }
             }
         });
     // Σ_rows dy ⊙ x̂, then the chain rule per column.
     let mut s1 = vec![T::zero(); d];
     for (g, xh) in dy.chunks_exact(d).zip(saved.xhat.chunks_exact(d)) {
-        for j in 0..d {
-            s1[j] += g[j] * xh[j];
-        }
+        s1.iter_mut()
+            .zip(g.iter().zip(xh))
+            .for_each(|(s, (&g, &h))| *s += g * h);
     }
     match (mods, dmods) {
         (Some((_, scale)), Some((dshift, dscale))) => {
@@ -226,18 +269,18 @@ pub fn gelu_exact<T: Real>(x: T) -> T {
 /// d/dx of [`gelu_exact`]: `Φ(x) + x·φ(x)`.
 pub fn gelu_exact_grad<T: Real>(x: T) -> T {
     let cdf = T::lit(0.5) * (T::one() + (x * T::lit(std::f64::consts::FRAC_1_SQRT_2)).erf());
-    let pdf = (-T::lit(0.5) * x * x).exp() * T::lit(0.398_942_280_401_432_7);
+    let pdf = (-T::lit(0.5) * x * x).exp_fast() * T::lit(0.398_942_280_401_432_7);
     cdf + x * pdf
 }
 
 /// SiLU `x·sigmoid(x)`.
 pub fn silu<T: Real>(x: T) -> T {
-    x / (T::one() + (-x).exp())
+    x / (T::one() + (-x).exp_fast())
 }
 
 /// d/dx of [`silu`]: `σ(x)·(1 + x(1 − σ(x)))`.
 pub fn silu_grad<T: Real>(x: T) -> T {
-    let s = T::one() / (T::one() + (-x).exp());
+    let s = T::one() / (T::one() + (-x).exp_fast());
     s * (T::one() + x * (T::one() - s))
 }
 
@@ -310,8 +353,11 @@ pub fn residual_fwd<T: Real>(
     h.par_chunks_mut(d)
         .zip(branch.par_chunks(d))
         .for_each(|(hr, br)| match gate {
-            Some(g) => (0..d).for_each(|j| hr[j] += g[j] * br[j]),
-            None => (0..d).for_each(|j| hr[j] += br[j]),
+            Some(g) => hr
+                .iter_mut()
+                .zip(br.iter().zip(g))
+                .for_each(|(h, (&b, &g))| *h += g * b),
+            None => hr.iter_mut().zip(br).for_each(|(h, &b)| *h += b),
         });
 }
 
@@ -330,7 +376,10 @@ pub fn residual_bwd<T: Real>(
         .par_chunks_mut(d)
         .zip(dh.par_chunks(d))
         .for_each(|(db, g)| match gate {
-            Some(gt) => (0..d).for_each(|j| db[j] = g[j] * gt[j]),
+            Some(gt) => db
+                .iter_mut()
+                .zip(g.iter().zip(gt))
+                .for_each(|(o, (&g, &gt))| *o = g * gt),
             None => db.copy_from_slice(g),
         });
     if let Some(k) = keep {
@@ -341,7 +390,9 @@ pub fn residual_bwd<T: Real>(
     }
     if let Some(dg) = dgate {
         for (g, br) in dh.chunks_exact(d).zip(dropped.chunks_exact(d)) {
-            (0..d).for_each(|j| dg[j] += g[j] * br[j]);
+            dg.iter_mut()
+                .zip(g.iter().zip(br))
+                .for_each(|(o, (&g, &b))| *o += g * b);
         }
     }
 }

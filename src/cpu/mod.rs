@@ -4,6 +4,7 @@
 //! finite differences; it is the gradient reference for the GPU tape.
 //!
 //! Layout (one responsibility per file):
+//! - [`fastmath`]: branch-free f32 tanh, erf, exp, so that elementwise loops vectorise.
 //! - [`gemm`]: `C = alpha·op(A)·op(B) + beta·C` through `matrixmultiply`; every large product.
 //! - [`layers`]: each op's forward and backward as plain functions on slices (linear, LayerNorm
 //!   with adaLN modulation, GELUs, SiLU, gated residual with Philox dropout, embedding).
@@ -38,6 +39,7 @@ use crate::tensor::{Tensor, Tokens};
 pub mod attention;
 mod denoiser;
 mod dit;
+pub mod fastmath;
 pub mod gemm;
 pub mod layers;
 pub mod loss;
@@ -78,11 +80,12 @@ pub trait Real:
     fn as_f32(self) -> f32;
     /// Exact widening to f64.
     fn as_f64(self) -> f64;
-    /// The error function.
+    /// The error function (f32: [`fastmath::erf`]).
     fn erf(self) -> Self;
-    /// tanh for activations: f32 uses a branch-free rational approximation (vectorisable,
-    /// within a few ulp), f64 the library function (finite-difference accuracy).
+    /// tanh for activations (f32: [`fastmath::tanh`], f64: the library function).
     fn tanh_fast(self) -> Self;
+    /// e^x for softmax and activations (f32: [`fastmath::exp`], f64: the library function).
+    fn exp_fast(self) -> Self;
     /// A parameter slice in `Self`: borrowed when `Self` is f32, converted otherwise.
     fn view(x: &[f32]) -> Cow<'_, [Self]>;
     /// `dst += src`, rounded to f32 (gradients into the f32 container).
@@ -130,11 +133,15 @@ impl Real for f32 {
     }
     #[inline]
     fn erf(self) -> Self {
-        libm::erff(self)
+        fastmath::erf(self)
     }
     #[inline]
     fn tanh_fast(self) -> Self {
-        tanh_rational(self)
+        fastmath::tanh(self)
+    }
+    #[inline]
+    fn exp_fast(self) -> Self {
+        fastmath::exp(self)
     }
     #[inline]
     fn view(x: &[f32]) -> Cow<'_, [f32]> {
@@ -194,6 +201,10 @@ impl Real for f64 {
         self.tanh()
     }
     #[inline]
+    fn exp_fast(self) -> Self {
+        self.exp()
+    }
+    #[inline]
     fn view(x: &[f32]) -> Cow<'_, [f64]> {
         Cow::Owned(x.iter().map(|&v| v as f64).collect())
     }
@@ -225,32 +236,6 @@ impl Real for f64 {
             matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
         }
     }
-}
-
-/// tanh(x) for f32 as the odd rational minimax p(x)/q(x) of degrees 13/6 used by Eigen and
-/// XLA, clamped where tanh rounds to ±1 in f32. libm's tanhf (through expm1f) took a quarter of
-/// a training step; this has no branch or call, so the GELU loops vectorise (plain mul/add:
-/// `mul_add` is a libm call on the baseline x86-64 target, which has no FMA).
-#[inline]
-pub fn tanh_rational(x: f32) -> f32 {
-    let x = x.clamp(-7.905_311, 7.905_311);
-    let x2 = x * x;
-    let mut p = -2.760_768_5e-16f32;
-    for c in [
-        2.000_188e-13,
-        -8.604_672e-11,
-        5.122_297e-8,
-        1.485_722_4e-5,
-        6.372_619_3e-4,
-        4.893_524_6e-3,
-    ] {
-        p = p * x2 + c;
-    }
-    let mut q = 1.198_258_4e-6f32;
-    for c in [1.185_347_1e-4, 2.268_434_6e-3, 4.893_525e-3] {
-        q = q * x2 + c;
-    }
-    x * p / q
 }
 
 /// Training-mode options of one loss evaluation.
