@@ -47,7 +47,9 @@ fn step_flops(c: &DitConfig, batch: usize, masked: usize) -> f64 {
     3.0 * fwd
 }
 
-fn median_ms(mut f: impl FnMut(), reps: usize) -> f64 {
+/// (median, min) wall milliseconds of `reps` calls after one warm-up call. On a shared machine
+/// the minimum is the better estimate of the uncontended speed.
+fn time_ms(mut f: impl FnMut(), reps: usize) -> (f64, f64) {
     f();
     let mut ms: Vec<f64> = (0..reps)
         .map(|_| {
@@ -57,14 +59,20 @@ fn median_ms(mut f: impl FnMut(), reps: usize) -> f64 {
         })
         .collect();
     ms.sort_by(|a, b| a.total_cmp(b));
-    ms[reps / 2]
+    (ms[reps / 2], ms[0])
 }
 
 fn main() {
     println!(
         "cpu::loss_and_grad::<f32> on {} rayon thread(s); matrixmultiply threads: MATMUL_NUM_THREADS \
-         (default: physical cores, at most 4)",
-        rayon::current_num_threads()
+         (default: physical cores, at most 4); load average {}",
+        rayon::current_num_threads(),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let cases = [
         (
@@ -108,7 +116,7 @@ fn main() {
             norm: rows as f64,
         };
         let mut grads = DitParams::zeros(&c);
-        let step = median_ms(
+        let (step, step_min) = time_ms(
             || {
                 std::hint::black_box(
                     loss_and_grad::<f32>(&p, &batch_ref, &TrainOpts::default(), &mut grads)
@@ -117,7 +125,7 @@ fn main() {
             },
             7,
         );
-        let fwd = median_ms(
+        let (fwd, _) = time_ms(
             || {
                 std::hint::black_box(log_probs::<f32>(&p, &xt, Some(&eps)).unwrap());
             },
@@ -125,11 +133,11 @@ fn main() {
         );
         let gflop = step_flops(&c, batch, masked) / 1e9;
         println!(
-            "{name} B={batch} ({} params): step {step:8.2} ms ({:8.0} tok/s, {gflop:.2} GFLOP, \
-             {:.1} GFLOP/s); forward {fwd:7.2} ms",
+            "{name} B={batch} ({} params, {gflop:.2} GFLOP/step): step median {step:7.1} ms \
+             (min {step_min:7.1}; {:6.0} tok/s, {:5.1} GFLOP/s at the min); forward {fwd:6.1} ms",
             p.count(),
             rows as f64 / (step / 1e3),
-            gflop / (step / 1e3),
+            gflop / (step_min / 1e3),
         );
     }
 }

@@ -14,26 +14,15 @@
 //! ```
 
 use crate::cpu::attention::{attention_bwd, attention_fwd, rope_apply, AttnSaved, AttnShape, Rope};
+use crate::cpu::checks::{check_batch, check_inputs, Dims};
 use crate::cpu::layers::*;
 use crate::cpu::loss::{subs_ce_in_place, subs_log_probs};
 use crate::cpu::weights::{check_shapes, tensor_as, time_feature_at_zero, Lin, Weights};
 use crate::cpu::{Buf, Real, TrainOpts};
 use crate::diffusion::LossBatch;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{DitConfig, DitParams};
 use crate::tensor::{Tensor, Tokens};
-
-/// Sizes of one forward.
-#[derive(Clone, Copy, Debug)]
-struct Dims {
-    batch: usize,
-    len: usize,
-    rows: usize,
-    d: usize,
-    /// MLP hidden width
-    m: usize,
-    v: usize,
-}
 
 /// The eps MLP's activations, at masked rows only (the output is added nowhere else).
 struct EpsActs<T: Real> {
@@ -141,46 +130,6 @@ fn lin1_bwd<T: Real>(l: &Lin<T>, g: &mut Lin<T>, x: &[T], dy: &[T], dx: Option<&
     if let (Some(dx), Some(t)) = (dx, tmp) {
         dx.iter_mut().zip(t).for_each(|(a, b)| *a += b);
     }
-}
-
-/// Checks tokens and eps against the config; returns the sizes.
-fn check_inputs(c: &DitConfig, xt: &Tokens, eps: Option<&Tensor>) -> Result<Dims> {
-    if xt.ids.len() != xt.batch * xt.len || xt.batch == 0 || xt.len == 0 {
-        return Err(Error::Shape(format!(
-            "xt: expected a non-empty (B, L) = ({}, {}) with B·L ids, got {}",
-            xt.batch,
-            xt.len,
-            xt.ids.len()
-        )));
-    }
-    if let Some((i, t)) = xt
-        .ids
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t as usize >= c.vocab_size)
-    {
-        return Err(Error::Shape(format!(
-            "xt: id {t} at flat index {i} is outside the vocabulary of {}",
-            c.vocab_size
-        )));
-    }
-    if c.has_eps_mlp() {
-        let e = eps.ok_or_else(|| {
-            Error::Shape(format!(
-                "eps: IMDM needs eps of shape [{}, {}, {}], got none",
-                xt.batch, xt.len, c.noise_dim
-            ))
-        })?;
-        e.expect_shape("eps", &[xt.batch, xt.len, c.noise_dim])?;
-    }
-    Ok(Dims {
-        batch: xt.batch,
-        len: xt.len,
-        rows: xt.batch * xt.len,
-        d: c.hidden,
-        m: c.mlp_hidden(),
-        v: c.vocab_size,
-    })
 }
 
 fn attn_shape(c: &DitConfig, n: Dims) -> AttnShape {
@@ -528,51 +477,6 @@ fn backward<T: Real>(
         linear_bwd(&dpre, &e.x, &fc1.w, (nm, fc1.out, fc1.inp), None, gw, gb);
     }
     embedding_bwd(&dh, &xt.ids, d, g.embedding.to_mut());
-}
-
-/// Checks the loss batch beyond shapes: targets equal inputs at unmasked rows (SUBS carry-over)
-/// and are never the mask token.
-fn check_batch(c: &DitConfig, b: &LossBatch, rows: usize) -> Result<()> {
-    let (xt, x0) = (b.xt, b.x0);
-    if (x0.batch, x0.len) != (xt.batch, xt.len) || x0.ids.len() != rows {
-        return Err(Error::Shape(format!(
-            "x0: expected shape [{}, {}] like xt, got [{}, {}] with {} ids",
-            xt.batch,
-            xt.len,
-            x0.batch,
-            x0.len,
-            x0.ids.len()
-        )));
-    }
-    if b.weight.len() != rows {
-        return Err(Error::Shape(format!(
-            "weight: expected B·L = {rows} entries, got {}",
-            b.weight.len()
-        )));
-    }
-    if !(b.norm.is_finite() && b.norm > 0.0) {
-        return Err(Error::Config(format!(
-            "loss norm must be finite and positive, got {}",
-            b.norm
-        )));
-    }
-    let mask = c.mask_index as u32;
-    for (i, (&t, &x)) in xt.ids.iter().zip(&x0.ids).enumerate() {
-        if x == mask || x as usize >= c.vocab_size {
-            return Err(Error::Shape(format!(
-                "x0: target {x} at flat index {i} is the mask token or outside the vocabulary \
-                 of {}",
-                c.vocab_size
-            )));
-        }
-        if t != mask && t != x {
-            return Err(Error::Shape(format!(
-                "x0: target {x} differs from the unmasked input {t} at flat index {i} (SUBS \
-                 carries unmasked tokens over, so x0 must equal xt there)"
-            )));
-        }
-    }
-    Ok(())
 }
 
 pub(super) fn loss_and_grad<T: Real>(

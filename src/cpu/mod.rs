@@ -12,6 +12,7 @@
 //! - [`loss`]: the SUBS log-softmax, fused with the weighted cross-entropy and its gradient.
 //! - [`Buf`] (`pool`): activation buffers recycled across steps (page faults were ~15%).
 //! - `weights`: typed views of [`DitParams`] (borrowed for f32) and gradient buffers.
+//! - `checks`: validation of tokens, eps and loss batches against the configuration.
 //! - `dit`: the whole model: forward keeping per-block activations, backward to every parameter.
 //! - [`CpuDenoiser`]: the samplers' [`crate::diffusion::Denoiser`] on this backend.
 //!
@@ -37,6 +38,7 @@ use crate::model::DitParams;
 use crate::tensor::{Tensor, Tokens};
 
 pub mod attention;
+mod checks;
 mod denoiser;
 mod dit;
 pub mod fastmath;
