@@ -7,49 +7,13 @@
 
 use rayon::prelude::*;
 
+pub use crate::cpu::fastmath::{dot, sum};
 use crate::cpu::gemm::{gemm, Mat};
 use crate::cpu::{Buf, Real};
 use crate::rng::philox4x32_10;
 
 /// LayerNorm epsilon (spec 2.3).
 pub const LN_EPS: f64 = 1e-5;
-
-/// `Σ x` in a fixed order with 8 interleaved partial sums: LLVM vectorises it (a serial float
-/// sum cannot be reordered), and it is no less accurate.
-#[inline]
-pub fn sum<T: Real>(x: &[T]) -> T {
-    let mut acc = [T::zero(); 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for k in 0..8 {
-            acc[k] += c[k];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for &v in rest {
-        s += v;
-    }
-    s
-}
-
-/// `Σ a ⊙ b` in the order of [`sum`].
-#[inline]
-pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    let mut acc = [T::zero(); 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (&x, &y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
 
 /// `acc[j] += Σ_r x[r, j]` over rows of width `d`, in row order.
 pub fn col_sum_into<T: Real>(x: &[T], d: usize, acc: &mut [T]) {

@@ -253,12 +253,17 @@ fn naive_attention(qkv: &[f64], s: &AttnShape) -> Vec<f64> {
 
 #[test]
 fn attention_forward_matches_naive_and_backward_matches_fd() {
-    for (softcap, causal) in [(0.0, false), (0.0, true), (0.7, false), (0.7, true)] {
+    // Short sequences in two batches, and one longer one with a wider head.
+    let cases = [(0.0, false), (0.0, true), (0.7, false), (0.7, true)]
+        .map(|(cap, causal)| (2, 5, 4, cap, causal))
+        .into_iter()
+        .chain([(1, 40, 16, 0.0, false), (1, 40, 16, 0.7, true)]);
+    for (batch, len, head_dim, softcap, causal) in cases {
         let s = AttnShape {
-            batch: 2,
-            len: 5,
+            batch,
+            len,
             heads: 2,
-            head_dim: 4,
+            head_dim,
             softcap,
             causal,
         };
@@ -267,7 +272,7 @@ fn attention_forward_matches_naive_and_backward_matches_fd() {
         // Scores of order 1-3, so that the softcap of 0.7 bends them.
         let qkv = rand_vec(12, rows * 3 * d, -2.0, 2.0);
         let r = rand_vec(13, rows * d, -1.0, 1.0);
-        let tag = format!("softcap {softcap} causal {causal}");
+        let tag = format!("L {len} softcap {softcap} causal {causal}");
         let mut out = vec![0.0; rows * d];
         let saved = attention_fwd(&qkv, &s, &mut out);
         assert_grad(
