@@ -17,7 +17,9 @@ use crate::cpu::attention::{attention_bwd, attention_fwd, rope_apply, AttnSaved,
 use crate::cpu::checks::{check_batch, check_inputs, Dims};
 use crate::cpu::layers::*;
 use crate::cpu::loss::{subs_ce_in_place, subs_log_probs};
-use crate::cpu::weights::{check_shapes, tensor_as, time_feature_at_zero, Lin, Weights};
+use crate::cpu::weights::{
+    check_shapes, expected_shapes, tensor_as, time_feature_at_zero, Lin, Weights,
+};
 use crate::cpu::{Buf, Real, TrainOpts};
 use crate::diffusion::LossBatch;
 use crate::error::Result;
@@ -488,7 +490,7 @@ pub(super) fn loss_and_grad<T: Real>(
     let c = &p.config;
     c.validate()?;
     let w = Weights::<T>::view(p)?;
-    check_shapes(grads, p, "grads")?;
+    check_shapes(grads, &expected_shapes(c), "grads")?;
     let n = check_inputs(c, batch.xt, batch.eps)?;
     check_batch(c, batch, n.rows)?;
     let p_drop = c.dropout as f32;
