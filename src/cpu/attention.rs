@@ -16,7 +16,8 @@
 use rayon::prelude::*;
 
 use crate::cpu::gemm::{gemm, Mat};
-use crate::cpu::Real;
+use crate::cpu::layers::{dot, sum};
+use crate::cpu::{Buf, Real};
 use crate::model::params::inv_freq;
 
 /// Rotary table for positions 0..L: cos and sin of `pos·inv_freq_i`, (L, hd/2) each, computed
@@ -60,13 +61,14 @@ pub fn rope_apply<T: Real>(qkv: &mut [T], rope: &Rope<T>, len: usize, heads: usi
             &rope.cos[pos * half..(pos + 1) * half],
             &rope.sin[pos * half..(pos + 1) * half],
         );
+        // The inverse rotation is the same one with sin negated.
+        let sign = if inverse { -T::one() } else { T::one() };
         for x in r[..2 * d].chunks_exact_mut(hd) {
             let (x1, x2) = x.split_at_mut(half);
-            for i in 0..half {
-                let s = if inverse { -sin[i] } else { sin[i] };
-                let (a, b) = (x1[i], x2[i]);
-                x1[i] = a * cos[i] - b * s;
-                x2[i] = b * cos[i] + a * s;
+            for ((a, b), (&c, &s)) in x1.iter_mut().zip(x2.iter_mut()).zip(cos.iter().zip(sin)) {
+                let (u, v, s) = (*a, *b, s * sign);
+                *a = u * c - v * s;
+                *b = v * c + u * s;
             }
         }
     });
@@ -92,11 +94,11 @@ impl AttnShape {
 
 /// What the attention backward needs besides qkv.
 #[derive(Clone, Debug, Default)]
-pub struct AttnSaved<T> {
+pub struct AttnSaved<T: Real> {
     /// (B, H, L, L) softmax probabilities (exact zeros above the diagonal when causal)
-    pub probs: Vec<T>,
+    pub probs: Buf<T>,
     /// (B, H, L, L) `1 − tanh²(S/c)`, the softcap's derivative; softcap on only
-    pub cap_grad: Option<Vec<T>>,
+    pub cap_grad: Option<Buf<T>>,
 }
 
 /// Attention over rotated `qkv` (B·L, 3D) into `out` (B·L, D).
@@ -105,8 +107,8 @@ pub fn attention_fwd<T: Real>(qkv: &[T], s: &AttnShape, out: &mut [T]) -> AttnSa
     let ll = l * l;
     let cap_on = s.softcap > 0.0;
     let mut saved = AttnSaved {
-        probs: vec![T::zero(); s.batch * s.heads * ll],
-        cap_grad: cap_on.then(|| vec![T::zero(); s.batch * s.heads * ll]),
+        probs: Buf::scratch(s.batch * s.heads * ll),
+        cap_grad: cap_on.then(|| Buf::scratch(s.batch * s.heads * ll)),
     };
     let scale = T::lit(1.0 / (hd as f64).sqrt());
     let cap = T::lit(s.softcap);
@@ -134,7 +136,7 @@ pub fn attention_fwd<T: Real>(qkv: &[T], s: &AttnShape, out: &mut [T]) -> AttnSa
                 if cap_on {
                     let cg = &mut cb[h * ll..(h + 1) * ll];
                     for (v, g) in p.iter_mut().zip(cg) {
-                        let t = (*v / cap).tanh();
+                        let t = (*v / cap).tanh_fast();
                         *v = cap * t;
                         *g = T::one() - t * t;
                     }
@@ -142,12 +144,8 @@ pub fn attention_fwd<T: Real>(qkv: &[T], s: &AttnShape, out: &mut [T]) -> AttnSa
                 for (i, row) in p.chunks_exact_mut(l).enumerate() {
                     let n = if s.causal { i + 1 } else { l };
                     let m = row[..n].iter().copied().fold(T::neg_infinity(), T::max);
-                    let mut z = T::zero();
-                    for v in &mut row[..n] {
-                        *v = (*v - m).exp();
-                        z += *v;
-                    }
-                    let inv = T::one() / z;
+                    row[..n].iter_mut().for_each(|v| *v = (*v - m).exp_fast());
+                    let inv = T::one() / sum(&row[..n]);
                     row[..n].iter_mut().for_each(|v| *v *= inv);
                     row[n..].iter_mut().for_each(|v| *v = T::zero());
                 }
@@ -208,10 +206,10 @@ pub fn attention_bwd<T: Real>(
                     l,
                 );
                 for (pr, dr) in p.chunks_exact(l).zip(ds.chunks_exact_mut(l)) {
-                    let dot = pr.iter().zip(dr.iter()).map(|(&a, &b)| a * b).sum::<T>();
+                    let pd = dot(pr, dr);
                     dr.iter_mut()
                         .zip(pr)
-                        .for_each(|(g, &pv)| *g = pv * (*g - dot));
+                        .for_each(|(g, &pv)| *g = pv * (*g - pd));
                 }
                 if let Some(cg) = &saved.cap_grad {
                     let cg = &cg[b * hll + h * ll..][..ll];

@@ -14,37 +14,28 @@
 //! ```
 
 use crate::cpu::attention::{attention_bwd, attention_fwd, rope_apply, AttnSaved, AttnShape, Rope};
+use crate::cpu::checks::{check_batch, check_inputs, Dims};
 use crate::cpu::layers::*;
 use crate::cpu::loss::{subs_ce_in_place, subs_log_probs};
-use crate::cpu::weights::{check_shapes, tensor_as, time_feature_at_zero, Lin, Weights};
-use crate::cpu::{Real, TrainOpts};
+use crate::cpu::weights::{
+    check_shapes, expected_shapes, tensor_as, time_feature_at_zero, Lin, Weights,
+};
+use crate::cpu::{Buf, Real, TrainOpts};
 use crate::diffusion::LossBatch;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{DitConfig, DitParams};
 use crate::tensor::{Tensor, Tokens};
 
-/// Sizes of one forward.
-#[derive(Clone, Copy, Debug)]
-struct Dims {
-    batch: usize,
-    len: usize,
-    rows: usize,
-    d: usize,
-    /// MLP hidden width
-    m: usize,
-    v: usize,
-}
-
 /// The eps MLP's activations, at masked rows only (the output is added nowhere else).
-struct EpsActs<T> {
+struct EpsActs<T: Real> {
     /// masked row indices (nm)
     idx: Vec<usize>,
     /// (nm, noise_dim) eps at those rows
-    x: Vec<T>,
+    x: Buf<T>,
     /// (nm, 4D) fc1 output before GELU
-    pre: Vec<T>,
+    pre: Buf<T>,
     /// (nm, 4D) GELU_exact(pre)
-    act: Vec<T>,
+    act: Buf<T>,
 }
 
 /// The conditioning MLP's activations (one row).
@@ -62,39 +53,39 @@ struct CondActs<T> {
 }
 
 /// What one block's backward needs.
-struct BlockActs<T> {
+struct BlockActs<T: Real> {
     /// (6D) adaLN output (shift1, scale1, gate1, shift2, scale2, gate2); None in the AR baseline
     mods: Option<Vec<T>>,
     /// LN1 x̂ (rows, D), rstd (rows)
     ln1: LnSaved<T>,
     /// (rows, D) modulated LN1 output, the qkv input
-    a1: Vec<T>,
+    a1: Buf<T>,
     /// (rows, 3D) qkv after rotary
-    qkv: Vec<T>,
+    qkv: Buf<T>,
     /// (B, H, L, L) probabilities (+ softcap derivative)
     attn: AttnSaved<T>,
     /// (rows, D) attention output, the out-projection input
-    o: Vec<T>,
+    o: Buf<T>,
     /// (rows, D) dropout(o W_out^T)
-    br1: Vec<T>,
+    br1: Buf<T>,
     /// (rows, D) dropout factors of branch 1; None without dropout
-    keep1: Option<Vec<T>>,
+    keep1: Option<Buf<T>>,
     /// LN2 x̂ (rows, D), rstd (rows)
     ln2: LnSaved<T>,
     /// (rows, D) modulated LN2 output, the MLP input
-    a2: Vec<T>,
+    a2: Buf<T>,
     /// (rows, 4D) fc1 output before GELU
-    pre: Vec<T>,
+    pre: Buf<T>,
     /// (rows, 4D) GELU_tanh(pre)
-    act: Vec<T>,
+    act: Buf<T>,
     /// (rows, D) dropout(act W2^T + b2)
-    br2: Vec<T>,
+    br2: Buf<T>,
     /// (rows, D) dropout factors of branch 2
-    keep2: Option<Vec<T>>,
+    keep2: Option<Buf<T>>,
 }
 
 /// Everything the forward keeps.
-struct Acts<T> {
+struct Acts<T: Real> {
     eps: Option<EpsActs<T>>,
     cond: Option<CondActs<T>>,
     blocks: Vec<BlockActs<T>>,
@@ -103,9 +94,9 @@ struct Acts<T> {
     /// final LN x̂ (rows, D), rstd (rows)
     lnf: LnSaved<T>,
     /// (rows, D) final modulated LN output
-    y: Vec<T>,
+    y: Buf<T>,
     /// (rows, V)
-    logits: Vec<T>,
+    logits: Buf<T>,
 }
 
 /// (shift, scale) pair `k, k+1` of a modulation vector cut in chunks of `d`.
@@ -143,46 +134,6 @@ fn lin1_bwd<T: Real>(l: &Lin<T>, g: &mut Lin<T>, x: &[T], dy: &[T], dx: Option<&
     }
 }
 
-/// Checks tokens and eps against the config; returns the sizes.
-fn check_inputs(c: &DitConfig, xt: &Tokens, eps: Option<&Tensor>) -> Result<Dims> {
-    if xt.ids.len() != xt.batch * xt.len || xt.batch == 0 || xt.len == 0 {
-        return Err(Error::Shape(format!(
-            "xt: expected a non-empty (B, L) = ({}, {}) with B·L ids, got {}",
-            xt.batch,
-            xt.len,
-            xt.ids.len()
-        )));
-    }
-    if let Some((i, t)) = xt
-        .ids
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t as usize >= c.vocab_size)
-    {
-        return Err(Error::Shape(format!(
-            "xt: id {t} at flat index {i} is outside the vocabulary of {}",
-            c.vocab_size
-        )));
-    }
-    if c.has_eps_mlp() {
-        let e = eps.ok_or_else(|| {
-            Error::Shape(format!(
-                "eps: IMDM needs eps of shape [{}, {}, {}], got none",
-                xt.batch, xt.len, c.noise_dim
-            ))
-        })?;
-        e.expect_shape("eps", &[xt.batch, xt.len, c.noise_dim])?;
-    }
-    Ok(Dims {
-        batch: xt.batch,
-        len: xt.len,
-        rows: xt.batch * xt.len,
-        d: c.hidden,
-        m: c.mlp_hidden(),
-        v: c.vocab_size,
-    })
-}
-
 fn attn_shape(c: &DitConfig, n: Dims) -> AttnShape {
     AttnShape {
         batch: n.batch,
@@ -212,7 +163,7 @@ fn forward<T: Real>(
     let (rows, d, m) = (n.rows, n.d, n.m);
     let mask = c.mask_index as u32;
     // 1. embedding, plus the eps MLP at masked rows.
-    let mut h = vec![T::zero(); rows * d];
+    let mut h = Buf::scratch(rows * d);
     embedding_fwd(&w.embedding, &xt.ids, d, &mut h);
     let eps_acts = match (&w.eps_mlp, eps) {
         (Some((fc1, fc2)), Some(e)) => {
@@ -223,11 +174,11 @@ fn forward<T: Real>(
             idx.iter()
                 .for_each(|&r| x.extend_from_slice(&all[r * nd..(r + 1) * nd]));
             let nm = idx.len();
-            let mut pre = vec![T::zero(); nm * fc1.out];
+            let mut pre = Buf::scratch(nm * fc1.out);
             linear_fwd(&x, &fc1.w, fc1.b.as_deref(), (nm, fc1.out, nd), &mut pre);
-            let mut act = vec![T::zero(); pre.len()];
+            let mut act = Buf::scratch(pre.len());
             map_fwd(&pre, &mut act, gelu_exact);
-            let mut add = vec![T::zero(); nm * d];
+            let mut add = Buf::scratch(nm * d);
             linear_fwd(&act, &fc2.w, None, (nm, d, fc2.inp), &mut add);
             for (k, &r) in idx.iter().enumerate() {
                 let hr = &mut h[r * d..(r + 1) * d];
@@ -235,7 +186,12 @@ fn forward<T: Real>(
                     .zip(&add[k * d..(k + 1) * d])
                     .for_each(|(a, &b)| *a += b);
             }
-            Some(EpsActs { idx, x, pre, act })
+            Some(EpsActs {
+                idx,
+                x: Buf::from_vec(x),
+                pre,
+                act,
+            })
         }
         _ => None,
     };
@@ -262,27 +218,27 @@ fn forward<T: Real>(
     for (i, bw) in w.blocks.iter().enumerate() {
         let mods = bw.adaln.as_ref().zip(cv).map(|(l, cv)| lin1(l, cv));
         let md = mods.as_deref();
-        let mut a1 = vec![T::zero(); rows * d];
+        let mut a1 = Buf::scratch(rows * d);
         let ln1 = ln_mod_fwd(&h, &bw.norm1, pair(md, d, 0), &mut a1);
-        let mut qkv = vec![T::zero(); rows * 3 * d];
+        let mut qkv = Buf::scratch(rows * 3 * d);
         linear_fwd(&a1, &bw.qkv.w, None, (rows, 3 * d, d), &mut qkv);
         rope_apply(&mut qkv, &rope, n.len, c.heads, false);
-        let mut o = vec![T::zero(); rows * d];
+        let mut o = Buf::scratch(rows * d);
         let attn = attention_fwd(&qkv, &shape, &mut o);
-        let mut br1 = vec![T::zero(); rows * d];
+        let mut br1 = Buf::scratch(rows * d);
         linear_fwd(&o, &bw.out.w, None, (rows, d, d), &mut br1);
         let keep = |k: u64| {
             dropout.map(|(s, off, p)| dropout_factors(s, dropout_offset(off, i, k), p, rows * d))
         };
         let keep1 = keep(0);
         residual_fwd(&mut h, &mut br1, chunk(md, d, 2), keep1.as_deref(), d);
-        let mut a2 = vec![T::zero(); rows * d];
+        let mut a2 = Buf::scratch(rows * d);
         let ln2 = ln_mod_fwd(&h, &bw.norm2, pair(md, d, 3), &mut a2);
-        let mut pre = vec![T::zero(); rows * m];
+        let mut pre = Buf::scratch(rows * m);
         linear_fwd(&a2, &bw.fc1.w, bw.fc1.b.as_deref(), (rows, m, d), &mut pre);
-        let mut act = vec![T::zero(); rows * m];
+        let mut act = Buf::scratch(rows * m);
         map_fwd(&pre, &mut act, gelu_tanh);
-        let mut br2 = vec![T::zero(); rows * d];
+        let mut br2 = Buf::scratch(rows * d);
         linear_fwd(&act, &bw.fc2.w, bw.fc2.b.as_deref(), (rows, d, m), &mut br2);
         let keep2 = keep(1);
         residual_fwd(&mut h, &mut br2, chunk(md, d, 5), keep2.as_deref(), d);
@@ -305,9 +261,9 @@ fn forward<T: Real>(
     }
     // 5. final layer.
     let final_mods = w.final_adaln.as_ref().zip(cv).map(|(l, cv)| lin1(l, cv));
-    let mut y = vec![T::zero(); rows * d];
+    let mut y = Buf::scratch(rows * d);
     let lnf = ln_mod_fwd(&h, &w.final_norm, pair(final_mods.as_deref(), d, 0), &mut y);
-    let mut logits = vec![T::zero(); rows * n.v];
+    let mut logits = Buf::scratch(rows * n.v);
     let fl = &w.final_linear;
     linear_fwd(&y, &fl.w, fl.b.as_deref(), (rows, n.v, d), &mut logits);
     Acts {
@@ -335,7 +291,7 @@ fn backward<T: Real>(
     let cv = a.cond.as_ref().map(|k| &k.c[..]);
     let mut dc = a.cond.as_ref().map(|k| vec![T::zero(); k.c.len()]);
     // Final layer.
-    let mut dy = vec![T::zero(); rows * d];
+    let mut dy = Buf::scratch(rows * d);
     {
         let (gw, gb) = g.final_linear.wb_mut();
         linear_bwd(
@@ -348,7 +304,7 @@ fn backward<T: Real>(
             gb,
         );
     }
-    let mut dh = vec![T::zero(); rows * d];
+    let mut dh = Buf::zeros(rows * d);
     let mut dfm = a.final_mods.as_ref().map(|_| vec![T::zero(); 2 * d]);
     {
         let mut parts = chunks_mut(&mut dfm, d, 2).into_iter();
@@ -371,10 +327,10 @@ fn backward<T: Real>(
     // Blocks, last first. Scratch buffers are reused across blocks.
     let shape = attn_shape(c, n);
     let rope = Rope::<T>::new(n.len, c.head_dim());
-    let mut dbr = vec![T::zero(); rows * d];
-    let mut da = vec![T::zero(); rows * d];
-    let mut dact = vec![T::zero(); rows * m];
-    let mut dqkv = vec![T::zero(); rows * 3 * d];
+    let mut dbr = Buf::scratch(rows * d);
+    let mut da = Buf::scratch(rows * d);
+    let mut dact = Buf::scratch(rows * m);
+    let mut dqkv = Buf::scratch(rows * 3 * d);
     for ((bw, bg), ba) in w
         .blocks
         .iter()
@@ -507,7 +463,7 @@ fn backward<T: Real>(
         e.idx
             .iter()
             .for_each(|&r| dout.extend_from_slice(&dh[r * d..(r + 1) * d]));
-        let mut dpre = vec![T::zero(); nm * fc2.inp];
+        let mut dpre = Buf::scratch(nm * fc2.inp);
         let (gw, _) = g2.wb_mut();
         linear_bwd(
             &dout,
@@ -525,51 +481,6 @@ fn backward<T: Real>(
     embedding_bwd(&dh, &xt.ids, d, g.embedding.to_mut());
 }
 
-/// Checks the loss batch beyond shapes: targets equal inputs at unmasked rows (SUBS carry-over)
-/// and are never the mask token.
-fn check_batch(c: &DitConfig, b: &LossBatch, rows: usize) -> Result<()> {
-    let (xt, x0) = (b.xt, b.x0);
-    if (x0.batch, x0.len) != (xt.batch, xt.len) || x0.ids.len() != rows {
-        return Err(Error::Shape(format!(
-            "x0: expected shape [{}, {}] like xt, got [{}, {}] with {} ids",
-            xt.batch,
-            xt.len,
-            x0.batch,
-            x0.len,
-            x0.ids.len()
-        )));
-    }
-    if b.weight.len() != rows {
-        return Err(Error::Shape(format!(
-            "weight: expected B·L = {rows} entries, got {}",
-            b.weight.len()
-        )));
-    }
-    if !(b.norm.is_finite() && b.norm > 0.0) {
-        return Err(Error::Config(format!(
-            "loss norm must be finite and positive, got {}",
-            b.norm
-        )));
-    }
-    let mask = c.mask_index as u32;
-    for (i, (&t, &x)) in xt.ids.iter().zip(&x0.ids).enumerate() {
-        if x == mask || x as usize >= c.vocab_size {
-            return Err(Error::Shape(format!(
-                "x0: target {x} at flat index {i} is the mask token or outside the vocabulary \
-                 of {}",
-                c.vocab_size
-            )));
-        }
-        if t != mask && t != x {
-            return Err(Error::Shape(format!(
-                "x0: target {x} differs from the unmasked input {t} at flat index {i} (SUBS \
-                 carries unmasked tokens over, so x0 must equal xt there)"
-            )));
-        }
-    }
-    Ok(())
-}
-
 pub(super) fn loss_and_grad<T: Real>(
     p: &DitParams,
     batch: &LossBatch,
@@ -579,7 +490,7 @@ pub(super) fn loss_and_grad<T: Real>(
     let c = &p.config;
     c.validate()?;
     let w = Weights::<T>::view(p)?;
-    check_shapes(grads, p, "grads")?;
+    check_shapes(grads, &expected_shapes(c), "grads")?;
     let n = check_inputs(c, batch.xt, batch.eps)?;
     check_batch(c, batch, n.rows)?;
     let p_drop = c.dropout as f32;
@@ -602,6 +513,8 @@ pub(super) fn loss_and_grad<T: Real>(
     let mut g = w.zeros_like();
     backward(&w, &mut g, &acts, c, batch.xt, n, &dlogits);
     g.add_into(grads);
+    g.recycle();
+    w.recycle();
     Ok(loss)
 }
 
@@ -616,5 +529,6 @@ pub(super) fn log_probs<T: Real>(
     let n = check_inputs(c, xt, eps)?;
     let acts = forward(&w, c, xt, eps, n, None);
     let lp = subs_log_probs(&acts.logits, &xt.ids, c.mask_index, n.v);
+    w.recycle();
     Tensor::from_vec(&[n.batch, n.len, n.v], lp)
 }

@@ -142,9 +142,30 @@ mod tests {
 
     #[test]
     fn gemm_matches_naive_for_every_transpose_and_beta() {
-        let (m, n, k) = (7, 5, 9);
-        let a: Vec<f64> = (0..m * k + 20).map(|i| (i as f64 * 0.37).sin()).collect();
-        let b: Vec<f64> = (0..k * n + 20).map(|i| (i as f64 * 0.11).cos()).collect();
+        // A tiny and a medium product (matrixmultiply switches kernels and threads by size).
+        for (m, n, k) in [(7, 5, 9), (40, 36, 50)] {
+            check_against_naive(m, n, k);
+        }
+        let mut c = vec![3.0f32; 4];
+        gemm(
+            (2, 2, 0),
+            1.0,
+            Mat::n(&[], 0),
+            Mat::n(&[], 2),
+            0.0,
+            &mut c,
+            2,
+        );
+        assert_eq!(c, [0.0; 4], "k = 0 with beta 0 clears C");
+        let mut c = vec![f32::NAN; 4];
+        let (a, b) = ([1.0, 2.0], [3.0, 4.0]);
+        gemm((2, 2, 1), 1.0, Mat::n(&a, 1), Mat::n(&b, 2), 0.0, &mut c, 2);
+        assert_eq!(c, [3.0, 4.0, 6.0, 8.0], "beta 0 ignores NaNs in C");
+    }
+
+    fn check_against_naive(m: usize, n: usize, k: usize) {
+        let a: Vec<f64> = (0..m * k + 100).map(|i| (i as f64 * 0.37).sin()).collect();
+        let b: Vec<f64> = (0..k * n + 100).map(|i| (i as f64 * 0.11).cos()).collect();
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             // Padded leading dimensions (+2) exercise the strides.
             let (lda, ldb) = (if ta { m } else { k } + 2, if tb { k } else { n } + 2);
@@ -161,27 +182,18 @@ mod tests {
                 ld: ldb,
                 trans: tb,
             };
-            let mut c = vec![1.0f64; m * n];
-            gemm((m, n, k), 2.0, ma, mb, 0.5, &mut c, n);
-            for i in 0..m * n {
-                let w = 2.0 * want[i] + 0.5;
-                assert!(
-                    (c[i] - w).abs() < 1e-12,
-                    "ta {ta} tb {tb} at {i}: {} vs {w}",
-                    c[i]
-                );
+            for beta in [0.0, 1.0, 0.5] {
+                let mut c = vec![1.0f64; m * n];
+                gemm((m, n, k), 2.0, ma, mb, beta, &mut c, n);
+                for i in 0..m * n {
+                    let w = 2.0 * want[i] + beta;
+                    assert!(
+                        (c[i] - w).abs() < 1e-12,
+                        "m {m} n {n} k {k} ta {ta} tb {tb} beta {beta} at {i}: {} vs {w}",
+                        c[i]
+                    );
+                }
             }
         }
-        let mut c = vec![3.0f32; 4];
-        gemm(
-            (2, 2, 0),
-            1.0,
-            Mat::n(&[], 0),
-            Mat::n(&[], 2),
-            0.0,
-            &mut c,
-            2,
-        );
-        assert_eq!(c, [0.0; 4], "k = 0 with beta 0 clears C");
     }
 }

@@ -7,8 +7,9 @@
 
 use rayon::prelude::*;
 
+pub use crate::cpu::fastmath::{dot, sum};
 use crate::cpu::gemm::{gemm, Mat};
-use crate::cpu::Real;
+use crate::cpu::{Buf, Real};
 use crate::rng::philox4x32_10;
 
 /// LayerNorm epsilon (spec 2.3).
@@ -93,11 +94,11 @@ pub fn linear_bwd<T: Real>(
 
 /// What the LayerNorm backward needs: the normalised input and the reciprocal std per row.
 #[derive(Clone, Debug, Default)]
-pub struct LnSaved<T> {
+pub struct LnSaved<T: Real> {
     /// (rows, D) `(x - mean)·rstd`
-    pub xhat: Vec<T>,
+    pub xhat: Buf<T>,
     /// (rows) `1/sqrt(var + eps)`, biased variance
-    pub rstd: Vec<T>,
+    pub rstd: Buf<T>,
 }
 
 /// `y = (x̂ ⊙ w)·(1 + scale) + shift` per row of width D = `w.len()`, with `x̂` the LayerNorm of
@@ -114,8 +115,8 @@ pub fn ln_mod_fwd<T: Real>(
     // y = x̂·a + b with per-column a = w(1+scale), b = shift.
     let (a, b) = ln_coefficients(w, mods);
     let mut s = LnSaved {
-        xhat: vec![T::zero(); rows * d],
-        rstd: vec![T::zero(); rows],
+        xhat: Buf::scratch(rows * d),
+        rstd: Buf::scratch(rows),
     };
     let (inv_d, eps) = (T::one() / T::lit(d as f64), T::lit(LN_EPS));
     x.par_chunks(d)
@@ -123,14 +124,13 @@ pub fn ln_mod_fwd<T: Real>(
         .zip(s.xhat.par_chunks_mut(d))
         .zip(s.rstd.par_iter_mut())
         .for_each(|(((xr, yr), xh), rs)| {
-            let mean = xr.iter().copied().sum::<T>() * inv_d;
-            let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() * inv_d;
-            let r = T::one() / (var + eps).sqrt();
+            let mean = sum(xr) * inv_d;
+            xh.iter_mut().zip(xr).for_each(|(h, &v)| *h = v - mean);
+            let r = T::one() / (dot(xh, xh) * inv_d + eps).sqrt();
             *rs = r;
-            for j in 0..d {
-                let z = (xr[j] - mean) * r;
-                xh[j] = z;
-                yr[j] = z * a[j] + b[j];
+            for ((y, h), (&a, &b)) in yr.iter_mut().zip(xh.iter_mut()).zip(a.iter().zip(&b)) {
+                *h *= r;
+                *y = *h * a + b;
             }
         });
     s
@@ -164,28 +164,35 @@ pub fn ln_mod_bwd<T: Real>(
     let d = w.len();
     let (a, _) = ln_coefficients(w, mods);
     let inv_d = T::one() / T::lit(d as f64);
-    dy.par_chunks(d)
-        .zip(saved.xhat.par_chunks(d))
-        .zip(saved.rstd.par_iter())
-        .zip(dx.par_chunks_mut(d))
-        .for_each(|(((g, xh), &r), dxr)| {
-            let (mut m1, mut m2) = (T::zero(), T::zero());
-            for j in 0..d {
-                let gj = g[j] * a[j];
-                m1 += gj;
-                m2 += gj * xh[j];
-            }
-            let (m1, m2) = (m1 * inv_d, m2 * inv_d);
-            for j in 0..d {
-                dxr[j] += r * (g[j] * a[j] - m1 - xh[j] * m2);
+    // Rows in chunks, so that each task reuses one scratch row for g = dy ⊙ a.
+    const ROWS: usize = 64;
+    dy.par_chunks(d * ROWS)
+        .zip(saved.xhat.par_chunks(d * ROWS))
+        .zip(saved.rstd.par_chunks(ROWS))
+        .zip(dx.par_chunks_mut(d * ROWS))
+        .for_each(|(((gs, xhs), rs), dxs)| {
+            let mut ga = vec![T::zero(); d];
+            for (((g, xh), &r), dxr) in gs
+                .chunks_exact(d)
+                .zip(xhs.chunks_exact(d))
+                .zip(rs)
+                .zip(dxs.chunks_exact_mut(d))
+            {
+                ga.iter_mut()
+                    .zip(g.iter().zip(&a))
+                    .for_each(|(o, (&g, &a))| *o = g * a);
+                let (m1, m2) = (sum(&ga) * inv_d, dot(&ga, xh) * inv_d);
+                for ((dx, &g), &h) in dxr.iter_mut().zip(&ga).zip(xh) {
+                    *dx += r * (g - m1 - h * m2);
+                }
             }
         });
     // Σ_rows dy ⊙ x̂, then the chain rule per column.
     let mut s1 = vec![T::zero(); d];
     for (g, xh) in dy.chunks_exact(d).zip(saved.xhat.chunks_exact(d)) {
-        for j in 0..d {
-            s1[j] += g[j] * xh[j];
-        }
+        s1.iter_mut()
+            .zip(g.iter().zip(xh))
+            .for_each(|(s, (&g, &h))| *s += g * h);
     }
     match (mods, dmods) {
         (Some((_, scale)), Some((dshift, dscale))) => {
@@ -208,13 +215,13 @@ const GELU_C: f64 = 0.044715;
 /// Tanh-approximated GELU (block MLPs): `0.5·x·(1 + tanh(k(x + 0.044715x³)))`.
 pub fn gelu_tanh<T: Real>(x: T) -> T {
     let half = T::lit(0.5);
-    half * x * (T::one() + (T::lit(GELU_K) * (x + T::lit(GELU_C) * x * x * x)).tanh())
+    half * x * (T::one() + (T::lit(GELU_K) * (x + T::lit(GELU_C) * x * x * x)).tanh_fast())
 }
 
 /// d/dx of [`gelu_tanh`].
 pub fn gelu_tanh_grad<T: Real>(x: T) -> T {
     let (half, k, c) = (T::lit(0.5), T::lit(GELU_K), T::lit(GELU_C));
-    let t = (k * (x + c * x * x * x)).tanh();
+    let t = (k * (x + c * x * x * x)).tanh_fast();
     half * (T::one() + t) + half * x * (T::one() - t * t) * k * (T::one() + T::lit(3.0) * c * x * x)
 }
 
@@ -226,33 +233,36 @@ pub fn gelu_exact<T: Real>(x: T) -> T {
 /// d/dx of [`gelu_exact`]: `Φ(x) + x·φ(x)`.
 pub fn gelu_exact_grad<T: Real>(x: T) -> T {
     let cdf = T::lit(0.5) * (T::one() + (x * T::lit(std::f64::consts::FRAC_1_SQRT_2)).erf());
-    let pdf = (-T::lit(0.5) * x * x).exp() * T::lit(0.398_942_280_401_432_7);
+    let pdf = (-T::lit(0.5) * x * x).exp_fast() * T::lit(0.398_942_280_401_432_7);
     cdf + x * pdf
 }
 
 /// SiLU `x·sigmoid(x)`.
 pub fn silu<T: Real>(x: T) -> T {
-    x / (T::one() + (-x).exp())
+    x / (T::one() + (-x).exp_fast())
 }
 
 /// d/dx of [`silu`]: `σ(x)·(1 + x(1 − σ(x)))`.
 pub fn silu_grad<T: Real>(x: T) -> T {
-    let s = T::one() / (T::one() + (-x).exp());
+    let s = T::one() / (T::one() + (-x).exp_fast());
     s * (T::one() + x * (T::one() - s))
 }
 
+/// Elements per rayon task of the elementwise maps: plain inner loops that LLVM vectorises.
+const MAP_CHUNK: usize = 8192;
+
 /// `y = f(x)` elementwise, in parallel.
 pub fn map_fwd<T: Real>(x: &[T], y: &mut [T], f: impl Fn(T) -> T + Sync) {
-    y.par_iter_mut()
-        .zip(x.par_iter())
-        .for_each(|(y, &x)| *y = f(x));
+    y.par_chunks_mut(MAP_CHUNK)
+        .zip(x.par_chunks(MAP_CHUNK))
+        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y = f(x)));
 }
 
 /// `d ← d ⊙ f'(x)` elementwise (activation backward in place), in parallel.
 pub fn map_bwd<T: Real>(x: &[T], d: &mut [T], grad: impl Fn(T) -> T + Sync) {
-    d.par_iter_mut()
-        .zip(x.par_iter())
-        .for_each(|(d, &x)| *d *= grad(x));
+    d.par_chunks_mut(MAP_CHUNK)
+        .zip(x.par_chunks(MAP_CHUNK))
+        .for_each(|(d, x)| d.iter_mut().zip(x).for_each(|(d, &x)| *d *= grad(x)));
 }
 
 // ---- gated residual with dropout --------------------------------------------------------------
@@ -260,10 +270,10 @@ pub fn map_bwd<T: Real>(x: &[T], d: &mut [T], grad: impl Fn(T) -> T + Sync) {
 /// Per-element dropout factors of one branch call: `1/(1-p)` (an f32 division, as in the kernel)
 /// where `rng::dropout_keep(seed, offset, i, p)` keeps element i, else 0; i = 0..n is the flat
 /// index `r·D + j` of the (rows, D) branch. One Philox call serves four elements, as on the GPU.
-pub fn dropout_factors<T: Real>(seed: u64, offset: u64, p: f32, n: usize) -> Vec<T> {
+pub fn dropout_factors<T: Real>(seed: u64, offset: u64, p: f32, n: usize) -> Buf<T> {
     let scale = T::of_f32(1.0f32 / (1.0 - p));
     let key = [seed as u32, (seed >> 32) as u32];
-    let mut out = vec![T::zero(); n];
+    let mut out = Buf::scratch(n);
     // Chunks of a multiple of 4 elements start on a Philox group boundary.
     const CHUNK: usize = 4096;
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, ch)| {
@@ -307,8 +317,11 @@ pub fn residual_fwd<T: Real>(
     h.par_chunks_mut(d)
         .zip(branch.par_chunks(d))
         .for_each(|(hr, br)| match gate {
-            Some(g) => (0..d).for_each(|j| hr[j] += g[j] * br[j]),
-            None => (0..d).for_each(|j| hr[j] += br[j]),
+            Some(g) => hr
+                .iter_mut()
+                .zip(br.iter().zip(g))
+                .for_each(|(h, (&b, &g))| *h += g * b),
+            None => hr.iter_mut().zip(br).for_each(|(h, &b)| *h += b),
         });
 }
 
@@ -327,7 +340,10 @@ pub fn residual_bwd<T: Real>(
         .par_chunks_mut(d)
         .zip(dh.par_chunks(d))
         .for_each(|(db, g)| match gate {
-            Some(gt) => (0..d).for_each(|j| db[j] = g[j] * gt[j]),
+            Some(gt) => db
+                .iter_mut()
+                .zip(g.iter().zip(gt))
+                .for_each(|(o, (&g, &gt))| *o = g * gt),
             None => db.copy_from_slice(g),
         });
     if let Some(k) = keep {
@@ -338,7 +354,9 @@ pub fn residual_bwd<T: Real>(
     }
     if let Some(dg) = dgate {
         for (g, br) in dh.chunks_exact(d).zip(dropped.chunks_exact(d)) {
-            (0..d).for_each(|j| dg[j] += g[j] * br[j]);
+            dg.iter_mut()
+                .zip(g.iter().zip(br))
+                .for_each(|(o, (&g, &b))| *o += g * b);
         }
     }
 }

@@ -10,6 +10,7 @@
 
 use rayon::prelude::*;
 
+use crate::cpu::layers::sum;
 use crate::cpu::Real;
 use crate::model::dit_ref::NEG_INF;
 
@@ -52,15 +53,19 @@ pub fn subs_ce_in_place<T: Real>(
                 row.fill(T::zero());
                 return;
             }
-            let lse = row_lse(row, mask_index);
             let target = x0[r] as usize;
             let w = weight[r] as f64 / norm;
-            *loss = w * (lse - row[target]).as_f64();
-            let wt = T::lit(w);
-            for x in row.iter_mut() {
-                *x = wt * (*x - lse).exp();
-            }
+            let logit = row[target];
+            // exp(l − max) in place with the mask column excluded: the softmax up to 1/z.
+            row[mask_index] = T::neg_infinity();
+            let m = row.iter().copied().fold(T::neg_infinity(), T::max);
+            row.iter_mut().for_each(|x| *x = (*x - m).exp_fast());
             row[mask_index] = T::zero();
+            let z = sum(row);
+            *loss = w * (m + z.ln() - logit).as_f64();
+            let wt = T::lit(w);
+            let scale = wt / z;
+            row.iter_mut().for_each(|x| *x *= scale);
             row[target] -= wt;
         });
     per_row.iter().sum()

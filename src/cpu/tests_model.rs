@@ -393,7 +393,7 @@ fn two_half_batches_accumulate_to_the_full_batch() {
 }
 
 #[test]
-fn f32_is_deterministic_and_close_to_f64() {
+fn f32_is_deterministic_across_runs_and_thread_counts_and_close_to_f64() {
     let mut c = tiny(Algo::Imdm, 0.0, false);
     (c.hidden, c.heads, c.length, c.dropout) = (32, 2, 16, 0.1);
     let p = random_params(&c, 15);
@@ -410,6 +410,18 @@ fn f32_is_deterministic_and_close_to_f64() {
     let (l2, g2) = run();
     assert_eq!(l1.to_bits(), l2.to_bits(), "loss differs run to run");
     assert!(g1 == g2, "gradients differ run to run");
+    // Work is split into fixed chunks and row sums run serially: one thread gives the same bits.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let (l3, g3) = pool.install(run);
+    assert_eq!(
+        l1.to_bits(),
+        l3.to_bits(),
+        "loss depends on the thread count"
+    );
+    assert!(g1 == g3, "gradients depend on the thread count");
     let mut g64 = DitParams::zeros(&c);
     let l64 = loss_and_grad::<f64>(&p, &k.batch(), &opts, &mut g64).unwrap();
     assert!((l1 - l64).abs() < 1e-5 * l64, "f32 loss {l1} vs f64 {l64}");

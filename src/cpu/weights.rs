@@ -5,10 +5,10 @@
 
 use std::borrow::Cow;
 
-use crate::cpu::Real;
+use crate::cpu::{Buf, Real};
 use crate::error::{Error, Result};
 use crate::model::params::{Linear, TIME_FEATURES};
-use crate::model::DitParams;
+use crate::model::{DitConfig, DitParams};
 use crate::tensor::Tensor;
 
 /// A linear layer `y = x W^T + b`: W (out, inp), b (out).
@@ -36,6 +36,12 @@ impl<'a, T: Real> Lin<'a, T> {
             inp: self.inp,
         }
     }
+    fn recycle(self) {
+        give(self.w);
+        if let Some(b) = self.b {
+            give(b);
+        }
+    }
     fn add_into(&self, l: &mut Linear) {
         T::add_into_f32(&mut l.weight.data, &self.w);
         if let (Some(dst), Some(src)) = (l.bias.as_mut(), self.b.as_ref()) {
@@ -56,7 +62,14 @@ impl<'a, T: Real> Lin<'a, T> {
 }
 
 fn zeros<T: Real>(n: usize) -> Cow<'static, [T]> {
-    Cow::Owned(vec![T::zero(); n])
+    Cow::Owned(Buf::zeros(n).into_vec())
+}
+
+/// Hands an owned buffer back to the pool.
+fn give<T: Real>(c: Cow<'_, [T]>) {
+    if let Cow::Owned(v) = c {
+        drop(Buf::from_vec(v));
+    }
 }
 
 /// One block.
@@ -90,7 +103,7 @@ pub(crate) struct Weights<'a, T: Real> {
 impl<'a, T: Real> Weights<'a, T> {
     /// Views `p` after checking that its parameters have the shapes its config implies.
     pub fn view(p: &'a DitParams) -> Result<Self> {
-        check_shapes(p, &DitParams::zeros(&p.config), "parameters")?;
+        check_shapes(p, &expected_shapes(&p.config), "parameters")?;
         Ok(Weights {
             embedding: T::view(&p.embedding.data),
             eps_mlp: p
@@ -148,6 +161,27 @@ impl<'a, T: Real> Weights<'a, T> {
         }
     }
 
+    /// Returns every owned buffer (gradients, f64 copies) to the pool for the next step.
+    pub fn recycle(self) {
+        give(self.embedding);
+        for (a, b) in self.eps_mlp.into_iter().chain(self.sigma_map) {
+            a.recycle();
+            b.recycle();
+        }
+        for b in self.blocks {
+            give(b.norm1);
+            give(b.norm2);
+            for l in [b.qkv, b.out, b.fc1, b.fc2].into_iter().chain(b.adaln) {
+                l.recycle();
+            }
+        }
+        give(self.final_norm);
+        self.final_linear.recycle();
+        if let Some(l) = self.final_adaln {
+            l.recycle();
+        }
+    }
+
     /// `g += self` (rounded to f32); `g` must have been checked with [`check_shapes`].
     pub fn add_into(&self, g: &mut DitParams) {
         T::add_into_f32(&mut g.embedding.data, &self.embedding);
@@ -179,22 +213,65 @@ impl<'a, T: Real> Weights<'a, T> {
     }
 }
 
-/// Fails unless `got` has exactly the tensors (names and shapes) of `want`; `what` names the
+/// (name, shape) of every parameter `DitParams::zeros(c)` holds, in `named()` order, without
+/// allocating the tensors (a large model's zeros would map gigabytes just to read shapes).
+pub(crate) fn expected_shapes(c: &DitConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, v, cd, m) = (c.hidden, c.vocab_size, c.cond_dim, c.mlp_hidden());
+    let mut out = vec![("vocab_embed.embedding".to_string(), vec![v, d])];
+    type Shapes = Vec<(String, Vec<usize>)>;
+    fn lin(out: &mut Shapes, name: &str, o: usize, i: usize, bias: bool) {
+        out.push((format!("{name}.weight"), vec![o, i]));
+        if bias {
+            out.push((format!("{name}.bias"), vec![o]));
+        }
+    }
+    if c.has_eps_mlp() {
+        lin(&mut out, "vocab_embed.imdm_mlp.0", 4 * d, c.noise_dim, true);
+        lin(&mut out, "vocab_embed.imdm_mlp.2", d, 4 * d, false);
+    }
+    if c.has_adaln() {
+        lin(&mut out, "sigma_map.mlp.0", cd, TIME_FEATURES, true);
+        lin(&mut out, "sigma_map.mlp.2", cd, cd, true);
+    }
+    for i in 0..c.blocks {
+        let b = format!("blocks.{i}");
+        out.push((format!("{b}.norm1.weight"), vec![d]));
+        lin(&mut out, &format!("{b}.attn_qkv"), 3 * d, d, false);
+        lin(&mut out, &format!("{b}.attn_out"), d, d, false);
+        out.push((format!("{b}.norm2.weight"), vec![d]));
+        lin(&mut out, &format!("{b}.mlp.0"), m, d, true);
+        lin(&mut out, &format!("{b}.mlp.2"), d, m, true);
+        if c.has_adaln() {
+            lin(&mut out, &format!("{b}.adaLN_modulation"), 6 * d, cd, true);
+        }
+    }
+    out.push(("output_layer.norm_final.weight".into(), vec![d]));
+    lin(&mut out, "output_layer.linear", v, d, true);
+    if c.has_adaln() {
+        lin(&mut out, "output_layer.adaLN_modulation", 2 * d, cd, true);
+    }
+    out
+}
+
+/// Fails unless `got` has exactly the tensors `want` lists (names and shapes); `what` names the
 /// argument in the message.
-pub(crate) fn check_shapes(got: &DitParams, want: &DitParams, what: &str) -> Result<()> {
-    let (g, w) = (got.named(), want.named());
-    for (wn, wt) in &w {
+pub(crate) fn check_shapes(
+    got: &DitParams,
+    want: &[(String, Vec<usize>)],
+    what: &str,
+) -> Result<()> {
+    let g = got.named();
+    for (wn, ws) in want {
         match g.iter().find(|(n, _)| n == wn) {
             None => {
                 return Err(Error::Shape(format!(
-                    "{what}: missing tensor {wn} (expected shape {:?})",
-                    wt.shape
+                    "{what}: missing tensor {wn} (expected shape {ws:?})"
                 )))
             }
-            Some((_, t)) => t.expect_shape(&format!("{what}: {wn}"), &wt.shape)?,
+            Some((_, t)) => t.expect_shape(&format!("{what}: {wn}"), ws)?,
         }
     }
-    if let Some((n, _)) = g.iter().find(|(n, _)| !w.iter().any(|(wn, _)| wn == n)) {
+    if let Some((n, _)) = g.iter().find(|(n, _)| !want.iter().any(|(wn, _)| wn == n)) {
         return Err(Error::Shape(format!(
             "{what}: unexpected tensor {n} for this configuration"
         )));
@@ -213,4 +290,24 @@ pub(crate) fn time_feature_at_zero<T: Real>() -> Vec<T> {
 /// A tensor's data as `T` (inputs such as eps).
 pub(crate) fn tensor_as<T: Real>(t: &Tensor) -> Cow<'_, [T]> {
     T::view(&t.data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Algo;
+
+    #[test]
+    fn expected_shapes_are_those_of_dit_params_zeros() {
+        for (algo, causal) in [(Algo::Imdm, false), (Algo::Mdlm, false), (Algo::Mdlm, true)] {
+            let mut c = DitConfig::minimini();
+            (c.algo, c.causal, c.noise_dim, c.vocab_size, c.mask_index) = (algo, causal, 48, 97, 3);
+            let want: Vec<(String, Vec<usize>)> = DitParams::zeros(&c)
+                .named()
+                .into_iter()
+                .map(|(n, t)| (n, t.shape.clone()))
+                .collect();
+            assert_eq!(expected_shapes(&c), want, "{algo:?} causal {causal}");
+        }
+    }
 }
