@@ -1,6 +1,6 @@
 //! CPU training step throughput: `cpu::loss_and_grad::<f32>` (forward with saved activations,
 //! SUBS cross-entropy, backward to every parameter), the path the CPU demo trains with.
-//! `cargo bench --bench cpu_train [-- NAME_FILTER]`. Prints the median and min of 9 steps
+//! `cargo bench --bench cpu_train [-- NAME_FILTER]`. Prints the median and min of 7 steps
 //! after a warm-up, tokens/s, and GFLOP/s against the step's matmul and attention FLOPs
 //! (forward ≈ 2·rows·params, backward ≈ twice that), plus the forward-only `log_probs::<f32>`.
 //!
