@@ -136,6 +136,9 @@ pub struct StepMetrics {
     pub exact_match: f64,
     /// Distinct sequences among the samples (a collapsed generator has few).
     pub distinct: usize,
+    /// Distinct sequences among the exact-match samples (at most V here): how much of the
+    /// data distribution the coherent samples cover.
+    pub distinct_exact: usize,
     pub samples: usize,
     /// Conditional total correlation given ε, bits (spec 5.9; 0 = factorised given ε).
     pub tc: f64,
@@ -204,6 +207,15 @@ pub fn evaluate<D: Denoiser + ?Sized>(
     };
     Ok(StepMetrics {
         exact_match: exact_match_rate(&toks, mask),
+        distinct_exact: {
+            let l = toks.len;
+            let rows: std::collections::BTreeSet<&[u32]> = toks
+                .ids
+                .chunks(l)
+                .filter(|r| r[0] != mask && r.iter().all(|&x| x == r[0]))
+                .collect();
+            rows.len()
+        },
         distinct: distinct_sequences(&toks),
         samples: cfg.samples,
         tc,

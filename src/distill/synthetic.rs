@@ -92,6 +92,9 @@ pub struct SyntheticConfig {
     /// tiny = the student's top token (see `DatagenConfig::top_p`).
     pub student_top_p: f64,
     pub rounds: usize,
+    /// Student round k trains at lr · decay^(k-1): later rounds refine a map that is already
+    /// mostly right.
+    pub round_lr_decay: f64,
     /// Step counts evaluated.
     pub eval_steps: Vec<usize>,
     pub eval: EvalConfig,
@@ -109,7 +112,7 @@ impl SyntheticConfig {
             blocks: 2,
             noise_dim: 32,
             base_steps: 400,
-            student_steps: 600,
+            student_steps: 1000,
             batch: 64,
             lr: 3e-3,
             warmup: 50,
@@ -120,7 +123,8 @@ impl SyntheticConfig {
             perturbed_frac: 0.5,
             fix_eps: true,
             student_top_p: 1e-6,
-            rounds: 12,
+            rounds: 16,
+            round_lr_decay: 0.9,
             eval_steps: vec![1, 2, 4, 8, 16],
             eval: EvalConfig {
                 samples: 1000,
@@ -210,9 +214,9 @@ pub trait Progress {
     fn step(&mut self, _stage: &str, _step: u64, _total: u64, _loss: f64) {}
 }
 
-fn lr(cfg: &SyntheticConfig) -> LrSchedule {
+fn lr(cfg: &SyntheticConfig, scale: f64) -> LrSchedule {
     LrSchedule {
-        peak: cfg.lr,
+        peak: cfg.lr * scale,
         warmup: cfg.warmup,
     }
 }
@@ -232,7 +236,7 @@ fn train_on_data(
 ) -> Result<(DitParams, f64)> {
     let c = params.config.clone();
     let mut src = SyntheticSource::new(c.vocab_size, c.mask_index, c.length, seed)?;
-    let mut fit = Fitter::new(params, lr(cfg), 0.0, 1.0, |_| false);
+    let mut fit = Fitter::new(params, lr(cfg, 1.0), 0.0, 1.0, |_| false);
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xA5A5);
     let mut losses = vec![];
     let norm = (cfg.batch * c.length) as f64;
@@ -250,6 +254,7 @@ fn train_on_data(
 /// IM-ReDi / MDM-ReDi training on couplings (stage 4-6).
 fn train_on_couplings(
     cfg: &SyntheticConfig,
+    lr_scale: f64,
     params: DitParams,
     pairs: &Couplings,
     name: &str,
@@ -257,7 +262,7 @@ fn train_on_couplings(
     prog: &mut dyn Progress,
 ) -> Result<(DitParams, f64)> {
     let c = params.config.clone();
-    let mut fit = Fitter::new(params, lr(cfg), 0.0, 1.0, |_| false);
+    let mut fit = Fitter::new(params, lr(cfg, lr_scale), 0.0, 1.0, |_| false);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..pairs.len()).collect();
     let mut cursor = order.len();
@@ -309,8 +314,9 @@ fn eval_model(
     for &n in &cfg.eval_steps {
         let m = evaluate(&mut den, n, NoiseRemoval::Ancestral, &cfg.eval)?;
         prog.stage(&format!(
-            "  eval {name:<14} {n:>3} steps: exact-match {:.4}  distinct {:>5}/{}  tc {:.2} bits",
-            m.exact_match, m.distinct, m.samples, m.tc
+            "  eval {name:<14} {n:>3} steps: exact-match {:.4}  distinct {:>5}/{} ({} coherent)  \
+             tc {:.2} bits",
+            m.exact_match, m.distinct, m.samples, m.distinct_exact, m.tc
         ));
         row.insert(n.to_string(), m);
     }
@@ -395,7 +401,7 @@ pub fn run(
     let pairs = datagen(cfg, &teacher, 1.0, 0)?;
 
     prog.stage("4/5 MDM student on the round-1 couplings");
-    let (mdm, l) = train_on_couplings(cfg, teacher.clone(), &pairs, "mdm_redi", s + 3, prog)?;
+    let (mdm, l) = train_on_couplings(cfg, 1.0, teacher.clone(), &pairs, "mdm_redi", s + 3, prog)?;
     final_loss.insert("mdm_redi".into(), l);
     eval_model(cfg, &mdm, "mdm_redi", (&mut results, &mut greedy), prog)?;
 
@@ -408,7 +414,16 @@ pub fn run(
             pairs = datagen(cfg, &student, cfg.student_top_p, k - 1)?;
         }
         let name = format!("imdm_redi_r{k}");
-        let (p, l) = train_on_couplings(cfg, student, &pairs, &name, s + 10 + k as u64, prog)?;
+        let lr_scale = cfg.round_lr_decay.powi(k as i32 - 1);
+        let (p, l) = train_on_couplings(
+            cfg,
+            lr_scale,
+            student,
+            &pairs,
+            &name,
+            s + 10 + k as u64,
+            prog,
+        )?;
         student = p;
         final_loss.insert(name.clone(), l);
         eval_model(cfg, &student, &name, (&mut results, &mut greedy), prog)?;
@@ -457,11 +472,23 @@ pub fn write_outputs(report: &SyntheticReport, dir: &Path) -> Result<()> {
     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
     // Exact-match is plotted on a log axis; a zero rate is drawn at 1/(2·samples), the
     // resolution of the estimate, so MDM's floor stays visible.
-    let series: Vec<Series> = report
-        .results
+    // Baselines, the first round and every few rounds up to the last: all rounds would crowd
+    // the legend.
+    let k = c.rounds;
+    let shown: Vec<String> = model_order(report)
+        .into_iter()
+        .filter(|m| match m.strip_prefix("imdm_redi_r") {
+            Some(r) => {
+                let r: usize = r.parse().unwrap_or(0);
+                r == 1 || r == k || r % (k.div_ceil(4)).max(1) == 0
+            }
+            None => true,
+        })
+        .collect();
+    let series: Vec<Series> = shown
         .iter()
-        .filter(|(m, _)| m.as_str() != "imdm_redi")
-        .map(|(m, row)| {
+        .map(|m| {
+            let row = &report.results[m];
             let mut points: Vec<(f64, f64)> = row
                 .iter()
                 .map(|(n, s)| {
@@ -498,37 +525,40 @@ pub fn table(report: &SyntheticReport) -> String {
     let steps = &report.config.eval_steps;
     let mut s = format!("{:<16}", "model");
     for n in steps {
-        s += &format!(
-            "{:>18}",
-            format!("{n} step{}", if *n == 1 { "" } else { "s" })
-        );
+        let head = format!("{n} step{}", if *n == 1 { "" } else { "s" });
+        s += &format!("{head:>16}");
     }
-    s += "\n";
+    s += &format!("{:>16}\n", "1 step greedy");
     let floor = (report.config.vocab as f64).powi(-(report.config.length as i32 - 1));
-    for (m, row) in &report.results {
-        if m == "imdm_redi" {
-            continue;
-        }
+    let cell = |x: &StepMetrics| format!("{:.3} ({})", x.exact_match, x.distinct);
+    for m in model_order(report) {
+        let row = &report.results[&m];
         s += &format!("{m:<16}");
         for n in steps {
-            let cell = row
-                .get(&n.to_string())
-                .map(|x| format!("{:.3} ({})", x.exact_match, x.distinct))
-                .unwrap_or_default();
-            s += &format!("{cell:>18}");
+            let c = row.get(&n.to_string()).map(cell).unwrap_or_default();
+            s += &format!("{c:>16}");
         }
-        let g = report
-            .greedy_1step
-            .get(m)
-            .map(|x| format!("{:.3} ({})", x.exact_match, x.distinct))
-            .unwrap_or_default();
-        s += &format!("{g:>18}\n");
+        let g = report.greedy_1step.get(&m).map(cell).unwrap_or_default();
+        s += &format!("{g:>16}\n");
     }
     s += &format!(
-        "cells: exact-match rate (distinct sequences among {} samples), reference sampler \
-         (ancestral noise removal); last column: 1 step with greedy noise removal (argmax, so \
-         distinct sequences can only come from eps). MDM floor at 1 step V^-(L-1) = {floor:.1e}\n",
+        "cells: exact-match rate (distinct sequences among {} samples) with the reference \
+         sampler (ancestral noise removal); last column: 1 step with greedy noise removal \
+         (argmax, so distinct sequences can only come from eps). MDM floor at 1 step: \
+         V^-(L-1) = {floor:.1e}\n",
         report.config.eval.samples
     );
     s
+}
+
+/// Baselines first, then the rounds in numeric order (`imdm_redi` repeats the last round).
+fn model_order(report: &SyntheticReport) -> Vec<String> {
+    let mut v: Vec<String> = ["mdlm", "imdm", "mdm_redi"]
+        .iter()
+        .map(|s| s.to_string())
+        .filter(|m| report.results.contains_key(m))
+        .collect();
+    v.extend((1..=report.config.rounds).map(|k| format!("imdm_redi_r{k}")));
+    v.retain(|m| report.results.contains_key(m));
+    v
 }
