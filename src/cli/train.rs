@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 
 use crate::cli::ConfigArgs;
+use crate::data::shards::MANIFEST;
+use crate::data::Manifest;
 use crate::error::{Error, Result};
 use crate::gpu::DeviceChoice;
 use crate::model::{checkpoint, Algo, DitConfig, DitParams};
@@ -95,9 +97,11 @@ pub struct TrainArgs {
     pub noise_scale: Option<f64>,
 
     /// Training data: `synthetic` (spec 1.3: one token uniform over the vocabulary without the
-    /// mask, repeated over the sequence) or `tokens:PATH` (flat little-endian (N, L) ids; the
-    /// dtype comes from a .u16/.u32 extension or --token-dtype). Token files hold out their
-    /// last --eval-size sequences for validation.
+    /// mask, repeated over the sequence), `shards:DIR` (a folder from `data prepare`: its train
+    /// split, reshuffled every epoch; validation on the first --eval-size sequences of its
+    /// valid split; V, mask and length default to the manifest's) or `tokens:PATH` (flat
+    /// little-endian (N, L) ids; the dtype comes from a .u16/.u32 extension or --token-dtype).
+    /// Token files hold out their last --eval-size sequences for validation.
     #[arg(long)]
     pub data: Option<String>,
     /// Element type of a token file, when its extension is not .u16 or .u32.
@@ -184,9 +188,19 @@ fn parse_data(s: &str, dtype: Option<TokenDtype>) -> Result<DataSpec> {
     if s == "synthetic" {
         return Ok(DataSpec::Synthetic);
     }
+    if let Some(dir) = s.strip_prefix("shards:") {
+        let dir = PathBuf::from(dir);
+        if !dir.join(MANIFEST).is_file() {
+            return Err(Error::Config(format!(
+                "--data {s}: {} has no {MANIFEST} (prepare it with `imdm-engine data prepare`)",
+                dir.display()
+            )));
+        }
+        return Ok(DataSpec::Shards { dir });
+    }
     let Some(path) = s.strip_prefix("tokens:") else {
         return Err(Error::Config(format!(
-            "--data {s}: expected `synthetic` or `tokens:PATH`"
+            "--data {s}: expected `synthetic` or `tokens:PATH` or `shards:DIR`"
         )));
     };
     let path = PathBuf::from(path);
@@ -237,6 +251,16 @@ fn resolve_model(a: &TrainArgs) -> Result<DitConfig> {
             ))
         }
     };
+    if let (Some(_), Some(dir)) = (
+        c.preset,
+        a.data.as_deref().and_then(|d| d.strip_prefix("shards:")),
+    ) {
+        // Shards define V, the mask and L; explicit flags still win (and are then checked).
+        let man = Manifest::read(Path::new(dir))?;
+        m.vocab_size = man.vocab_size;
+        m.mask_index = man.mask_index as usize;
+        m.length = man.length;
+    }
     if let Some(v) = c.vocab {
         m.vocab_size = v;
         m.mask_index = v.saturating_sub(1);
@@ -290,10 +314,9 @@ fn resolve_model(a: &TrainArgs) -> Result<DitConfig> {
 /// The training configuration of a new run.
 fn resolve_train(a: &TrainArgs) -> Result<TrainConfig> {
     let d = TrainConfig::default();
-    let data = a
-        .data
-        .as_deref()
-        .ok_or_else(|| Error::Config("a new run needs --data (synthetic or tokens:PATH)".into()))?;
+    let data = a.data.as_deref().ok_or_else(|| {
+        Error::Config("a new run needs --data (synthetic, shards:DIR or tokens:PATH)".into())
+    })?;
     let batch = a.batch.unwrap_or(d.batch);
     let c = TrainConfig {
         data: parse_data(data, a.token_dtype)?,

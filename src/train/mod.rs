@@ -15,6 +15,7 @@ pub mod init;
 pub mod objective;
 pub mod optim;
 pub mod run;
+pub mod shard_source;
 pub mod trainer;
 
 pub use config::{DataSpec, Freeze, TokenDtype, TrainConfig};

@@ -179,6 +179,9 @@ impl Trainer {
             ));
         }
         data.seek(ld.state.data_position)?;
+        if let Some(p) = &ld.state.data_loader {
+            data.restore_loader(p)?;
+        }
         run.truncate_metrics_after(ld.state.step)?;
         let mut t = Self::assemble(
             cfg,
@@ -202,13 +205,14 @@ impl Trainer {
         params: DitParams,
         ema: Ema,
         opt: AdamW,
-        data: Box<dyn DataSource>,
+        mut data: Box<dyn DataSource>,
         val: Option<Tokens>,
         run: Option<RunDir>,
         elapsed_before: f64,
     ) -> Result<Self> {
         let model = params.config.clone();
         model.validate()?;
+        data.set_batch_size(cfg.batch)?;
         if data.seq_len() != model.length {
             return Err(Error::Config(format!(
                 "the data has sequences of length {}, the model's length is {}",
@@ -279,6 +283,7 @@ impl Trainer {
             format: RUN_FORMAT.into(),
             step: self.step,
             data_position: self.data.position(),
+            data_loader: self.data.loader_position(),
             rng: RngState {
                 scheme: "chacha8(seed ^ purpose*golden, stream = step); purposes: 1 times, \
                          2 masks+eps; dropout: philox(seed ^ 3*golden, offset = micro-batch*2^20)"
