@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::gpu::DeviceChoice;
 use crate::model::{checkpoint, Algo, DitConfig, DitParams};
 use crate::train::config::{DataSpec, Freeze, TokenDtype, TrainConfig};
+use crate::train::curves::{plot_runs, CURVES_FILE};
 use crate::train::init::initial_params;
 use crate::train::run::{RunConfig, RunDir, RUN_FORMAT};
 use crate::train::{data, CpuDit, Event, LinearSoftmax, Objective, Trainer};
@@ -62,7 +63,8 @@ that records its configuration), --data and --run-dir. Defaults follow the refer
 AdamW lr 3e-4, betas (0.9, 0.999), eps 1e-8, no weight decay, constant LR after linear warmup, \
 clip 1.0, EMA 0.9999 with warm-up, antithetic times over the global batch.
 
-Progress goes to stdout and to DIR/metrics.jsonl. Checkpoints go to DIR/checkpoints/step-N/ \
+Progress goes to stdout and to DIR/metrics.jsonl (plotted into DIR/curves.png at the end; \
+`imdm-engine plot` redraws it). Checkpoints go to DIR/checkpoints/step-N/ \
 (model.safetensors, ema.safetensors, optim.safetensors, state.json); DIR/latest.json names the \
 last complete one. Validation (NELBO and PPL on held-out data) uses the EMA weights.
 
@@ -569,6 +571,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .map(|r| r.root.clone())
         .unwrap_or_default();
     let last = trainer.run_dir().and_then(|r| r.latest().ok().flatten());
+    if trainer.run_dir().is_some() {
+        // The curves are a convenience: a plotting failure does not fail the run.
+        let png = root.join(CURVES_FILE);
+        if let Err(e) = plot_runs(std::slice::from_ref(&root), &png, false) {
+            eprintln!("warning: no {}: {e}", png.display());
+        }
+    }
     println!(
         "done: {} steps of {} {}; last loss {}; {}; checkpoint {}",
         trainer.step,

@@ -9,8 +9,10 @@
 //! token count.
 
 pub mod config;
+pub mod curves;
 pub mod data;
 pub mod ema;
+pub mod eval;
 pub mod init;
 pub mod objective;
 pub mod optim;

@@ -36,7 +36,7 @@ use crate::train::run::{RngState, RunDir, TrainState, RUN_FORMAT};
 const TIMES: u64 = 1;
 const NOISE: u64 = 2;
 const DROPOUT: u64 = 3;
-const VALIDATION: u64 = 4;
+pub const VALIDATION: u64 = 4;
 /// Seed of the validation noise (times, masks, ε): fixed, so every validation of every run
 /// sees the same noisy held-out batches.
 pub const VALIDATION_SEED: u64 = 0x7A1D_A710_0000_0001;
