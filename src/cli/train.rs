@@ -253,12 +253,13 @@ fn resolve_model(a: &TrainArgs) -> Result<DitConfig> {
             ))
         }
     };
-    if let (Some(_), Some(dir)) = (
-        c.preset,
-        a.data.as_deref().and_then(|d| d.strip_prefix("shards:")),
-    ) {
+    let shards = a.data.as_deref().filter(|d| d.starts_with("shards:"));
+    if let (Some(_), Some(d)) = (c.preset, shards) {
         // Shards define V, the mask and L; explicit flags still win (and are then checked).
-        let man = Manifest::read(Path::new(dir))?;
+        let DataSpec::Shards { dir } = parse_data(d, None)? else {
+            unreachable!("a shards: flag parses as shards")
+        };
+        let man = Manifest::read(&dir)?;
         m.vocab_size = man.vocab_size;
         m.mask_index = man.mask_index as usize;
         m.length = man.length;
