@@ -11,8 +11,11 @@ use crate::train::run::METRICS_FILE;
 /// Name of the plot `train` writes into its run directory.
 pub const CURVES_FILE: &str = "curves.png";
 
+/// (x, y) points of one curve.
+pub type Points = Vec<(f64, f64)>;
+
 /// The (step, loss) and (step, val_nelbo) points of one run's `metrics.jsonl`.
-pub fn read_curves(run: &Path) -> Result<(Vec<(f64, f64)>, Vec<(f64, f64)>)> {
+pub fn read_curves(run: &Path) -> Result<(Points, Points)> {
     let path = run.join(METRICS_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let (mut train, mut val) = (Vec::new(), Vec::new());
