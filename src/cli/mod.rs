@@ -11,9 +11,11 @@ use crate::model::{Algo, DitConfig, NoiseType, Preset};
 pub mod bench;
 pub mod data;
 pub mod demo;
+pub mod eval;
 pub mod forward;
 pub mod info;
 pub mod init;
+pub mod plot;
 pub mod probe;
 pub mod sample;
 pub mod train;
@@ -53,6 +55,10 @@ pub enum Command {
     Data(data::DataArgs),
     /// Generate token ids (unconditional, prefix or infill) with the IMDM or MDLM sampler.
     Sample(sample::SampleArgs),
+    /// Evaluate a checkpoint: held-out NELBO and perplexity on prepared shards.
+    Eval(eval::EvalArgs),
+    /// Plot training loss and validation NELBO of run directories as a PNG.
+    Plot(plot::PlotArgs),
 }
 
 /// Model configuration flags shared by the subcommands that build or check a config.
@@ -149,6 +155,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(*a),
         Command::Data(a) => data::run(a),
         Command::Sample(a) => sample::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Plot(a) => plot::run(a),
     }
 }
 

@@ -1,6 +1,8 @@
 //! `imdm-engine sample`: unconditional, prefix or infill generation from a checkpoint, written
-//! as JSONL token ids (one object per sample: `id`, `tokens`, `nfe`, `seed`). Text decoding
-//! arrives with the tokenizers.
+//! as JSONL token ids (one object per sample: `id`, `tokens`, `nfe`, `seed`; with `--decode`
+//! also `text`, the tokens decoded with special tokens kept, as the reference's `batch_decode`,
+//! spec 8.2). The run reports the mean unigram entropy of the samples (spec 8.3: over the
+//! model's own ids, nats; conditional samples on their first 100 tokens).
 //!
 //! Reproducibility: sample k (0-based) starts from the reference's seeded eps with seed
 //! `--seed + k` (spec 5.8), and batch j (samples j·B .. j·B+B−1) draws its categorical and
@@ -23,6 +25,9 @@ use std::time::Instant;
 
 use crate::cli::{check_out_path, ConfigArgs, DeviceArgs};
 use crate::cpu::CpuDenoiser;
+use crate::data::shards::MANIFEST;
+use crate::data::{Conventions, Manifest, Tokenizer, TokenizerKind};
+use crate::diffusion::metrics::mean_unigram_entropy;
 use crate::diffusion::{generate, NoiseRemoval, SampleOutput, SamplerConfig, SamplerKind};
 use crate::error::{Error, Result};
 use crate::gpu::Backend;
@@ -81,6 +86,11 @@ pub struct SampleArgs {
     /// Output JSONL, one object per sample; written atomically.
     #[arg(long)]
     pub out: PathBuf,
+    /// Decode each sample into a "text" field: a folder prepared by `data prepare` (its
+    /// manifest names the tokenizer), or `gpt2` / `bert` (reference conventions; `gpt2:clean`,
+    /// `bert:clean`). The tokenizer's V and mask must be the model's.
+    #[arg(long)]
+    pub decode: Option<String>,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Configuration to assume when the checkpoint carries none (and --length: the sequence
@@ -98,6 +108,40 @@ struct Line<'a> {
     nfe: usize,
     /// Seed of the sample's initial eps.
     seed: i64,
+    /// The tokens as text (with `--decode`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+}
+
+/// The tokenizer `--decode` names (see the flag), checked against the model's V and mask.
+pub fn decode_tokenizer(spec: &str, c: &DitConfig) -> Result<Tokenizer> {
+    let dir = Path::new(spec);
+    let tok = if dir.join(MANIFEST).is_file() {
+        Tokenizer::for_manifest(&Manifest::read(dir)?)?
+    } else {
+        let (name, conv) = spec.split_once(':').unwrap_or((spec, "reference"));
+        let (Ok(kind), Some(conv)) = (
+            name.parse::<TokenizerKind>(),
+            Conventions::from_str(conv, true).ok(),
+        ) else {
+            return Err(config_err(format!(
+                "--decode {spec}: neither a prepared folder (no {MANIFEST} there) nor a \
+                 tokenizer (gpt2, bert, gpt2:clean, bert:clean)"
+            )));
+        };
+        Tokenizer::new(kind, conv)?
+    };
+    if (tok.vocab_size(), tok.mask_index() as usize) != (c.vocab_size, c.mask_index) {
+        return Err(config_err(format!(
+            "--decode {spec}: the {} tokenizer has V={} mask={}, but the model has V={} mask={}",
+            tok.kind().name(),
+            tok.vocab_size(),
+            tok.mask_index(),
+            c.vocab_size,
+            c.mask_index
+        )));
+    }
+    Ok(tok)
 }
 
 /// SplitMix64's finaliser: the stream key of a batch.
@@ -278,6 +322,11 @@ pub fn run(a: SampleArgs) -> Result<()> {
         ..SamplerConfig::new(a.steps)
     };
     base.validate()?;
+    let tokenizer = a
+        .decode
+        .as_deref()
+        .map(|d| decode_tokenizer(d, &c))
+        .transpose()?;
 
     let backend = Backend::resolve(a.device.device)?;
     let mut engine = match &backend {
@@ -303,6 +352,13 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let mask = c.mask_index as u32;
     let t0 = Instant::now();
     let mut lines = String::new();
+    // Spec 8.3: conditional samples are scored on their first 100 tokens.
+    let scored = if a.prefix.is_some() || a.template.is_some() {
+        len.min(100)
+    } else {
+        len
+    };
+    let mut entropy_rows = Vec::with_capacity(a.num_samples * scored);
     for j in 0..batches {
         let (k0, k1) = (j * a.batch, ((j + 1) * a.batch).min(a.num_samples));
         let ids: Vec<u32> = (k0..k1)
@@ -316,11 +372,17 @@ pub fn run(a: SampleArgs) -> Result<()> {
         };
         let out = engine.generate(&cfg, &x, &seeds)?;
         for (r, k) in (k0..k1).enumerate() {
+            let tokens = &out.tokens.ids[r * len..(r + 1) * len];
+            entropy_rows.extend_from_slice(&tokens[..scored]);
             let line = Line {
                 id: k,
-                tokens: &out.tokens.ids[r * len..(r + 1) * len],
+                tokens,
                 nfe: out.nfe,
                 seed: seeds[r],
+                text: tokenizer
+                    .as_ref()
+                    .map(|t| t.decode(tokens, false))
+                    .transpose()?,
             };
             lines.push_str(&serde_json::to_string(&line).expect("plain data"));
             lines.push('\n');
@@ -338,12 +400,27 @@ pub fn run(a: SampleArgs) -> Result<()> {
         );
     }
     write_text_atomic(&a.out, &lines)?;
+    let entropy = mean_unigram_entropy(&Tokens {
+        batch: a.num_samples,
+        len: scored,
+        ids: entropy_rows,
+    });
     println!(
-        "wrote {} ({} samples of {len} tokens, {} steps) in {:.1}s",
+        "wrote {} ({} samples of {len} tokens, {} steps{}) in {:.1}s; mean unigram entropy \
+         {entropy:.4} nats{}",
         a.out.display(),
         a.num_samples,
         a.steps,
-        t0.elapsed().as_secs_f64()
+        tokenizer.as_ref().map_or(String::new(), |t| format!(
+            ", decoded with {}",
+            t.kind().name()
+        )),
+        t0.elapsed().as_secs_f64(),
+        if scored < len {
+            " (first 100 tokens)"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

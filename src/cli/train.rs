@@ -7,10 +7,13 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 
 use crate::cli::ConfigArgs;
+use crate::data::shards::MANIFEST;
+use crate::data::Manifest;
 use crate::error::{Error, Result};
 use crate::gpu::DeviceChoice;
 use crate::model::{checkpoint, Algo, DitConfig, DitParams};
 use crate::train::config::{DataSpec, Freeze, TokenDtype, TrainConfig};
+use crate::train::curves::{plot_runs, CURVES_FILE};
 use crate::train::init::initial_params;
 use crate::train::run::{RunConfig, RunDir, RUN_FORMAT};
 use crate::train::{data, CpuDit, Event, LinearSoftmax, Objective, Trainer};
@@ -60,7 +63,8 @@ that records its configuration), --data and --run-dir. Defaults follow the refer
 AdamW lr 3e-4, betas (0.9, 0.999), eps 1e-8, no weight decay, constant LR after linear warmup, \
 clip 1.0, EMA 0.9999 with warm-up, antithetic times over the global batch.
 
-Progress goes to stdout and to DIR/metrics.jsonl. Checkpoints go to DIR/checkpoints/step-N/ \
+Progress goes to stdout and to DIR/metrics.jsonl (plotted into DIR/curves.png at the end; \
+`imdm-engine plot` redraws it). Checkpoints go to DIR/checkpoints/step-N/ \
 (model.safetensors, ema.safetensors, optim.safetensors, state.json); DIR/latest.json names the \
 last complete one. Validation (NELBO and PPL on held-out data) uses the EMA weights.
 
@@ -95,9 +99,11 @@ pub struct TrainArgs {
     pub noise_scale: Option<f64>,
 
     /// Training data: `synthetic` (spec 1.3: one token uniform over the vocabulary without the
-    /// mask, repeated over the sequence) or `tokens:PATH` (flat little-endian (N, L) ids; the
-    /// dtype comes from a .u16/.u32 extension or --token-dtype). Token files hold out their
-    /// last --eval-size sequences for validation.
+    /// mask, repeated over the sequence), `shards:DIR` (a folder from `data prepare`: its train
+    /// split, reshuffled every epoch; validation on the first --eval-size sequences of its
+    /// valid split; V, mask and length default to the manifest's) or `tokens:PATH` (flat
+    /// little-endian (N, L) ids; the dtype comes from a .u16/.u32 extension or --token-dtype).
+    /// Token files hold out their last --eval-size sequences for validation.
     #[arg(long)]
     pub data: Option<String>,
     /// Element type of a token file, when its extension is not .u16 or .u32.
@@ -184,9 +190,19 @@ fn parse_data(s: &str, dtype: Option<TokenDtype>) -> Result<DataSpec> {
     if s == "synthetic" {
         return Ok(DataSpec::Synthetic);
     }
+    if let Some(dir) = s.strip_prefix("shards:") {
+        let dir = PathBuf::from(dir);
+        if !dir.join(MANIFEST).is_file() {
+            return Err(Error::Config(format!(
+                "--data {s}: {} has no {MANIFEST} (prepare it with `imdm-engine data prepare`)",
+                dir.display()
+            )));
+        }
+        return Ok(DataSpec::Shards { dir });
+    }
     let Some(path) = s.strip_prefix("tokens:") else {
         return Err(Error::Config(format!(
-            "--data {s}: expected `synthetic` or `tokens:PATH`"
+            "--data {s}: expected `synthetic` or `tokens:PATH` or `shards:DIR`"
         )));
     };
     let path = PathBuf::from(path);
@@ -237,6 +253,17 @@ fn resolve_model(a: &TrainArgs) -> Result<DitConfig> {
             ))
         }
     };
+    let shards = a.data.as_deref().filter(|d| d.starts_with("shards:"));
+    if let (Some(_), Some(d)) = (c.preset, shards) {
+        // Shards define V, the mask and L; explicit flags still win (and are then checked).
+        let DataSpec::Shards { dir } = parse_data(d, None)? else {
+            unreachable!("a shards: flag parses as shards")
+        };
+        let man = Manifest::read(&dir)?;
+        m.vocab_size = man.vocab_size;
+        m.mask_index = man.mask_index as usize;
+        m.length = man.length;
+    }
     if let Some(v) = c.vocab {
         m.vocab_size = v;
         m.mask_index = v.saturating_sub(1);
@@ -290,10 +317,9 @@ fn resolve_model(a: &TrainArgs) -> Result<DitConfig> {
 /// The training configuration of a new run.
 fn resolve_train(a: &TrainArgs) -> Result<TrainConfig> {
     let d = TrainConfig::default();
-    let data = a
-        .data
-        .as_deref()
-        .ok_or_else(|| Error::Config("a new run needs --data (synthetic or tokens:PATH)".into()))?;
+    let data = a.data.as_deref().ok_or_else(|| {
+        Error::Config("a new run needs --data (synthetic, shards:DIR or tokens:PATH)".into())
+    })?;
     let batch = a.batch.unwrap_or(d.batch);
     let c = TrainConfig {
         data: parse_data(data, a.token_dtype)?,
@@ -547,6 +573,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .map(|r| r.root.clone())
         .unwrap_or_default();
     let last = trainer.run_dir().and_then(|r| r.latest().ok().flatten());
+    if trainer.run_dir().is_some() {
+        // The curves are a convenience: a plotting failure does not fail the run.
+        let png = root.join(CURVES_FILE);
+        if let Err(e) = plot_runs(std::slice::from_ref(&root), &png, false) {
+            eprintln!("warning: no {}: {e}", png.display());
+        }
+    }
     println!(
         "done: {} steps of {} {}; last loss {}; {}; checkpoint {}",
         trainer.step,

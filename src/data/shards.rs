@@ -469,7 +469,8 @@ impl ShardSet {
             return Err(Error::data(
                 self.dir.join(MANIFEST),
                 format!(
-                    "prepared for V={} mask={} length {} ({} tokenizer), but the model has                      V={vocab_size} mask={mask_index} length {length}",
+                    "prepared for V={} mask={} length {} ({} tokenizer), but the model has \
+                     V={vocab_size} mask={mask_index} length {length}",
                     m.vocab_size, m.mask_index, m.length, m.tokenizer.kind
                 ),
             ));

@@ -150,6 +150,33 @@ impl Tokenizer {
         Ok(t)
     }
 
+    /// The tokenizer a prepared folder was made with (its manifest's kind and conventions),
+    /// checked against the manifest's V and mask id.
+    pub fn for_manifest(m: &crate::data::shards::Manifest) -> Result<Self> {
+        let kind: TokenizerKind = m.tokenizer.kind.parse()?;
+        let conventions = match m.tokenizer.conventions.as_str() {
+            "reference" => Conventions::Reference,
+            "clean" => Conventions::Clean,
+            o => {
+                return Err(Error::Tokenizer(format!(
+                    "manifest conventions {o:?}: expected reference or clean"
+                )))
+            }
+        };
+        let t = Self::new(kind, conventions)?;
+        if (t.vocab_size(), t.mask_index()) != (m.vocab_size, m.mask_index) {
+            return Err(Error::Tokenizer(format!(
+                "the manifest says V={} mask={} for {}, the tokenizer has V={} mask={}",
+                m.vocab_size,
+                m.mask_index,
+                kind.name(),
+                t.vocab_size(),
+                t.mask_index()
+            )));
+        }
+        Ok(t)
+    }
+
     /// BERT with the reference conventions.
     pub fn bert() -> Result<Self> {
         Self::new(TokenizerKind::Bert, Conventions::Reference)

@@ -25,6 +25,9 @@ pub enum DataSpec {
     Synthetic,
     /// A flat little-endian file of (N, L) token ids.
     Tokens { path: PathBuf, dtype: TokenDtype },
+    /// A folder prepared by `data prepare`: its `train` split, shuffled per epoch by the data
+    /// loader; validation on its `valid` split.
+    Shards { dir: PathBuf },
 }
 
 /// Which parameters stay fixed (no gradient step, excluded from the clip norm).

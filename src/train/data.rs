@@ -9,7 +9,14 @@
 //!   last `eval_size` sequences are held out for validation; the rest are visited in a fresh
 //!   seeded permutation every epoch.
 //!
+//! - [`ShardSource`](crate::train::shard_source::ShardSource): prepared token shards
+//!   (`data prepare`) through the shuffling [`Loader`](crate::data::Loader); validation reads the
+//!   manifest's held-out split.
+//!
 //! `position()` counts sequences consumed; a run directory records it and `seek` restores it.
+//! A source with a richer position (the shard loader's epoch, seed and data fingerprint) also
+//! reports it through [`DataSource::loader_position`]; the checkpoint stores it and a resume
+//! restores it, refusing other data.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -19,6 +26,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::data::LoaderPosition;
 use crate::error::{Error, Result};
 use crate::model::DitConfig;
 use crate::tensor::Tokens;
@@ -40,6 +48,25 @@ pub trait DataSource {
     fn seek(&mut self, pos: u64) -> Result<()>;
     /// One line for logs: what the source is.
     fn describe(&self) -> String;
+    /// Announces the batch size every later `next_batch` will ask for (the trainer calls it
+    /// once, before the first batch), so a source with fixed batches can check it early.
+    fn set_batch_size(&mut self, _batch: usize) -> Result<()> {
+        Ok(())
+    }
+    /// The loader's full position, for sources that read prepared shards; `None` otherwise.
+    fn loader_position(&self) -> Option<LoaderPosition> {
+        None
+    }
+    /// Restores [`DataSource::loader_position`] (after `seek`); refuses a position taken on
+    /// other data or with other settings.
+    fn restore_loader(&mut self, p: &LoaderPosition) -> Result<()> {
+        Err(Error::Config(format!(
+            "the checkpoint records a shard-loader position (data {}), but this data source \
+             ({}) has none",
+            p.fingerprint,
+            self.describe()
+        )))
+    }
 }
 
 /// Spec 1.3's synthetic-align data (see the module doc).
@@ -315,6 +342,13 @@ pub fn open(
         DataSpec::Tokens { path, dtype } => {
             let src = TokenFileSource::open(path, *dtype, l, v, m, eval_size, seed)?;
             let val = (eval_size > 0).then(|| src.held_out()).transpose()?;
+            Ok((Box::new(src), val))
+        }
+        DataSpec::Shards { dir } => {
+            let src = crate::train::shard_source::ShardSource::open(dir, config, seed)?;
+            let val = (eval_size > 0)
+                .then(|| src.held_out(eval_size))
+                .transpose()?;
             Ok((Box::new(src), val))
         }
     }

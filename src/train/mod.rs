@@ -9,12 +9,15 @@
 //! token count.
 
 pub mod config;
+pub mod curves;
 pub mod data;
 pub mod ema;
+pub mod eval;
 pub mod init;
 pub mod objective;
 pub mod optim;
 pub mod run;
+pub mod shard_source;
 pub mod trainer;
 
 pub use config::{DataSpec, Freeze, TokenDtype, TrainConfig};

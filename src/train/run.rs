@@ -10,8 +10,10 @@
 //!                                  ema.safetensors    EMA weights, same format (for sampling)
 //!                                  optim.safetensors  exp_avg.<name>, exp_avg_sq.<name>;
 //!                                                     metadata: step and AdamW settings
-//!                                  state.json         step, data position, RNG seed/counter,
-//!                                                     EMA decay and updates, elapsed time
+//!                                  state.json         step, data position (and the shard
+//!                                                     loader's, for shard data), RNG
+//!                                                     seed/counter, EMA decay and updates,
+//!                                                     elapsed time
 //! ```
 //!
 //! A checkpoint is written into `step-N.tmp/`, every file synced, the directory renamed to
@@ -27,6 +29,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::LoaderPosition;
 use crate::error::{Error, Result};
 use crate::model::{checkpoint, DitConfig, DitParams};
 use crate::stio::{write_atomic, OutTensor, StFile};
@@ -72,6 +75,10 @@ pub struct TrainState {
     pub step: u64,
     /// Sequences the data source has delivered.
     pub data_position: u64,
+    /// The shard loader's position (epoch, offset, seed, batch size, data fingerprint) for
+    /// runs on prepared shards; absent for other sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_loader: Option<LoaderPosition>,
     pub rng: RngState,
     pub ema_decay: f64,
     pub ema_num_updates: u64,

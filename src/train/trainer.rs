@@ -36,7 +36,7 @@ use crate::train::run::{RngState, RunDir, TrainState, RUN_FORMAT};
 const TIMES: u64 = 1;
 const NOISE: u64 = 2;
 const DROPOUT: u64 = 3;
-const VALIDATION: u64 = 4;
+pub const VALIDATION: u64 = 4;
 /// Seed of the validation noise (times, masks, ε): fixed, so every validation of every run
 /// sees the same noisy held-out batches.
 pub const VALIDATION_SEED: u64 = 0x7A1D_A710_0000_0001;
@@ -186,6 +186,9 @@ impl Trainer {
             )));
         }
         data.seek(ld.state.data_position)?;
+        if let Some(p) = &ld.state.data_loader {
+            data.restore_loader(p)?;
+        }
         run.truncate_metrics_after(ld.state.step)?;
         run.record_train_config(&cfg)?;
         let mut t = Self::assemble(
@@ -210,13 +213,14 @@ impl Trainer {
         params: DitParams,
         ema: Ema,
         opt: AdamW,
-        data: Box<dyn DataSource>,
+        mut data: Box<dyn DataSource>,
         val: Option<Tokens>,
         run: Option<RunDir>,
         elapsed_before: f64,
     ) -> Result<Self> {
         let model = params.config.clone();
         model.validate()?;
+        data.set_batch_size(cfg.batch)?;
         if data.seq_len() != model.length {
             return Err(Error::Config(format!(
                 "the data has sequences of length {}, the model's length is {}",
@@ -287,6 +291,7 @@ impl Trainer {
             format: RUN_FORMAT.into(),
             step: self.step,
             data_position: self.data.position(),
+            data_loader: self.data.loader_position(),
             rng: RngState {
                 scheme: "chacha8(seed ^ purpose*golden, stream = step); purposes: 1 times, \
                          2 masks+eps; dropout: philox(seed ^ 3*golden, offset = micro-batch*2^20)"

@@ -1,0 +1,167 @@
+//! `imdm-engine eval ppl`: held-out NELBO and perplexity of a checkpoint on prepared shards
+//! (spec 8.1); see `train::eval` for the protocol.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use crate::cli::{check_out_path, ConfigArgs, DeviceArgs};
+use crate::cpu::CpuDenoiser;
+use crate::data::VALID;
+use crate::diffusion::Denoiser;
+use crate::error::{Error, Result};
+use crate::gpu::Backend;
+use crate::model::checkpoint;
+use crate::model::gpu_denoiser::GpuDenoiser;
+use crate::train::eval::{heldout_ppl, PplOptions};
+use crate::train::trainer::VALIDATION_SEED;
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    pub command: EvalCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Held-out NELBO per token and PPL = exp(NELBO) on prepared shards (spec 8.1).
+    ///
+    /// Every sequence of the split once, in stored order; per batch, antithetic times over its
+    /// rows, random masks and (IMDM) random eps from --seed. The file is evaluated as given:
+    /// pass a run's ema.safetensors for the EMA weights (the reference's protocol) or
+    /// model.safetensors for the raw ones. Without --seed the noise is that of `train`'s
+    /// validation, so with --batch equal to the run's --micro-batch and a split no larger
+    /// than its --eval-size the CPU number equals the run's last val_nelbo.
+    Ppl(PplArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PplArgs {
+    /// Model checkpoint (.safetensors), e.g. RUN/checkpoints/step-N/ema.safetensors.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// A folder prepared by `data prepare` (its vocabulary, mask and length must match the
+    /// model's).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Split to evaluate.
+    #[arg(long, default_value = VALID)]
+    pub split: String,
+    /// Sequences per batch (the antithetic group; the reference's zero-shot runs use 16).
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Seed of times, masks and eps [default: train's validation seed].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Evaluate only the first N sequences of the split.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Also write the result as JSON to this file ("-" = stdout only JSON).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Configuration to assume when the checkpoint carries none.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    match a.command {
+        EvalCommand::Ppl(p) => run_ppl(p),
+    }
+}
+
+fn run_ppl(a: PplArgs) -> Result<()> {
+    if a.batch == 0 {
+        return Err(Error::Config("--batch must be at least 1".into()));
+    }
+    let json_stdout = a.json.as_ref().is_some_and(|p| p.as_os_str() == "-");
+    if let Some(p) = a.json.as_ref().filter(|_| !json_stdout) {
+        check_out_path("--json", p)?;
+    }
+    let chosen = a.config.resolve()?;
+    let params = checkpoint::load(&a.checkpoint, chosen.as_ref())?;
+    let c = params.config.clone();
+    let backend = Backend::resolve(a.device.device)?;
+    let (mut den, device): (Box<dyn Denoiser + '_>, &str) = match &backend {
+        Backend::Cpu => (Box::new(CpuDenoiser::new(params)?), "cpu"),
+        Backend::Cuda(gpu) => (Box::new(GpuDenoiser::new(gpu, &params)?), "cuda"),
+    };
+    let opts = PplOptions {
+        batch: a.batch,
+        seed: a.seed.unwrap_or(VALIDATION_SEED),
+        limit: a.limit,
+    };
+    eprintln!(
+        "eval ppl: {} ({} {:?}, V {}, L {}) on {} split {:?}, batch {}, seed {}, {device}",
+        a.checkpoint.display(),
+        c.preset,
+        c.algo,
+        c.vocab_size,
+        c.length,
+        a.data.display(),
+        a.split,
+        opts.batch,
+        a.seed
+            .map_or("train's validation seed".to_string(), |s| s.to_string())
+    );
+    let mut last = std::time::Instant::now();
+    let t0 = last;
+    let mut progress = |done: u64, total: u64| {
+        if last.elapsed().as_secs_f64() >= 5.0 {
+            let s = t0.elapsed().as_secs_f64();
+            eprintln!(
+                "  {done}/{total} sequences, {:.1} seq/s, ETA {:.0}s",
+                done as f64 / s,
+                s / done as f64 * (total - done) as f64
+            );
+            last = std::time::Instant::now();
+        }
+    };
+    let r = heldout_ppl(den.as_mut(), &a.data, &a.split, opts, &mut progress)?;
+    let value = serde_json::json!({
+        "checkpoint": a.checkpoint.display().to_string(),
+        "data": a.data.display().to_string(),
+        "split": a.split,
+        "preset": c.preset,
+        "algo": format!("{:?}", c.algo).to_lowercase(),
+        "length": c.length,
+        "batch": opts.batch,
+        "seed": opts.seed,
+        "device": device,
+        "nelbo": r.nelbo,
+        "ppl": r.ppl,
+        "sequences": r.sequences,
+        "tokens": r.tokens,
+        "masked": r.masked,
+        "seconds": r.seconds,
+    });
+    if json_stdout {
+        println!("{value}");
+        return Ok(());
+    }
+    println!(
+        "NELBO {:.4} nats/token, PPL {:.3} ({} sequences, {} tokens, {} masked; {:.1}s, \
+         {:.0} tok/s)",
+        r.nelbo,
+        r.ppl,
+        r.sequences,
+        r.tokens,
+        r.masked,
+        r.seconds,
+        r.tokens as f64 / r.seconds.max(1e-9)
+    );
+    if let Some(p) = &a.json {
+        let mut tmp = p.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        std::fs::File::create(&tmp)
+            .and_then(|mut f| writeln!(f, "{value:#}"))
+            .map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, p).map_err(|e| Error::io(p, e))?;
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
