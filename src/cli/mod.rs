@@ -15,8 +15,8 @@ pub mod forward;
 pub mod info;
 pub mod init;
 pub mod probe;
-pub mod train;
 pub mod sample;
+pub mod train;
 
 /// Masked diffusion language models (MDLM, IMDM) with hand-written CUDA kernels.
 ///
