@@ -11,6 +11,7 @@
 pub mod config;
 pub mod data;
 pub mod ema;
+pub mod gpu;
 pub mod init;
 pub mod objective;
 pub mod optim;
@@ -20,7 +21,8 @@ pub mod trainer;
 pub use config::{DataSpec, Freeze, TokenDtype, TrainConfig};
 pub use data::DataSource;
 pub use ema::Ema;
-pub use objective::{CpuDit, LinearSoftmax, Objective};
+pub use gpu::GpuTrainer;
+pub use objective::{CpuDit, LinearSoftmax, Objective, Resident};
 pub use optim::{AdamW, AdamWConfig, LrSchedule};
 pub use run::{RunConfig, RunDir};
 pub use trainer::{Event, StepLog, Trainer, ValLog};
