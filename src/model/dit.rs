@@ -230,7 +230,8 @@ pub struct Workspace {
     pub logits: CudaSlice<f32>,
     /// Row stride of `logits`: V (inference) or V rounded up to 64 (training)
     pub logits_ld: usize,
-    /// (rows, V) f32 SUBS log-probs and (rows) their log-sum-exp; empty in training
+    /// (rows, V) f32 SUBS log-probs and (rows) their log-sum-exp; unused (1 element) in
+    /// training
     pub log_probs: CudaSlice<f32>,
     pub lse: CudaSlice<f32>,
     /// Whether this workspace can record a training forward (saved LayerNorm inputs).
@@ -283,8 +284,9 @@ impl Workspace {
             final_ln: LnModulateOut::new(gpu, rows, d)?,
             logits: s.alloc_zeros(rows * logits_ld)?,
             logits_ld,
+            // One placeholder element in training (no zero-sized device allocations).
             log_probs: if training {
-                s.null()?
+                s.alloc_zeros(1)?
             } else {
                 s.alloc_zeros(rows * c.vocab_size)?
             },

@@ -119,10 +119,16 @@ impl Core {
         let grads = master.try_map(|m| Ok::<_, Error>(gpu.stream.alloc_zeros::<f32>(m.len())?))?;
         let mut model = GpuDit::upload(gpu, p)?;
         model.gemm.set_autotune(autotune);
-        let cond = match sigma_map_of(p) {
+        let mut cond = match sigma_map_of(p) {
             Some((fc1, fc2)) => CondDevice::new(gpu, c, fc1, fc2)?,
             None => None,
         };
+        // The modulations always come from the device path (`CondDevice`), never from the
+        // upload's host computation, so a loaded checkpoint reproduces the running state bit
+        // for bit.
+        if let Some(cond) = cond.as_mut() {
+            cond.refresh_modulations(gpu, &mut model, &master)?;
+        }
         let addrs: Vec<(u64, usize)> = grads
             .items()
             .into_iter()
@@ -162,6 +168,7 @@ impl Core {
         self.model = model;
         if let (Some(cond), Some((fc1, fc2))) = (self.cond.as_mut(), sigma_map_of(p)) {
             cond.set_sigma_map(gpu, fc1, fc2)?;
+            cond.refresh_modulations(gpu, &mut self.model, &self.master)?;
         }
         Ok(())
     }
