@@ -612,7 +612,10 @@ impl Objective for GpuTrainer {
         self.opt = None;
         match self.core.as_mut() {
             Some(core) if core.model.config == params.config => {
-                core.set_params(&self.gpu, params)?
+                core.set_params(&self.gpu, params)?;
+                // A core left by a resident run may carry frozen flags; this mode computes
+                // every gradient.
+                core.frozen = core.frozen.map(|_| false);
             }
             _ => {
                 self.core = None;
