@@ -37,6 +37,7 @@ pub mod ops;
 pub mod plot;
 pub mod rng;
 pub mod stio;
+pub mod tape;
 pub mod tensor;
 pub mod testing;
 pub mod train;

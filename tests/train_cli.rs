@@ -130,10 +130,13 @@ fn bad_flags_are_named() {
             toy(d, &["--data", "tokens:/no/such.u16"]),
             "/no/such.u16 does not exist",
         ),
+        // The toy's head dim (8 / 2) has no GPU kernel: refused before any device is opened,
+        // so the message is the same with or without a GPU.
         (
-            toy(d, &["--device", "cuda"]),
-            "GPU training is not yet available",
+            toy(d, &["--device", "cuda", "--objective", "dit"]),
+            "--device cuda: head dim 4",
         ),
+        (toy(d, &["--device", "cuda"]), "runs on the CPU only"),
         (toy(d, &["--ar"]), "--ar"),
         (toy(d, &["--lr=-1"]), "--lr -1"),
         (toy(d, &["--ema", "1.5"]), "--ema 1.5"),

@@ -1,8 +1,10 @@
 //! Benchmarks shared by `imdm-engine bench` and `benches/`: every kernel at the DiT-small and
-//! DiT-large shapes, and whole forwards, reported beside the PyTorch figures of peers.md.
+//! DiT-large shapes, whole forwards, sampler steps ([`sample`]) and training steps ([`train`]),
+//! reported beside the PyTorch figures of peers.md.
 
 pub mod sample;
 pub mod timing;
+pub mod train;
 
 use cudarc::driver::CudaSlice;
 use half::bf16;

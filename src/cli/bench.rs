@@ -47,6 +47,27 @@ pub enum BenchWhat {
         #[arg(long, value_enum, default_value = "imdm")]
         algo: Algo,
     },
+    /// GPU training steps (reference init, random tokens): ms per step, tok/s, MFU (6N, and
+    /// with attention FLOPs) and memory, beside the PyTorch training figures of peers.md.
+    Train {
+        #[arg(long, value_enum, default_value = "small")]
+        preset: Preset,
+        #[arg(long, value_enum, default_value = "owt")]
+        shape: Shape,
+        /// mdlm is the model the PyTorch figures in peers.md measure.
+        #[arg(long, value_enum, default_value = "mdlm")]
+        algo: Algo,
+        /// Timed steps (after 2 warm-up steps).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Sequences per forward/backward (gradients accumulate); default: the whole batch.
+        #[arg(long)]
+        micro_batch: Option<usize>,
+        /// Autotune the cuBLASLt GEMMs on first use (training runs keep it off for
+        /// bit-reproducibility).
+        #[arg(long)]
+        autotune: bool,
+    },
 }
 
 fn write_json(path: &Option<PathBuf>, value: serde_json::Value) -> Result<()> {
@@ -113,6 +134,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 &a.json,
                 serde_json::json!({ "device": gpu.name(), "sample": r }),
             )
+        }
+        BenchWhat::Train {
+            preset,
+            shape,
+            algo,
+            steps,
+            micro_batch,
+            autotune,
+        } => {
+            let name = gpu.name();
+            let r = bench::train::train(gpu, preset, shape, algo, steps, micro_batch, autotune)?;
+            bench::train::print(&r);
+            write_json(&a.json, serde_json::json!({ "device": name, "train": r }))
         }
     }
 }

@@ -1,6 +1,7 @@
-//! `imdm-engine train`: MDLM / IMDM training on the CPU backend, into a resumable run
-//! directory. The flags resolve into a [`RunConfig`] written to `DIR/config.json`; `--resume`
-//! continues a run from its recorded configuration.
+//! `imdm-engine train`: MDLM / IMDM training on the CPU backend or the GPU (`--device cuda`:
+//! `train::GpuTrainer`, weights, optimizer and EMA resident on the device), into a resumable
+//! run directory. The flags resolve into a [`RunConfig`] written to `DIR/config.json`;
+//! `--resume` continues a run from its recorded configuration (on either device).
 
 use std::path::{Path, PathBuf};
 
@@ -10,10 +11,12 @@ use crate::cli::ConfigArgs;
 use crate::data::shards::MANIFEST;
 use crate::data::Manifest;
 use crate::error::{Error, Result};
-use crate::gpu::DeviceChoice;
+use crate::gpu::{DeviceChoice, Gpu};
 use crate::model::{checkpoint, Algo, DitConfig, DitParams};
+use crate::ops::attention::HEAD_DIMS;
 use crate::train::config::{DataSpec, Freeze, TokenDtype, TrainConfig};
 use crate::train::curves::{plot_runs, CURVES_FILE};
+use crate::train::gpu::{GpuTrainOptions, GpuTrainer};
 use crate::train::init::initial_params;
 use crate::train::run::{RunConfig, RunDir, RUN_FORMAT};
 use crate::train::{data, CpuDit, Event, LinearSoftmax, Objective, Trainer};
@@ -29,6 +32,8 @@ pub enum ObjectiveKind {
 }
 
 impl ObjectiveKind {
+    /// The name recorded in `config.json`. "cpu-dit" is the historical name of the DiT
+    /// objective; it names the model and loss, not the device (a run may resume on either).
     fn recorded(self) -> &'static str {
         match self {
             ObjectiveKind::Dit => "cpu-dit",
@@ -46,17 +51,55 @@ impl ObjectiveKind {
         }
     }
 
-    fn build(self) -> Box<dyn Objective> {
-        match self {
-            ObjectiveKind::Dit => Box::new(CpuDit),
-            ObjectiveKind::LinearSoftmax => Box::new(LinearSoftmax),
+    fn build(self, gpu: Option<Gpu>) -> Box<dyn Objective> {
+        match (self, gpu) {
+            (ObjectiveKind::Dit, Some(gpu)) => {
+                Box::new(GpuTrainer::new(gpu, GpuTrainOptions::default()))
+            }
+            (ObjectiveKind::Dit, None) => Box::new(CpuDit),
+            (ObjectiveKind::LinearSoftmax, _) => Box::new(LinearSoftmax),
         }
+    }
+}
+
+/// The GPU to train on, if any: `cuda` requires one (and a model the GPU kernels support),
+/// `auto` takes one when usable and the model fits the kernels, `cpu` never. The flag checks
+/// come before opening the device, so they fail the same way on every machine.
+fn resolve_device(
+    choice: DeviceChoice,
+    kind: ObjectiveKind,
+    model: &DitConfig,
+) -> Result<Option<Gpu>> {
+    let fits = HEAD_DIMS.contains(&model.head_dim());
+    match choice {
+        DeviceChoice::Cpu => Ok(None),
+        DeviceChoice::Cuda => {
+            if kind == ObjectiveKind::LinearSoftmax {
+                return Err(Error::Config(
+                    "--device cuda: the linear-softmax test objective runs on the CPU only".into(),
+                ));
+            }
+            if !fits {
+                return Err(Error::Config(format!(
+                    "--device cuda: head dim {} (hidden {} / heads {}) has no GPU attention \
+                     kernel; supported head dims: {HEAD_DIMS:?}",
+                    model.head_dim(),
+                    model.hidden,
+                    model.heads
+                )));
+            }
+            Ok(Some(Gpu::new(0)?))
+        }
+        DeviceChoice::Auto => Ok((kind == ObjectiveKind::Dit && fits)
+            .then(|| Gpu::new(0).ok())
+            .flatten()),
     }
 }
 
 /// The long `--help` text of `train`.
 pub const LONG_ABOUT: &str = "\
-Train a masked diffusion model (MDLM NELBO, spec 4.6, or IMDM, spec 4.7) on the CPU.
+Train a masked diffusion model (MDLM NELBO, spec 4.6, or IMDM, spec 4.7) on the CPU or the GPU \
+(--device cuda: weights, gradients, AdamW and EMA stay on the device; bit-reproducible).
 
 A new run needs a model (--preset, optionally with size overrides, or --init with a checkpoint \
 that records its configuration), --data and --run-dir. Defaults follow the reference (spec 9): \
@@ -174,7 +217,8 @@ pub struct TrainArgs {
     /// Continue the run in this directory from its latest checkpoint.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Where to train: cpu. (cuda: GPU training is not yet available; auto means cpu.)
+    /// Where to train: cpu, cuda (the GPU; the model's head dim must be 32, 64, 96 or 128), or
+    /// auto (cuda when a GPU is usable, else cpu).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceChoice,
     /// Print only errors and the final summary.
@@ -506,20 +550,13 @@ fn printer(steps: u64) -> impl FnMut(&Event) {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    match a.device {
-        DeviceChoice::Cuda => {
-            return Err(Error::Config(
-                "--device cuda: GPU training is not yet available; use --device cpu".into(),
-            ))
-        }
-        DeviceChoice::Cpu | DeviceChoice::Auto => {}
-    }
-    let (mut trainer, objective, model) = match (&a.resume, &a.run_dir) {
+    let (mut trainer, objective, model, gpu) = match (&a.resume, &a.run_dir) {
         (Some(dir), _) => {
             let (rd, rec) = RunDir::open(dir)?;
             let cfg = resolve_resume(&a, dir, &rec)?;
-            let (src, val) = data::open(&cfg.data, &rec.model, cfg.seed, cfg.eval_size)?;
             let kind = ObjectiveKind::from_recorded(&rec.objective)?;
+            let gpu = resolve_device(a.device, kind, &rec.model)?;
+            let (src, val) = data::open(&cfg.data, &rec.model, cfg.seed, cfg.eval_size)?;
             let t = Trainer::resume(cfg, &rec.model, rd, src, val)?;
             if !a.quiet {
                 println!(
@@ -529,11 +566,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     t.cfg.steps
                 );
             }
-            (t, kind, rec.model)
+            (t, kind, rec.model, gpu)
         }
         (None, Some(dir)) => {
             let model = resolve_model(&a)?;
             let cfg = resolve_train(&a)?;
+            let gpu = resolve_device(a.device, a.objective.unwrap_or(ObjectiveKind::Dit), &model)?;
             let (src, val) = data::open(&cfg.data, &model, cfg.seed, cfg.eval_size)?;
             let params: DitParams = initial_params(&model, cfg.init.as_deref(), cfg.seed)?;
             let rec = RunConfig {
@@ -547,15 +585,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let t = Trainer::new(cfg, params, src, val, Some(rd))?;
             if !a.quiet {
                 println!(
-                    "training {} {} ({} parameters, L {}) on {description} into {}",
+                    "training {} {} ({} parameters, L {}) on {description} into {} ({})",
                     model.preset,
                     algo_name(model.algo),
                     t.params.count(),
                     model.length,
-                    dir.display()
+                    dir.display(),
+                    gpu.as_ref().map_or("CPU".to_string(), |g| g.name())
                 );
             }
-            (t, a.objective.unwrap_or(ObjectiveKind::Dit), model)
+            (t, a.objective.unwrap_or(ObjectiveKind::Dit), model, gpu)
         }
         (None, None) => {
             return Err(Error::Config(
@@ -566,7 +605,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if !a.quiet {
         trainer.set_observer(printer(trainer.cfg.steps));
     }
-    let mut obj = objective.build();
+    let mut obj = objective.build(gpu);
     let val = trainer.run(obj.as_mut())?;
     let root = trainer
         .run_dir()

@@ -18,6 +18,12 @@
 //! h   += gate_mlp · dropout(m2)                  residual
 //! ```
 //! then `y = LN(h)·(1+scale)+shift`, `logits = y W^T + b` (f32), SUBS log-softmax (f32).
+//!
+//! Training ([`GpuDit::forward_recorded`] on a [`Workspace::training`]) records every op on a
+//! [`Tape`] for `model::dit_bwd`, keeps every block's activations, also saves each LayerNorm's
+//! f32 input (the residual stream before it: `ln1_x`, `ln2_x`), and writes the logits with a
+//! padded row stride (`logits_ld`, a multiple of 64) and no log-probs: the loss is the fused
+//! SUBS cross-entropy of `ops::subs`, whose gradient overwrites the logits.
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -35,6 +41,7 @@ use crate::ops::gemm::{Epilogue, Gemm};
 use crate::ops::ln_modulate::{ln_modulate_fwd, LnModulateOut};
 use crate::ops::residual::residual_fwd;
 use crate::ops::subs::subs_fwd_f32;
+use crate::tape::{Dropout, LinSite, LnSite, Op, ResSite, Tape};
 use crate::tensor::Tensor;
 
 /// A linear layer on the GPU: bf16 weight (out, in) and bias in the epilogue's dtype.
@@ -165,11 +172,22 @@ pub struct BlockActs {
     pub mlp_act: CudaSlice<bf16>,
     /// (rows, D)
     pub mlp_out: CudaSlice<bf16>,
+    /// Training only: (rows, D) f32 copies of the residual stream entering LN1 (the block
+    /// input) and LN2, the inputs the LayerNorm backward needs.
+    pub ln1_x: Option<CudaSlice<f32>>,
+    pub ln2_x: Option<CudaSlice<f32>>,
 }
 
 impl BlockActs {
-    fn new(gpu: &Gpu, c: &DitConfig, batch: usize, len: usize) -> Result<Self> {
+    fn new(gpu: &Gpu, c: &DitConfig, batch: usize, len: usize, saved: bool) -> Result<Self> {
         let (rows, d, s) = (batch * len, c.hidden, &gpu.stream);
+        let x = || -> Result<Option<CudaSlice<f32>>> {
+            Ok(if saved {
+                Some(s.alloc_zeros(rows * d)?)
+            } else {
+                None
+            })
+        };
         Ok(BlockActs {
             ln1: LnModulateOut::new(gpu, rows, d)?,
             qkv: s.alloc_zeros(rows * 3 * d)?,
@@ -180,6 +198,8 @@ impl BlockActs {
             mlp_pre: s.alloc_zeros(rows * c.mlp_hidden())?,
             mlp_act: s.alloc_zeros(rows * c.mlp_hidden())?,
             mlp_out: s.alloc_zeros(rows * d)?,
+            ln1_x: x()?,
+            ln2_x: x()?,
         })
     }
 }
@@ -206,17 +226,45 @@ pub struct Workspace {
     pub h: CudaSlice<f32>,
     pub blocks: Vec<BlockActs>,
     pub final_ln: LnModulateOut,
-    /// (rows, V) f32
+    /// (rows, logits_ld) f32; columns V..logits_ld are padding
     pub logits: CudaSlice<f32>,
-    /// (rows, V) f32 SUBS log-probs and (rows) their log-sum-exp
+    /// Row stride of `logits`: V (inference) or V rounded up to 64 (training)
+    pub logits_ld: usize,
+    /// (rows, V) f32 SUBS log-probs and (rows) their log-sum-exp; unused (1 element) in
+    /// training
     pub log_probs: CudaSlice<f32>,
     pub lse: CudaSlice<f32>,
+    /// Whether this workspace can record a training forward (saved LayerNorm inputs).
+    pub training: bool,
 }
 
 impl Workspace {
     pub fn new(gpu: &Gpu, c: &DitConfig, batch: usize, len: usize, keep: Keep) -> Result<Self> {
+        Self::build(gpu, c, batch, len, keep, false)
+    }
+
+    /// The workspace of a training forward: every block's activations and LayerNorm inputs
+    /// kept, logits with row stride `V.next_multiple_of(64)` (16-byte aligned rows for
+    /// cuBLASLt, also in the fused loss's bf16 gradient view), and no log-probs buffer.
+    pub fn training(gpu: &Gpu, c: &DitConfig, batch: usize, len: usize) -> Result<Self> {
+        Self::build(gpu, c, batch, len, Keep::All, true)
+    }
+
+    fn build(
+        gpu: &Gpu,
+        c: &DitConfig,
+        batch: usize,
+        len: usize,
+        keep: Keep,
+        training: bool,
+    ) -> Result<Self> {
         let (rows, d, s) = (batch * len, c.hidden, &gpu.stream);
         let n_acts = if keep == Keep::All { c.blocks } else { 1 };
+        let logits_ld = if training {
+            c.vocab_size.next_multiple_of(64)
+        } else {
+            c.vocab_size
+        };
         let imdm = c.has_eps_mlp();
         let opt = |on: bool, n: usize| -> Result<Option<CudaSlice<bf16>>> {
             Ok(if on { Some(s.alloc_zeros(n)?) } else { None })
@@ -231,12 +279,19 @@ impl Workspace {
             eps_out: opt(imdm, rows * d)?,
             h: s.alloc_zeros(rows * d)?,
             blocks: (0..n_acts)
-                .map(|_| BlockActs::new(gpu, c, batch, len))
+                .map(|_| BlockActs::new(gpu, c, batch, len, training))
                 .collect::<Result<_>>()?,
             final_ln: LnModulateOut::new(gpu, rows, d)?,
-            logits: s.alloc_zeros(rows * c.vocab_size)?,
-            log_probs: s.alloc_zeros(rows * c.vocab_size)?,
+            logits: s.alloc_zeros(rows * logits_ld)?,
+            logits_ld,
+            // One placeholder element in training (no zero-sized device allocations).
+            log_probs: if training {
+                s.alloc_zeros(1)?
+            } else {
+                s.alloc_zeros(rows * c.vocab_size)?
+            },
             lse: s.alloc_zeros(rows)?,
+            training,
         })
     }
 
@@ -292,10 +347,41 @@ impl GpuDit {
     /// The forward on the inputs already in `ws` (see [`Workspace::load_inputs`]). Results stay
     /// on the GPU in `ws.logits` (and `ws.log_probs`, `ws.lse` when `opts.subs`).
     pub fn forward(&self, gpu: &Gpu, ws: &mut Workspace, opts: ForwardOpts) -> Result<()> {
+        self.forward_recorded(gpu, ws, opts, None)
+    }
+
+    /// [`GpuDit::forward`], recording every op on `tape` (cleared first) when one is given; a
+    /// recording forward needs a [`Workspace::training`] (it saves the LayerNorm inputs).
+    pub fn forward_recorded(
+        &self,
+        gpu: &Gpu,
+        ws: &mut Workspace,
+        opts: ForwardOpts,
+        mut tape: Option<&mut Tape>,
+    ) -> Result<()> {
         let c = &self.config;
         let (batch, len, d) = (ws.batch, ws.len, c.hidden);
         let rows = batch * len;
         let g = &self.gemm;
+        if tape.is_some() && !ws.training {
+            return Err(Error::Shape(
+                "a recording (training) forward needs a Workspace::training".into(),
+            ));
+        }
+        if opts.subs && ws.logits_ld != c.vocab_size {
+            return Err(Error::Shape(format!(
+                "SUBS log-probs need dense logits; this workspace pads them to {} (training)",
+                ws.logits_ld
+            )));
+        }
+        if let Some(t) = tape.as_deref_mut() {
+            t.clear();
+        }
+        let mut rec = |op: Op| {
+            if let Some(t) = tape.as_deref_mut() {
+                t.push(op);
+            }
+        };
         {
             let _r = nvtx::range("embedding");
             if let (Some((fc1, fc2)), Some(eps)) = (&self.eps_mlp, &ws.eps) {
@@ -316,7 +402,9 @@ impl GpuDit {
                     0.0,
                     Epilogue::Bias(bias),
                 )?;
+                rec(Op::Linear(LinSite::EpsFc1));
                 gelu_fwd(gpu, GeluKind::Exact, act, None, hid, None, rows, fc1.out)?;
+                rec(Op::GeluExact);
                 g.matmul(
                     gpu,
                     out,
@@ -328,6 +416,7 @@ impl GpuDit {
                     0.0,
                     Epilogue::None,
                 )?;
+                rec(Op::Linear(LinSite::EpsFc2));
             }
             embedding_fwd(
                 gpu,
@@ -339,6 +428,9 @@ impl GpuDit {
                 rows,
                 d,
             )?;
+            rec(Op::Embedding {
+                eps: self.eps_mlp.is_some() && ws.eps.is_some(),
+            });
         }
         let shape = AttentionShape {
             batch,
@@ -356,7 +448,16 @@ impl GpuDit {
             let pair = |k: usize| m.map(|m| (&m[k], &m[k + 1]));
             let gate = |k: usize| m.map(|m| &m[k]);
             let off = opts.offset + 2 * i as u64;
+            let dropout_at = |offset: u64| Dropout {
+                p: opts.dropout,
+                seed: opts.seed,
+                offset,
+            };
+            if let Some(x) = a.ln1_x.as_mut() {
+                gpu.stream.memcpy_dtod(&ws.h, x)?;
+            }
             ln_modulate_fwd(gpu, &mut a.ln1, &ws.h, &blk.norm1, pair(0), rows, d, rows)?;
+            rec(Op::LnModulate(LnSite::Block1(i)));
             g.matmul(
                 gpu,
                 &mut a.qkv,
@@ -368,7 +469,9 @@ impl GpuDit {
                 0.0,
                 Epilogue::None,
             )?;
+            rec(Op::Linear(LinSite::Qkv(i)));
             attention_fwd(gpu, &mut a.attn, &mut a.lse, &a.qkv, &shape)?;
+            rec(Op::Attention(i));
             g.matmul(
                 gpu,
                 &mut a.proj,
@@ -380,6 +483,7 @@ impl GpuDit {
                 0.0,
                 Epilogue::None,
             )?;
+            rec(Op::Linear(LinSite::Out(i)));
             residual_fwd(
                 gpu,
                 &mut ws.h,
@@ -392,7 +496,12 @@ impl GpuDit {
                 opts.seed,
                 off,
             )?;
+            rec(Op::Residual(ResSite::Attn(i), dropout_at(off)));
+            if let Some(x) = a.ln2_x.as_mut() {
+                gpu.stream.memcpy_dtod(&ws.h, x)?;
+            }
             ln_modulate_fwd(gpu, &mut a.ln2, &ws.h, &blk.norm2, pair(3), rows, d, rows)?;
+            rec(Op::LnModulate(LnSite::Block2(i)));
             let (b1, b2) = (
                 blk.mlp1.b.as_ref().expect("mlp bias"),
                 blk.mlp2.b.as_ref().expect("mlp bias"),
@@ -412,6 +521,7 @@ impl GpuDit {
                     aux: Some(&mut a.mlp_pre),
                 },
             )?;
+            rec(Op::Linear(LinSite::Mlp1(i)));
             g.matmul(
                 gpu,
                 &mut a.mlp_out,
@@ -423,6 +533,7 @@ impl GpuDit {
                 0.0,
                 Epilogue::Bias(b2),
             )?;
+            rec(Op::Linear(LinSite::Mlp2(i)));
             residual_fwd(
                 gpu,
                 &mut ws.h,
@@ -435,6 +546,7 @@ impl GpuDit {
                 opts.seed,
                 off + 1,
             )?;
+            rec(Op::Residual(ResSite::Mlp(i), dropout_at(off + 1)));
         }
         {
             let _r = nvtx::range("final layer");
@@ -449,9 +561,10 @@ impl GpuDit {
                 d,
                 rows,
             )?;
+            rec(Op::LnModulate(LnSite::Final));
             let fl = &self.final_linear;
             let bias = fl.b.as_ref().expect("final bias");
-            g.matmul(
+            g.matmul_ld(
                 gpu,
                 &mut ws.logits,
                 &ws.final_ln.y,
@@ -459,9 +572,11 @@ impl GpuDit {
                 &fl.w,
                 true,
                 (rows, fl.out, d),
+                ws.logits_ld,
                 0.0,
                 Epilogue::Bias(bias),
             )?;
+            rec(Op::Linear(LinSite::Final));
         }
         if opts.subs {
             let _r = nvtx::range("subs");

@@ -8,6 +8,12 @@
 //! column-major, so the call computes `C^T = op(B)^T · op(A)^T`: operands swap, M and N swap.
 //! A linear layer `y = x W^T + b` (W stored (out, in) as PyTorch does) is
 //! `matmul(y, x, false, W, true, rows, out, in)`.
+//!
+//! [`Gemm::matmul_strided`] (added for the training backward) also takes row strides `lda`,
+//! `ldb` for the operands and accepts views (`CudaView`), so the fused SUBS loss's in-place
+//! bf16 gradient over f32 logits (row stride `2 * ld`, see `kernels/subs.cu`) feeds the dW,
+//! d-input and bias-sum GEMMs without a copy. Its key and plan carry the strides; the dense
+//! entry points are unchanged.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -67,8 +73,20 @@ impl Drop for Plan {
     }
 }
 
-/// (M, N, K, ldc, ta, tb, output dtype, epilogue, accumulate)
-type Key = (usize, usize, usize, usize, bool, bool, i32, u32, bool);
+/// (M, N, K, ldc, ta, tb, output dtype, epilogue, accumulate, lda, ldb)
+type Key = (
+    usize,
+    usize,
+    usize,
+    usize,
+    bool,
+    bool,
+    i32,
+    u32,
+    bool,
+    usize,
+    usize,
+);
 
 /// How many heuristic candidates are timed on first use (autotuning).
 const CANDIDATES: usize = 8;
@@ -78,6 +96,10 @@ pub struct Gemm {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     plans: Mutex<HashMap<Key, Plan>>,
+    /// Time the heuristic's candidates on first use and keep the fastest (default). Off: always
+    /// the heuristic's first candidate, so two `Gemm`s (two processes, a resumed run) pick the
+    /// same algorithm and give bit-identical results; on, the timing can pick differently.
+    autotune: bool,
 }
 
 const WORKSPACE: usize = 32 << 20;
@@ -99,7 +121,14 @@ impl Gemm {
             handle,
             workspace: gpu.stream.alloc_zeros::<u8>(WORKSPACE)?,
             plans: Mutex::new(HashMap::new()),
+            autotune: true,
         })
+    }
+
+    /// Turns first-use autotuning on or off (see the field). Training turns it off so that
+    /// runs and resumed runs are bit-reproducible across processes.
+    pub fn set_autotune(&mut self, on: bool) {
+        self.autotune = on;
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -109,7 +138,7 @@ impl Gemm {
         out: sys::cudaDataType,
         epilogue: sys::cublasLtEpilogue_t,
     ) -> Result<Plan> {
-        let (m, n, k, ldc, ta, tb, _, _, _) = key;
+        let (m, n, k, ldc, ta, tb, _, _, _, lda, ldb) = key;
         let bf = sys::cudaDataType::CUDA_R_16BF;
         // Column-major view: first operand is B (N x K after op), second is A.
         let (b_rows, b_cols) = if tb { (k, n) } else { (n, k) };
@@ -118,9 +147,10 @@ impl Gemm {
             lt::create_matrix_layout(t, r as u64, c as u64, ld as i64)
                 .map_err(|e| lt_err("matrix layout", e))
         };
+        // A row-major operand with row stride ld is a column-major one with leading dim ld.
         let layouts = [
-            mk(bf, b_rows, b_cols, b_rows)?,
-            mk(bf, a_rows, a_cols, a_rows)?,
+            mk(bf, b_rows, b_cols, ldb)?,
+            mk(bf, a_rows, a_cols, lda)?,
             mk(out, n, m, ldc)?,
         ];
         let desc = lt::create_matmul_desc(
@@ -249,6 +279,73 @@ impl Gemm {
                 m * ldc
             )));
         }
+        let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
+        self.launch(gpu, c, a, lda, ta, b, ldb, tb, (m, n, k), ldc, beta, epi)
+    }
+
+    /// The general form: `C = op(A) · op(B) (+ beta · C)` where A is stored row-major with row
+    /// stride `lda` ((M, K) rows of K, or (K, M) rows of M when `ta`) and B with row stride
+    /// `ldb` ((K, N), or (N, K) when `tb`); A and B may be views (`CudaView`) and hold at least
+    /// `(rows - 1) · ld + cols` elements. C is (M, ldc) as in [`Gemm::matmul_ld`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_strided<T: GemmOut, A: DevicePtr<bf16>, B: DevicePtr<bf16>>(
+        &self,
+        gpu: &Gpu,
+        c: &mut CudaSlice<T>,
+        a: &A,
+        lda: usize,
+        ta: bool,
+        b: &B,
+        ldb: usize,
+        tb: bool,
+        (m, n, k): (usize, usize, usize),
+        ldc: usize,
+        beta: f32,
+        epi: Epilogue<'_, T>,
+    ) -> Result<()> {
+        // (rows, cols) of each operand as stored.
+        let (ar, ac) = if ta { (k, m) } else { (m, k) };
+        let (br, bc) = if tb { (n, k) } else { (k, n) };
+        let need = |r: usize, c: usize, ld: usize| if r == 0 { 0 } else { (r - 1) * ld + c };
+        if lda < ac
+            || ldb < bc
+            || ldc < n
+            || a.len() < need(ar, ac, lda)
+            || b.len() < need(br, bc, ldb)
+            || c.len() != m * ldc
+        {
+            return Err(Error::Shape(format!(
+                "gemm M={m} N={n} K={k} lda={lda} ldb={ldb} ldc={ldc} (ta={ta}, tb={tb}): A has \
+                 {} elements (needs {} with lda >= {ac}), B {} (needs {} with ldb >= {bc}), C {} \
+                 (expected {})",
+                a.len(),
+                need(ar, ac, lda),
+                b.len(),
+                need(br, bc, ldb),
+                c.len(),
+                m * ldc
+            )));
+        }
+        self.launch(gpu, c, a, lda, ta, b, ldb, tb, (m, n, k), ldc, beta, epi)
+    }
+
+    /// Plans (cached) and runs one checked problem.
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: GemmOut, A: DevicePtr<bf16>, B: DevicePtr<bf16>>(
+        &self,
+        gpu: &Gpu,
+        c: &mut CudaSlice<T>,
+        a: &A,
+        lda: usize,
+        ta: bool,
+        b: &B,
+        ldb: usize,
+        tb: bool,
+        (m, n, k): (usize, usize, usize),
+        ldc: usize,
+        beta: f32,
+        epi: Epilogue<'_, T>,
+    ) -> Result<()> {
         let (epi_kind, bias, aux) = match epi {
             Epilogue::None => (
                 sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
@@ -298,6 +395,8 @@ impl Gemm {
             T::CUDA as i32,
             epi_kind as u32,
             beta != 0.0,
+            lda,
+            ldb,
         );
         let mut plans = self.plans.lock().expect("gemm plan cache poisoned");
         if !plans.contains_key(&key) {
@@ -365,9 +464,10 @@ impl Gemm {
                 )
                 .map_err(|e| lt_err(&format!("matmul M={m} N={n} K={k}"), e))
             };
-            // Autotune on first use: time every candidate on the real buffers. Only when the
-            // call overwrites C (beta = 0): the timing runs write C (and aux) before the real one.
-            if !plan.tuned && beta == 0.0 && plan.candidates.len() > 1 {
+            // Autotune on first use (unless turned off): time every candidate on the real
+            // buffers. Only when the call overwrites C (beta = 0): the timing runs write C (and
+            // aux) before the real one.
+            if self.autotune && !plan.tuned && beta == 0.0 && plan.candidates.len() > 1 {
                 plan.chosen = self.tune(gpu, &plan.candidates, run)?;
             }
             plan.tuned = true;
@@ -637,6 +737,74 @@ mod tests {
                 got[r * ldc + n..(r + 1) * ldc].iter().all(|&x| x == 7.0),
                 "padding of row {r} was written"
             );
+        }
+    }
+
+    /// Strided operands (padding columns that must be ignored) and a view of a bf16 matrix
+    /// living in an f32 buffer (the fused SUBS gradient's layout, lda = 2 ld) match the dense
+    /// twin, for every transpose combination the training backward uses.
+    #[test]
+    fn strided_operands_and_views_match_twin() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        let g = Gemm::new(&gpu).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        for &(m, n, k) in &[(40, 24, 72), (1, 50, 33), (64, 8, 16)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true)] {
+                let a = rand_bf16(&mut rng, m * k, 1.0);
+                let b = rand_bf16(&mut rng, k * n, 1.0);
+                let want = cpu::matmul(&a, ta, &b, tb, m, n, k);
+                let (ar, ac) = if ta { (k, m) } else { (m, k) };
+                let (br, bc) = if tb { (n, k) } else { (k, n) };
+                // A padded to lda = ac + 5 with junk in the padding; B inside an f32 buffer with
+                // row stride 2 * ldb bf16 elements (the first half of each f32 row).
+                let lda = ac + 5;
+                let mut ap = vec![bf16::from_f32(9.0); ar * lda];
+                for r in 0..ar {
+                    for j in 0..ac {
+                        ap[r * lda + j] = bf16::from_f32(a[r * ac + j]);
+                    }
+                }
+                let ldf = bc.next_multiple_of(4);
+                let mut bf = vec![bf16::from_f32(-7.0); br * 2 * ldf];
+                for r in 0..br {
+                    for j in 0..bc {
+                        bf[r * 2 * ldf + j] = bf16::from_f32(b[r * bc + j]);
+                    }
+                }
+                let words: Vec<f32> = bf
+                    .chunks(2)
+                    .map(|p| f32::from_bits((p[1].to_bits() as u32) << 16 | p[0].to_bits() as u32))
+                    .collect();
+                let da = gpu.stream.clone_htod(&ap).unwrap();
+                let db32 = gpu.stream.clone_htod(&words).unwrap();
+                // SAFETY: the f32 buffer holds br * ldf f32 = br * 2 * ldf bf16 elements.
+                let dbv = unsafe { db32.transmute::<bf16>(br * 2 * ldf) }.unwrap();
+                let mut c = gpu.stream.alloc_zeros::<f32>(m * n).unwrap();
+                g.matmul_strided(
+                    &gpu,
+                    &mut c,
+                    &da,
+                    lda,
+                    ta,
+                    &dbv,
+                    2 * ldf,
+                    tb,
+                    (m, n, k),
+                    n,
+                    0.0,
+                    Epilogue::None,
+                )
+                .unwrap();
+                assert_close(
+                    &format!("strided gemm {m}x{n}x{k} ta={ta} tb={tb}"),
+                    &gpu.stream.clone_dtoh(&c).unwrap(),
+                    &want,
+                    Tol {
+                        abs: 1e-4 * (k as f64).sqrt(),
+                        rel: 1e-4,
+                    },
+                );
+            }
         }
     }
 

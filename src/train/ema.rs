@@ -50,11 +50,18 @@ impl Ema {
                 s.data.copy_from_slice(&p.data);
                 continue;
             }
-            for (s, &p) in s.data.iter_mut().zip(&p.data) {
-                *s -= omd * (*s - p);
-            }
+            ema_elements(&mut s.data, &p.data, omd);
         }
         Ok(())
+    }
+}
+
+/// `s ← s − omd·(s − p)` element by element in f32 (`omd` = 1 − decay_n), the update
+/// [`Ema::update`] applies and the GPU kernel (`kernels/adamw.cu`, `ema_f32`) reproduces bit
+/// for bit.
+pub fn ema_elements(s: &mut [f32], p: &[f32], omd: f32) {
+    for (s, &p) in s.iter_mut().zip(p) {
+        *s -= omd * (*s - p);
     }
 }
 

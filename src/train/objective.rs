@@ -15,6 +15,7 @@ use crate::diffusion::LossBatch;
 use crate::error::{Error, Result};
 use crate::model::DitParams;
 use crate::tensor::Tensor;
+use crate::train::{AdamW, Ema};
 
 /// A differentiable loss over `DitParams`.
 pub trait Objective {
@@ -30,6 +31,37 @@ pub trait Objective {
     ) -> Result<f64>;
     /// The same loss in evaluation mode (no dropout, no gradient).
     fn eval_loss(&mut self, params: &DitParams, batch: &LossBatch) -> Result<f64>;
+    /// The device-resident form of this objective, if it has one (the GPU trainer): the loop
+    /// then keeps the weights, gradients, optimizer state and EMA on the device and drives
+    /// [`Resident`] instead of `loss_and_grad` plus the host optimizer.
+    fn resident(&mut self) -> Option<&mut dyn Resident> {
+        None
+    }
+}
+
+/// An objective that holds the whole training state on its device. The loop hands it the
+/// host state once ([`Resident::load`]), runs every step through it, and reads the state back
+/// ([`Resident::store`]) before checkpoints and at the end. The update rule is the host
+/// loop's: the same clip, AdamW, EMA and non-finite checks (with the same messages).
+pub trait Resident {
+    /// Whether [`Resident::load`] has run.
+    fn is_loaded(&self) -> bool;
+    /// Uploads weights, EMA shadow, AdamW moments and step counters; frozen tensors are the
+    /// ones without AdamW state.
+    fn load(&mut self, params: &DitParams, ema: &Ema, opt: &AdamW) -> Result<()>;
+    /// Zeroes the gradients (start of a step).
+    fn zero_grads(&mut self) -> Result<()>;
+    /// Loss of one micro-batch; its gradient accumulates on the device.
+    fn accumulate(&mut self, batch: &LossBatch, opts: &TrainOpts) -> Result<f64>;
+    /// Ends step `step` (1-based) whose micro-batch losses sum to `loss`: fails with
+    /// `Error::NonFinite` naming the first bad gradient (or the loss), clips to `clip`
+    /// (global norm over trainable tensors; <= 0: off), runs AdamW at `lr`, fails naming a
+    /// parameter that became non-finite, updates the EMA. Returns the norm before clipping.
+    fn update(&mut self, step: u64, loss: f64, lr: f64, clip: f64) -> Result<f64>;
+    /// The loss of `batch` in evaluation mode on the EMA weights.
+    fn eval_loss_ema(&mut self, batch: &LossBatch) -> Result<f64>;
+    /// Downloads weights, EMA shadow, moments and counters into the host state.
+    fn store(&mut self, params: &mut DitParams, ema: &mut Ema, opt: &mut AdamW) -> Result<()>;
 }
 
 /// `Σ_i w_i·(−log_probs[i, x0_i]) / norm` over positions with a non-zero weight, from

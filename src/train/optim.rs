@@ -82,19 +82,7 @@ impl AdamW {
     /// One update of every trainable tensor of `params` with `grads` at learning rate `lr`.
     pub fn step(&mut self, params: &mut DitParams, grads: &DitParams, lr: f64) -> Result<()> {
         self.step += 1;
-        let c = self.config;
-        let t = self.step as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
-        let neg_step_size = (-(lr / bc1)) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let decay = (1.0 - lr * c.weight_decay) as f32;
-        let (omb1, b2, omb2, eps) = (
-            (1.0 - c.beta1) as f32,
-            c.beta2 as f32,
-            (1.0 - c.beta2) as f32,
-            c.eps as f32,
-        );
+        let k = AdamWCoeffs::new(&self.config, self.step, lr);
         let gs = grads.named();
         let ps = params.named_mut();
         if ps.len() != self.state.len() || gs.len() != ps.len() {
@@ -113,24 +101,97 @@ impl AdamW {
                     p.shape, g.shape, st.exp_avg.shape
                 )));
             }
-            let it = p.data.iter_mut().zip(&g.data).zip(
-                st.exp_avg
-                    .data
-                    .iter_mut()
-                    .zip(st.exp_avg_sq.data.iter_mut()),
+            adamw_elements(
+                &mut p.data,
+                &g.data,
+                &mut st.exp_avg.data,
+                &mut st.exp_avg_sq.data,
+                &k,
+                None,
             );
-            for ((p, &g), (m, v)) in it {
-                if c.weight_decay != 0.0 {
-                    *p *= decay;
-                }
-                *m += omb1 * (g - *m);
-                *v = *v * b2 + omb2 * g * g;
-                let denom = v.sqrt() / bc2_sqrt + eps;
-                *p += neg_step_size * *m / denom;
-            }
         }
         Ok(())
     }
+}
+
+/// The f32 scalars of one AdamW step (torch's, computed in f64 and rounded once), shared by
+/// [`AdamW::step`] and the GPU kernel's twin (`ops::adamw`), which passes them to the kernel.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWCoeffs {
+    /// `-(lr / (1 - beta1^t))`
+    pub neg_step_size: f32,
+    /// `sqrt(1 - beta2^t)`
+    pub bc2_sqrt: f32,
+    /// `1 - lr * weight_decay`, applied only when `weight_decay != 0`
+    pub decay: f32,
+    pub use_decay: bool,
+    /// `1 - beta1`
+    pub omb1: f32,
+    pub beta2: f32,
+    /// `1 - beta2`
+    pub omb2: f32,
+    pub eps: f32,
+}
+
+impl AdamWCoeffs {
+    /// The scalars of optimizer step `step` (1-based, torch's `state['step']` after the
+    /// increment) at learning rate `lr`.
+    pub fn new(c: &AdamWConfig, step: u64, lr: f64) -> Self {
+        let t = step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        AdamWCoeffs {
+            neg_step_size: (-(lr / bc1)) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            decay: (1.0 - lr * c.weight_decay) as f32,
+            use_decay: c.weight_decay != 0.0,
+            omb1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            omb2: (1.0 - c.beta2) as f32,
+            eps: c.eps as f32,
+        }
+    }
+}
+
+/// The per-element AdamW update of one tensor, torch's sequence of f32 operations (each one
+/// rounded; no fused multiply-add): with `clip = Some(c)` the gradient is first multiplied by
+/// `c` (what `clip_grad_norm` does to the gradient buffer when it scales);
+/// `p ← p·decay` (weight decay on); `m ← m + omb1·(g − m)`; `v ← v·β2 + (omb2·g)·g`;
+/// `p ← p + (neg_step_size·m) / (√v / bc2_sqrt + eps)`. The GPU kernel (`kernels/adamw.cu`)
+/// performs exactly these operations with round-to-nearest intrinsics.
+pub fn adamw_elements(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    k: &AdamWCoeffs,
+    clip: Option<f32>,
+) {
+    let it = p.iter_mut().zip(g).zip(m.iter_mut().zip(v.iter_mut()));
+    for ((p, &g), (m, v)) in it {
+        let g = match clip {
+            Some(c) => g * c,
+            None => g,
+        };
+        if k.use_decay {
+            *p *= k.decay;
+        }
+        *m += k.omb1 * (g - *m);
+        *v = *v * k.beta2 + k.omb2 * g * g;
+        let denom = v.sqrt() / k.bc2_sqrt + k.eps;
+        *p += k.neg_step_size * *m / denom;
+    }
+}
+
+/// The clip coefficient `clip_grad_norm` applies for a gradient norm `norm`: `Some(c)` with
+/// `c = min(1, max_norm / (norm + 1e-6))` rounded to f32 when it is below 1 and `max_norm > 0`,
+/// else `None` (gradients left as they are).
+pub fn clip_coef(norm: f64, max_norm: f64) -> Option<f32> {
+    if max_norm <= 0.0 {
+        return None;
+    }
+    let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
+    (coef < 1.0).then_some(coef)
 }
 
 /// `get_constant_schedule_with_warmup` under `LambdaLR`: optimizer step n (0-based) runs at
@@ -171,17 +232,14 @@ pub fn global_norm(grads: &DitParams, trainable: &[bool]) -> f64 {
 /// only measures.
 pub fn clip_grad_norm(grads: &mut DitParams, trainable: &[bool], max_norm: f64) -> f64 {
     let norm = global_norm(grads, trainable);
-    if max_norm > 0.0 {
-        let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
-        if coef < 1.0 {
-            for ((_, t), _) in grads
-                .named_mut()
-                .into_iter()
-                .zip(trainable)
-                .filter(|(_, &on)| on)
-            {
-                t.data.iter_mut().for_each(|x| *x *= coef);
-            }
+    if let Some(coef) = clip_coef(norm, max_norm) {
+        for ((_, t), _) in grads
+            .named_mut()
+            .into_iter()
+            .zip(trainable)
+            .filter(|(_, &on)| on)
+        {
+            t.data.iter_mut().for_each(|x| *x *= coef);
         }
     }
     norm

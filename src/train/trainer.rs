@@ -11,6 +11,11 @@
 //! follows the uninterrupted trajectory exactly (given a deterministic [`Objective`]). The
 //! noise is drawn row by row from one stream per step, so the micro-batch size changes only
 //! the order of floating-point sums, never the times, masks or ε.
+//!
+//! Device-resident objectives ([`crate::train::Resident`], the GPU trainer of
+//! [`crate::train::gpu`]) run the same loop with the weights, gradients, AdamW moments and EMA
+//! on the device: `params`, `ema` and `opt` of the [`Trainer`] are then refreshed from the
+//! device ([`Trainer::sync_from`]) before each checkpoint and at the end of a run.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -321,7 +326,16 @@ impl Trainer {
         let t = antithetic_times(&mut stream(seed, TIMES, s), b);
         let mut noise = stream(seed, NOISE, s);
         let norm = (b * l) as f64;
-        zero(&mut self.grads);
+        // A resident objective (GPU) keeps the state on its device; see `Resident`.
+        let resident = obj.resident().is_some();
+        if let Some(r) = obj.resident() {
+            if !r.is_loaded() {
+                r.load(&self.params, &self.ema, &self.opt)?;
+            }
+            r.zero_grads()?;
+        } else {
+            zero(&mut self.grads);
+        }
         let mut loss = 0.0f64;
         let accum = self.cfg.accumulation() as u64;
         for k in 0..accum {
@@ -333,9 +347,37 @@ impl Trainer {
                     (dseed, (s * accum + k) * DROPOUT_CALLS_PER_MICRO)
                 }),
             };
-            loss += obj.loss_and_grad(&self.params, &nb.as_loss(), &opts, &mut self.grads)?;
+            loss += if resident {
+                let r = obj.resident().expect("resident");
+                r.accumulate(&nb.as_loss(), &opts)?
+            } else {
+                obj.loss_and_grad(&self.params, &nb.as_loss(), &opts, &mut self.grads)?
+            };
         }
         let step = s + 1;
+        let lr = LrSchedule {
+            peak: self.cfg.lr,
+            warmup: self.cfg.warmup,
+        }
+        .at(s);
+        let grad_norm = if resident {
+            let r = obj.resident().expect("resident");
+            r.update(step, loss, lr, self.cfg.clip)?
+        } else {
+            self.host_update(step, loss, lr)?
+        };
+        self.step = step;
+        self.last_loss = Some(loss);
+        Ok(StepLog {
+            step,
+            loss,
+            lr,
+            grad_norm,
+        })
+    }
+
+    /// The host update of step `step`: non-finite checks, clip, AdamW, EMA.
+    fn host_update(&mut self, step: u64, loss: f64, lr: f64) -> Result<f64> {
         let bad_grad = first_non_finite(&self.grads)
             .map(|(n, i, v)| format!("gradient of {n} (element {i} = {v})"));
         if !loss.is_finite() {
@@ -352,11 +394,6 @@ impl Trainer {
             });
         }
         let grad_norm = clip_grad_norm(&mut self.grads, &self.trainable, self.cfg.clip);
-        let lr = LrSchedule {
-            peak: self.cfg.lr,
-            warmup: self.cfg.warmup,
-        }
-        .at(s);
         self.opt.step(&mut self.params, &self.grads, lr)?;
         if let Some((n, i, v)) = first_non_finite(&self.params) {
             return Err(Error::NonFinite {
@@ -367,14 +404,19 @@ impl Trainer {
             });
         }
         self.ema.update(&self.params)?;
-        self.step = step;
-        self.last_loss = Some(loss);
-        Ok(StepLog {
-            step,
-            loss,
-            lr,
-            grad_norm,
-        })
+        Ok(grad_norm)
+    }
+
+    /// With a resident objective: copies its device state (weights, EMA, optimizer) into
+    /// `params`, `ema` and `opt`, which are otherwise stale. A no-op for host objectives. The
+    /// loop calls it before every checkpoint and at the end of [`Trainer::run_until`].
+    pub fn sync_from(&mut self, obj: &mut dyn Objective) -> Result<()> {
+        if let Some(r) = obj.resident() {
+            if r.is_loaded() {
+                r.store(&mut self.params, &mut self.ema, &mut self.opt)?;
+            }
+        }
+        Ok(())
     }
 
     /// Mean NELBO per token of the held-out set on the EMA weights (spec 8.1): antithetic
@@ -384,6 +426,8 @@ impl Trainer {
         let Some(val) = &self.val else {
             return Ok(None);
         };
+        // A loaded resident objective evaluates its own (device) EMA weights.
+        let resident = obj.resident().is_some_and(|r| r.is_loaded());
         let mut rng = stream(VALIDATION_SEED, VALIDATION, 0);
         let (m, l) = (self.cfg.micro_batch, val.len);
         let mut sum = 0.0;
@@ -396,7 +440,12 @@ impl Trainer {
             };
             let t = antithetic_times(&mut rng, n);
             let nb = nelbo_batch(&mut rng, &x, &t, &self.model, 1.0)?;
-            sum += obj.eval_loss(&self.ema.shadow, &nb.as_loss())?;
+            sum += if resident {
+                let r = obj.resident().expect("resident");
+                r.eval_loss_ema(&nb.as_loss())?
+            } else {
+                obj.eval_loss(&self.ema.shadow, &nb.as_loss())?
+            };
         }
         let tokens = val.batch * l;
         let nelbo = sum / tokens as f64;
@@ -494,6 +543,7 @@ impl Trainer {
                     self.validate(obj)?;
                 }
                 if self.run.is_some() && self.cfg.save_every > 0 && s % self.cfg.save_every == 0 {
+                    self.sync_from(obj)?;
                     self.save_checkpoint()?;
                 }
             }
@@ -503,9 +553,11 @@ impl Trainer {
                 self.validate(obj)?;
             }
             if self.run.is_some() {
+                self.sync_from(obj)?;
                 self.save_checkpoint()?;
             }
         }
+        self.sync_from(obj)?;
         Ok(self.last_val.clone())
     }
 }
