@@ -1,7 +1,8 @@
 //! One optimizer step from ready-made loss batches: zero, accumulate, check for non-finite
-//! values, clip, AdamW, EMA. The resumable `train::Trainer` builds NELBO batches from a data
-//! source and calls this; the distillation stages and the synthetic experiment build coupling
-//! batches and call it too, so the update rule exists once.
+//! values, clip, AdamW, EMA. The distillation stages and the synthetic experiment build
+//! coupling batches and call this. `train::Trainer::step` applies the same rule to NELBO
+//! batches from a data source (plus its device-resident GPU path); folding the two into one
+//! function is pending.
 
 use crate::cpu::TrainOpts;
 use crate::diffusion::LossBatch;
