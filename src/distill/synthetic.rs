@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::cpu::{CpuDenoiser, TrainOpts};
 use crate::diffusion::noising::nelbo_batch;
 use crate::diffusion::schedule::antithetic_times;
+use crate::diffusion::Denoiser;
 use crate::diffusion::LossBatch;
 use crate::diffusion::NoiseRemoval;
 use crate::distill::fit::Fitter;
@@ -36,13 +37,15 @@ use crate::distill::redi::{
 };
 use crate::distill::Couplings;
 use crate::error::{Error, Result};
+use crate::model::gpu_denoiser::GpuDenoiser;
 use crate::model::init::init_params;
 use crate::model::{Algo, DitConfig, DitParams, NoiseType};
 use crate::plot::{line_plot_png, LinePlot, Scale, Series};
 use crate::tensor::Tokens;
 use crate::train::data::{DataSource, SyntheticSource};
+use crate::train::gpu::GpuTrainer;
 use crate::train::optim::LrSchedule;
-use crate::train::CpuDit;
+use crate::train::{CpuDit, Objective};
 
 /// Where each round's couplings come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -193,6 +196,37 @@ impl SyntheticConfig {
     }
 }
 
+/// Where the experiment computes: the CPU backend, or the GPU (training through
+/// `train::gpu::GpuTrainer`, sampling through `model::gpu_denoiser::GpuDenoiser`).
+pub enum Engine {
+    Cpu(CpuDit),
+    Cuda(Box<GpuTrainer>),
+}
+
+impl Engine {
+    fn objective(&mut self) -> &mut dyn Objective {
+        match self {
+            Engine::Cpu(o) => o,
+            Engine::Cuda(t) => t.as_mut(),
+        }
+    }
+
+    /// A denoiser over `params` on this engine.
+    fn denoiser<'a>(&'a self, params: &DitParams) -> Result<Box<dyn Denoiser + 'a>> {
+        Ok(match self {
+            Engine::Cpu(_) => Box::new(CpuDenoiser::new(params.clone())?),
+            Engine::Cuda(t) => Box::new(GpuDenoiser::new(t.gpu(), params)?),
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Engine::Cpu(_) => "CPU",
+            Engine::Cuda(_) => "GPU",
+        }
+    }
+}
+
 /// model name -> step count -> metrics.
 pub type Results = BTreeMap<String, BTreeMap<String, StepMetrics>>;
 
@@ -228,6 +262,7 @@ fn mean_tail(v: &[f64]) -> f64 {
 
 /// NELBO training on the synthetic data (stages 1-2).
 fn train_on_data(
+    engine: &mut Engine,
     cfg: &SyntheticConfig,
     params: DitParams,
     name: &str,
@@ -244,7 +279,9 @@ fn train_on_data(
         let x0 = src.next_batch(cfg.batch)?;
         let t = antithetic_times(&mut rng, cfg.batch);
         let nb = nelbo_batch(&mut rng, &x0, &t, &c, norm)?;
-        let st = fit.step(&mut CpuDit, &[nb.as_loss()], |_| TrainOpts::default())?;
+        let st = fit.step(engine.objective(), &[nb.as_loss()], |_| {
+            TrainOpts::default()
+        })?;
         losses.push(st.loss);
         prog.step(name, s + 1, cfg.base_steps, st.loss);
     }
@@ -253,6 +290,7 @@ fn train_on_data(
 
 /// IM-ReDi / MDM-ReDi training on couplings (stage 4-6).
 fn train_on_couplings(
+    engine: &mut Engine,
     cfg: &SyntheticConfig,
     lr_scale: f64,
     params: DitParams,
@@ -283,7 +321,7 @@ fn train_on_couplings(
             weight: &b.weight,
             norm,
         };
-        let st = fit.step(&mut CpuDit, &[lb], |_| TrainOpts::default())?;
+        let st = fit.step(engine.objective(), &[lb], |_| TrainOpts::default())?;
         losses.push(st.loss);
         prog.step(name, s + 1, cfg.student_steps, st.loss);
     }
@@ -303,16 +341,18 @@ fn graft_eps_mlp(cfg: &SyntheticConfig, mdlm: &DitParams, seed: u64) -> DitParam
 }
 
 fn eval_model(
+    engine: &Engine,
     cfg: &SyntheticConfig,
     params: &DitParams,
     name: &str,
     (results, greedy): (&mut Results, &mut BTreeMap<String, StepMetrics>),
     prog: &mut dyn Progress,
 ) -> Result<()> {
-    let mut den = CpuDenoiser::new(params.clone())?;
+    let mut den = engine.denoiser(params)?;
+    let den = den.as_mut();
     let mut row = BTreeMap::new();
     for &n in &cfg.eval_steps {
-        let m = evaluate(&mut den, n, NoiseRemoval::Ancestral, &cfg.eval)?;
+        let m = evaluate(den, n, NoiseRemoval::Ancestral, &cfg.eval)?;
         prog.stage(&format!(
             "  eval {name:<14} {n:>3} steps: exact-match {:.4}  distinct {:>5}/{} ({} coherent)  \
              tc {:.2} bits",
@@ -323,7 +363,7 @@ fn eval_model(
     results.insert(name.to_string(), row);
     // One step with greedy noise removal (argmax per position): deterministic given ε, so
     // any diversity must come from ε. An MDM collapses to one sequence here.
-    let g = evaluate(&mut den, 1, NoiseRemoval::Greedy, &cfg.eval)?;
+    let g = evaluate(den, 1, NoiseRemoval::Greedy, &cfg.eval)?;
     prog.stage(&format!(
         "  eval {name:<14}   1 greedy: exact-match {:.4}  distinct {:>5}/{}  tc {:.2} bits",
         g.exact_match, g.distinct, g.samples, g.tc
@@ -333,6 +373,7 @@ fn eval_model(
 }
 
 fn datagen(
+    engine: &Engine,
     cfg: &SyntheticConfig,
     source: &DitParams,
     top_p: f64,
@@ -342,10 +383,11 @@ fn datagen(
     let mut src = SyntheticSource::new(c.vocab_size, c.mask_index, c.length, cfg.seed ^ 0xDA7A)?;
     src.seek(round as u64 * cfg.pairs as u64)?;
     let x0: Tokens = src.next_batch(cfg.pairs)?;
-    let mut den = CpuDenoiser::new(source.clone())?;
+    let mut den = engine.denoiser(source)?;
+    let den = den.as_mut();
     if cfg.coupling == Coupling::Ot {
         let seed = cfg.seed ^ (0x07_0000 + round as u64);
-        return ot_couplings(&mut den, &x0, cfg.ot_batch, cfg.perturbed_frac, seed);
+        return ot_couplings(den, &x0, cfg.ot_batch, cfg.perturbed_frac, seed);
     }
     let dg = DatagenConfig {
         steps: cfg.datagen_steps,
@@ -356,11 +398,12 @@ fn datagen(
         batch: 512,
         seed: cfg.seed ^ (0xC0FF_EE00 + round as u64),
     };
-    generate_couplings(&mut den, &x0, &dg, |_, _| {})
+    generate_couplings(den, &x0, &dg, |_, _| {})
 }
 
 /// Runs the whole experiment; with `out`, writes `synthetic.json` and `exact_match.png` there.
 pub fn run(
+    engine: &mut Engine,
     cfg: &SyntheticConfig,
     out: Option<&Path>,
     prog: &mut dyn Progress,
@@ -374,6 +417,7 @@ pub fn run(
 
     prog.stage("1/5 training the MDLM teacher on the data");
     let (teacher, l) = train_on_data(
+        engine,
         cfg,
         init_params(&cfg.model(Algo::Mdlm), s),
         "mdlm",
@@ -381,10 +425,18 @@ pub fn run(
         prog,
     )?;
     final_loss.insert("mdlm".into(), l);
-    eval_model(cfg, &teacher, "mdlm", (&mut results, &mut greedy), prog)?;
+    eval_model(
+        engine,
+        cfg,
+        &teacher,
+        "mdlm",
+        (&mut results, &mut greedy),
+        prog,
+    )?;
 
     prog.stage("2/5 training a plain IMDM on the data");
     let (imdm, l) = train_on_data(
+        engine,
         cfg,
         init_params(&cfg.model(Algo::Imdm), s),
         "imdm",
@@ -392,18 +444,41 @@ pub fn run(
         prog,
     )?;
     final_loss.insert("imdm".into(), l);
-    eval_model(cfg, &imdm, "imdm", (&mut results, &mut greedy), prog)?;
+    eval_model(
+        engine,
+        cfg,
+        &imdm,
+        "imdm",
+        (&mut results, &mut greedy),
+        prog,
+    )?;
 
     prog.stage(&format!(
         "3/5 round-1 couplings from the teacher ({:?})",
         cfg.coupling
     ));
-    let pairs = datagen(cfg, &teacher, 1.0, 0)?;
+    let pairs = datagen(engine, cfg, &teacher, 1.0, 0)?;
 
     prog.stage("4/5 MDM student on the round-1 couplings");
-    let (mdm, l) = train_on_couplings(cfg, 1.0, teacher.clone(), &pairs, "mdm_redi", s + 3, prog)?;
+    let (mdm, l) = train_on_couplings(
+        engine,
+        cfg,
+        1.0,
+        teacher.clone(),
+        &pairs,
+        "mdm_redi",
+        s + 3,
+        prog,
+    )?;
     final_loss.insert("mdm_redi".into(), l);
-    eval_model(cfg, &mdm, "mdm_redi", (&mut results, &mut greedy), prog)?;
+    eval_model(
+        engine,
+        cfg,
+        &mdm,
+        "mdm_redi",
+        (&mut results, &mut greedy),
+        prog,
+    )?;
 
     prog.stage("5/5 IM-ReDi rounds");
     let mut student = graft_eps_mlp(cfg, &teacher, s + 4);
@@ -411,11 +486,12 @@ pub fn run(
     for k in 1..=cfg.rounds {
         if k > 1 {
             prog.stage(&format!("  round {k}: couplings from student {}", k - 1));
-            pairs = datagen(cfg, &student, cfg.student_top_p, k - 1)?;
+            pairs = datagen(engine, cfg, &student, cfg.student_top_p, k - 1)?;
         }
         let name = format!("imdm_redi_r{k}");
         let lr_scale = cfg.round_lr_decay.powi(k as i32 - 1);
         let (p, l) = train_on_couplings(
+            engine,
             cfg,
             lr_scale,
             student,
@@ -426,7 +502,14 @@ pub fn run(
         )?;
         student = p;
         final_loss.insert(name.clone(), l);
-        eval_model(cfg, &student, &name, (&mut results, &mut greedy), prog)?;
+        eval_model(
+            engine,
+            cfg,
+            &student,
+            &name,
+            (&mut results, &mut greedy),
+            prog,
+        )?;
     }
     let last = results[&format!("imdm_redi_r{}", cfg.rounds)].clone();
     results.insert("imdm_redi".into(), last);
