@@ -11,6 +11,7 @@ use crate::model::{Algo, DitConfig, NoiseType, Preset};
 pub mod bench;
 pub mod data;
 pub mod demo;
+pub mod distill;
 pub mod eval;
 pub mod forward;
 pub mod info;
@@ -38,6 +39,8 @@ pub enum Command {
     /// The paper's synthetic experiment: MDM versus IMDM (IM-ReDi) at 1-16 steps.
     #[command(long_about = demo::LONG_ABOUT)]
     Demo(demo::DemoArgs),
+    /// Distillation stages: IM-ReDi coupling generation and student training.
+    Distill(distill::DistillArgs),
     /// Write a randomly initialised model, initialised as the reference does (spec 2.3).
     Init(init::InitArgs),
     /// Print a checkpoint's configuration, parameter counts and dtypes.
@@ -147,6 +150,7 @@ pub struct DeviceArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(a) => demo::run(a),
+        Command::Distill(a) => distill::run(a),
         Command::Init(a) => init::run(a),
         Command::Info(a) => info::run(a),
         Command::Forward(a) => forward::run(a),

@@ -230,7 +230,7 @@ pub struct TrainArgs {
 }
 
 /// Parses `--data`.
-fn parse_data(s: &str, dtype: Option<TokenDtype>) -> Result<DataSpec> {
+pub(crate) fn parse_data(s: &str, dtype: Option<TokenDtype>) -> Result<DataSpec> {
     if s == "synthetic" {
         return Ok(DataSpec::Synthetic);
     }

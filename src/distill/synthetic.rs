@@ -20,7 +20,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -29,11 +28,11 @@ use crate::cpu::{CpuDenoiser, TrainOpts};
 use crate::diffusion::noising::nelbo_batch;
 use crate::diffusion::schedule::antithetic_times;
 use crate::diffusion::Denoiser;
-use crate::diffusion::LossBatch;
 use crate::diffusion::NoiseRemoval;
 use crate::distill::fit::Fitter;
 use crate::distill::redi::{
-    evaluate, generate_couplings, ot_couplings, DatagenConfig, EvalConfig, StepMetrics,
+    evaluate, generate_couplings, ot_couplings, train_on_couplings as redi_train, DatagenConfig,
+    EvalConfig, RediTrainConfig, StepMetrics,
 };
 use crate::distill::Couplings;
 use crate::error::{Error, Result};
@@ -299,32 +298,21 @@ fn train_on_couplings(
     seed: u64,
     prog: &mut dyn Progress,
 ) -> Result<(DitParams, f64)> {
-    let c = params.config.clone();
-    let mut fit = Fitter::new(params, lr(cfg, lr_scale), 0.0, 1.0, |_| false);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut order: Vec<usize> = (0..pairs.len()).collect();
-    let mut cursor = order.len();
+    let rc = RediTrainConfig {
+        steps: cfg.student_steps,
+        batch: cfg.batch,
+        lr: cfg.lr * lr_scale,
+        warmup: cfg.warmup,
+        ema: 0.0,
+        clip: 1.0,
+        ignore_seed: false,
+        seed,
+    };
     let mut losses = vec![];
-    let norm = (cfg.batch * c.length) as f64;
-    for s in 0..cfg.student_steps {
-        if cursor + cfg.batch > order.len() {
-            order.shuffle(&mut rng);
-            cursor = 0;
-        }
-        let rows = &order[cursor..cursor + cfg.batch];
-        cursor += cfg.batch;
-        let b = pairs.batch(rows, &c, false, &mut rng);
-        let lb = LossBatch {
-            xt: &b.xt,
-            x0: &b.x0,
-            eps: b.eps.as_ref(),
-            weight: &b.weight,
-            norm,
-        };
-        let st = fit.step(engine.objective(), &[lb], |_| TrainOpts::default())?;
-        losses.push(st.loss);
-        prog.step(name, s + 1, cfg.student_steps, st.loss);
-    }
+    let fit = redi_train(engine.objective(), params, pairs, &rc, |s, loss| {
+        losses.push(loss);
+        prog.step(name, s, cfg.student_steps, loss);
+    })?;
     Ok((fit.params, mean_tail(&losses)))
 }
 
