@@ -175,20 +175,14 @@ fn unseeded_eps<R: Rng + ?Sized>(
     Tensor::from_vec(&shape, data).expect("sizes agree")
 }
 
-/// Samples a batch from `den`, starting at `x_t` (masked positions are generated, the others
-/// kept). `given_t` (one per row, in [0, 1], default 1) scales the time grid as in IM-ReDi
-/// datagen; a row with masked positions needs `given_t > 0`. `eps_seeds` (one per row) draws
-/// the initial eps with the reference's seeded hash; without it, `rng` draws it.
-pub fn generate<D: Denoiser + ?Sized, R: Rng + ?Sized>(
-    den: &mut D,
-    cfg: &SamplerConfig,
+/// The driver's input checks, shared with the GPU driver (`model::gpu_denoiser`): x_t's shape
+/// and ids, the stream's position limit and `given_t` (one per row, in (0, 1] for rows with
+/// masked positions). Returns the per-row `given_t` (default 1).
+pub fn check_inputs(
+    model: &crate::model::DitConfig,
     x_t: &Tokens,
     given_t: Option<&[f64]>,
-    eps_seeds: Option<&[i64]>,
-    rng: &mut R,
-) -> Result<SampleOutput> {
-    cfg.validate()?;
-    let model = den.config().clone();
+) -> Result<Vec<f64>> {
     let (bsz, len, vocab) = (x_t.batch, x_t.len, model.vocab_size);
     let mask = model.mask_index as u32;
     if x_t.ids.len() != bsz * len {
@@ -231,6 +225,26 @@ pub fn generate<D: Denoiser + ?Sized, R: Rng + ?Sized>(
             )));
         }
     }
+    Ok(g)
+}
+
+/// Samples a batch from `den`, starting at `x_t` (masked positions are generated, the others
+/// kept). `given_t` (one per row, in [0, 1], default 1) scales the time grid as in IM-ReDi
+/// datagen; a row with masked positions needs `given_t > 0`. `eps_seeds` (one per row) draws
+/// the initial eps with the reference's seeded hash; without it, `rng` draws it.
+pub fn generate<D: Denoiser + ?Sized, R: Rng + ?Sized>(
+    den: &mut D,
+    cfg: &SamplerConfig,
+    x_t: &Tokens,
+    given_t: Option<&[f64]>,
+    eps_seeds: Option<&[i64]>,
+    rng: &mut R,
+) -> Result<SampleOutput> {
+    cfg.validate()?;
+    let model = den.config().clone();
+    let (bsz, len, vocab) = (x_t.batch, x_t.len, model.vocab_size);
+    let mask = model.mask_index as u32;
+    let g = check_inputs(&model, x_t, given_t)?;
     let nd = model.noise_dim;
     let mut eps = if model.has_eps_mlp() {
         let scale = model.noise_scale as f32;

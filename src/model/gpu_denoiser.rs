@@ -169,48 +169,8 @@ pub fn prepare<R: Rng + ?Sized>(
             cfg.nucleus_p
         )));
     }
-    let (bsz, len, vocab) = (x_t.batch, x_t.len, model.vocab_size);
-    let mask = model.mask_index as u32;
-    if x_t.ids.len() != bsz * len {
-        return Err(Error::Shape(format!(
-            "sampler: x_t has {} ids for shape {bsz}x{len}",
-            x_t.ids.len()
-        )));
-    }
-    if let Some((i, t)) = x_t
-        .ids
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t as usize >= vocab)
-    {
-        return Err(Error::Shape(format!(
-            "sampler: x_t id {t} at flat index {i} is outside the vocabulary of {vocab}"
-        )));
-    }
-    if bsz * len > u32::MAX as usize {
-        return Err(Error::Shape(format!(
-            "sampler: B·L = {} exceeds the stream's 2^32 positions",
-            bsz * len
-        )));
-    }
-    let g: Vec<f64> = match given_t {
-        None => vec![1.0; bsz],
-        Some(g) if g.len() != bsz => {
-            return Err(Error::Shape(format!(
-                "sampler: given_t has {} entries for a batch of {bsz}",
-                g.len()
-            )))
-        }
-        Some(g) => g.to_vec(),
-    };
-    for (b, &gb) in g.iter().enumerate() {
-        let has_mask = x_t.ids[b * len..(b + 1) * len].contains(&mask);
-        if !(0.0..=1.0).contains(&gb) || (has_mask && gb == 0.0) {
-            return Err(Error::Config(format!(
-                "sampler: given_t[{b}] = {gb} must be in (0, 1] for a row with masked positions"
-            )));
-        }
-    }
+    let (bsz, len) = (x_t.batch, x_t.len);
+    let g = crate::diffusion::sampler::check_inputs(model, x_t, given_t)?;
     let (nd, scale) = (model.noise_dim, model.noise_scale as f32);
     let eps = if model.has_eps_mlp() {
         Some(match eps_seeds {
