@@ -59,7 +59,8 @@ fn loss_batch(
     let t: Vec<f64> = (0..batch)
         .map(|i| 0.15 + 0.8 * (i as f64 + 0.5) / batch as f64)
         .collect();
-    nelbo_batch(&mut rng, &x0, &t, c, (batch * l) as f64).unwrap()
+    let mut eps = ChaCha8Rng::seed_from_u64(seed ^ 0xE95);
+    nelbo_batch(&mut rng, &mut eps, &x0, &t, c, (batch * l) as f64).unwrap()
 }
 
 /// Every gradient and the loss of the GPU against the CPU backend in f64.

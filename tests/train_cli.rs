@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use imdm_engine::model::{checkpoint, init::random_params, Algo, DitConfig, NoiseType};
+use imdm_engine::model::{checkpoint, init::random_params, Algo, DitConfig, NoiseType, Preset};
 use safetensors::SafeTensors;
 
 fn bin() -> Command {
@@ -299,6 +299,88 @@ fn init_from_an_mdlm_checkpoint_grafts_the_eps_mlp() {
     let e = p0.eps_mlp.unwrap();
     assert!(e.fc2.weight.data.iter().all(|&x| x == 0.0));
     assert!(e.fc1.weight.data.iter().any(|&x| x != 0.0));
+}
+
+/// The first logged loss of a one-step CPU-DiT run initialised from `file` as `algo`.
+fn first_loss(file: &Path, algo: &str, dir: &Path) -> f64 {
+    let d = dir.join(algo);
+    ok(&[
+        "--init",
+        file.to_str().unwrap(),
+        "--algo",
+        algo,
+        "--device",
+        "cpu",
+        "--data",
+        "synthetic",
+        "--batch",
+        "8",
+        "--micro-batch",
+        "4",
+        "--steps",
+        "1",
+        "--log-every",
+        "1",
+        "--save-every",
+        "0",
+        "--eval-size",
+        "0",
+        "--seed",
+        "3",
+        "--run-dir",
+        d.to_str().unwrap(),
+    ]);
+    let m = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+    let line = m.lines().next().expect("one metrics line");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["step"], 1, "{line}");
+    v["loss"].as_f64().unwrap()
+}
+
+/// Spec 2.6: an IMDM initialised from a reference-format MDLM checkpoint computes exactly the
+/// MDLM (the grafted eps MLP ends in a zero layer), and its masks do not depend on the ε draws
+/// (separate streams), so its first loss equals the MDLM run's bit for bit. A checkpoint with
+/// a non-zero last eps layer must differ, or the test could not fail.
+#[test]
+fn init_from_mdlm_starts_at_the_mdlm_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = DitConfig::preset(Preset::Minimini);
+    (c.vocab_size, c.mask_index, c.length, c.hidden, c.heads) = (17, 16, 6, 8, 2);
+    (c.blocks, c.cond_dim, c.noise_dim, c.algo) = (1, 4, 8, Algo::Mdlm);
+    let mdlm = random_params(&c, 1);
+    let file = tmp.path().join("mdlm.safetensors");
+    checkpoint::save(&file, &mdlm).unwrap();
+    let l_mdlm = first_loss(&file, "mdlm", tmp.path());
+    let l_imdm = first_loss(&file, "imdm", tmp.path());
+    assert!(l_mdlm.is_finite() && l_mdlm > 0.0, "{l_mdlm}");
+    assert_eq!(
+        l_imdm.to_bits(),
+        l_mdlm.to_bits(),
+        "imdm {l_imdm} vs mdlm {l_mdlm}"
+    );
+
+    // The same weights plus an eps MLP with a non-zero last layer.
+    c.algo = Algo::Imdm;
+    let mut imdm = random_params(&c, 2);
+    let src: BTreeMap<String, _> = mdlm.named().into_iter().collect();
+    for (name, slot) in imdm.named_mut() {
+        if let Some(t) = src.get(&name) {
+            slot.data.copy_from_slice(&t.data);
+        }
+    }
+    assert!(imdm
+        .eps_mlp
+        .as_ref()
+        .unwrap()
+        .fc2
+        .weight
+        .data
+        .iter()
+        .any(|&x| x != 0.0));
+    let file2 = tmp.path().join("imdm.safetensors");
+    checkpoint::save(&file2, &imdm).unwrap();
+    let l_eps = first_loss(&file2, "imdm", &tmp.path().join("live"));
+    assert_ne!(l_eps, l_mdlm);
 }
 
 /// Tensors (dtype, shape, bytes) and metadata of a safetensors file, in sorted order (the

@@ -131,11 +131,12 @@ pub fn train(
         .collect();
     let x0 = Tokens::new(b, l, ids, v)?;
     let t = antithetic_times(&mut rng, b);
+    let mut eps = ChaCha8Rng::seed_from_u64(2);
     let norm = (b * l) as f64;
     let batches: Vec<NoisedBatch> = (0..b / m)
         .map(|k| {
             let (xk, tk) = micro_batch(&x0, &t, m, k)?;
-            nelbo_batch(&mut rng, &xk, tk, &c, norm)
+            nelbo_batch(&mut rng, &mut eps, &xk, tk, &c, norm)
         })
         .collect::<Result<_>>()?;
     let dropout = (c.dropout > 0.0).then_some((7u64, 0u64));

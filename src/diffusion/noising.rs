@@ -103,11 +103,14 @@ pub fn draw_eps_into<R: Rng>(rng: &mut R, out: &mut [f32], kind: NoiseType, scal
 /// as in [`q_xt`], (IMDM only) a fresh ε at every masked position, weights `1/t` at masked
 /// positions, and `norm` as given (global batch tokens).
 ///
-/// The draws go row by row (the row's masks, then its ε), so a batch drawn from one stream
-/// equals its micro-batches drawn in order from the same stream: the micro-batch size never
-/// changes the noise.
-pub fn nelbo_batch<R: Rng>(
-    rng: &mut R,
+/// Masks come from `masks` and ε from `eps`, two separate streams: the same seed then masks
+/// an MDLM batch and an IMDM batch identically (the IMDM's ε draws do not shift the masks), so
+/// an IMDM fine-tuned from an MDLM checkpoint (zero last eps-MLP layer) starts at exactly the
+/// MDLM's loss. Each stream is drawn row by row, so a batch equals its micro-batches drawn in
+/// order from the same two streams: the micro-batch size never changes the noise.
+pub fn nelbo_batch<R: Rng, E: Rng>(
+    masks: &mut R,
+    eps_rng: &mut E,
     x0: &Tokens,
     t: &[f64],
     config: &DitConfig,
@@ -132,7 +135,7 @@ pub fn nelbo_batch<R: Rng>(
     let mut eps = (config.algo == Algo::Imdm).then(|| Tensor::zeros(&[x0.batch, l, nd]));
     for (b, &tb) in t.iter().enumerate() {
         let row = &mut xt.ids[b * l..(b + 1) * l];
-        mask_row(rng, row, 1.0 - alpha(tb), mask);
+        mask_row(masks, row, 1.0 - alpha(tb), mask);
         let w = nelbo_weight(tb) as f32;
         for (i, &id) in row.iter().enumerate() {
             if id != mask {
@@ -142,7 +145,7 @@ pub fn nelbo_batch<R: Rng>(
             weight[flat] = w;
             if let Some(e) = &mut eps {
                 let slot = &mut e.data[flat * nd..(flat + 1) * nd];
-                draw_eps_into(rng, slot, config.noise_type, config.noise_scale as f32);
+                draw_eps_into(eps_rng, slot, config.noise_type, config.noise_scale as f32);
             }
         }
     }
@@ -238,7 +241,8 @@ mod tests {
         let c = cfg(Algo::Imdm);
         let x = x0(4, 64);
         let t = [0.2, 0.4, 0.6, 0.8];
-        let nb = nelbo_batch(&mut rng, &x, &t, &c, 256.0).unwrap();
+        let mut erng = ChaCha8Rng::seed_from_u64(6);
+        let nb = nelbo_batch(&mut rng, &mut erng, &x, &t, &c, 256.0).unwrap();
         let eps = nb.eps.as_ref().unwrap();
         assert_eq!(eps.shape, vec![4, 64, 5]);
         let mask = c.mask_index as u32;
@@ -257,15 +261,26 @@ mod tests {
         assert!(nb.masked() > 0);
         let lb = nb.as_loss();
         assert_eq!(lb.norm, 256.0);
-        // MDLM: no eps; its masks are those of q_xt on the same stream.
+        // MDLM: no eps; its masks are those of q_xt on the mask stream, and equal the IMDM's
+        // (the eps draws come from their own stream).
         let mut rng2 = ChaCha8Rng::seed_from_u64(5);
-        let nb2 = nelbo_batch(&mut rng2, &x, &t, &cfg(Algo::Mdlm), 256.0).unwrap();
+        let mut erng2 = ChaCha8Rng::seed_from_u64(6);
+        let nb2 = nelbo_batch(&mut rng2, &mut erng2, &x, &t, &cfg(Algo::Mdlm), 256.0).unwrap();
         assert!(nb2.eps.is_none());
+        assert_eq!(nb2.xt, nb.xt);
+        assert_eq!(nb2.weight, nb.weight);
         let mut rng2 = ChaCha8Rng::seed_from_u64(5);
         assert_eq!(nb2.xt, q_xt(&mut rng2, &x, &t, mask).unwrap());
-        // Same seed, same batch.
-        let mut rng3 = ChaCha8Rng::seed_from_u64(5);
-        assert_eq!(nelbo_batch(&mut rng3, &x, &t, &c, 256.0).unwrap(), nb);
+        // Same seeds, same batch; another eps seed changes only eps.
+        let (mut rng3, mut erng3) = (ChaCha8Rng::seed_from_u64(5), ChaCha8Rng::seed_from_u64(6));
+        assert_eq!(
+            nelbo_batch(&mut rng3, &mut erng3, &x, &t, &c, 256.0).unwrap(),
+            nb
+        );
+        let (mut rng4, mut erng4) = (ChaCha8Rng::seed_from_u64(5), ChaCha8Rng::seed_from_u64(7));
+        let nb4 = nelbo_batch(&mut rng4, &mut erng4, &x, &t, &c, 256.0).unwrap();
+        assert_eq!(nb4.xt, nb.xt);
+        assert_ne!(nb4.eps, nb.eps);
     }
 
     #[test]
@@ -309,11 +324,12 @@ mod tests {
         let c = cfg(Algo::Imdm);
         let t = antithetic_times(&mut ChaCha8Rng::seed_from_u64(1), 8);
         let x = x0(8, 64);
-        let whole = nelbo_batch(&mut ChaCha8Rng::seed_from_u64(2), &x, &t, &c, 512.0).unwrap();
-        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let seeded = ChaCha8Rng::seed_from_u64;
+        let whole = nelbo_batch(&mut seeded(2), &mut seeded(3), &x, &t, &c, 512.0).unwrap();
+        let (mut rng, mut erng) = (seeded(2), seeded(3));
         for k in 0..4 {
             let (xk, tk) = micro_batch(&x, &t, 2, k).unwrap();
-            let nb = nelbo_batch(&mut rng, &xk, tk, &c, 512.0).unwrap();
+            let nb = nelbo_batch(&mut rng, &mut erng, &xk, tk, &c, 512.0).unwrap();
             let (lo, hi) = (k * 2 * 64, (k + 1) * 2 * 64);
             assert_eq!(nb.xt.ids, whole.xt.ids[lo..hi]);
             assert_eq!(nb.weight, whole.weight[lo..hi]);

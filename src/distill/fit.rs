@@ -1,14 +1,14 @@
 //! One optimizer step from ready-made loss batches: zero, accumulate, check for non-finite
 //! values, clip, AdamW, EMA. The distillation stages and the synthetic experiment build
-//! coupling batches and call this. `train::Trainer::step` applies the same rule to NELBO
-//! batches from a data source (plus its device-resident GPU path); folding the two into one
-//! function is pending.
+//! coupling batches and call this. The update itself is [`host_update`], the rule
+//! `train::Trainer::step` applies to NELBO batches from a data source.
 
 use crate::cpu::TrainOpts;
 use crate::diffusion::LossBatch;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::DitParams;
-use crate::train::optim::{clip_grad_norm, first_non_finite, zero, AdamW, AdamWConfig, LrSchedule};
+use crate::train::optim::{zero, AdamW, AdamWConfig, LrSchedule};
+use crate::train::update::{host_update, HostState};
 use crate::train::{Ema, Objective};
 
 /// Optimizer state of one model being fitted.
@@ -72,37 +72,15 @@ impl Fitter {
             loss += obj.loss_and_grad(&self.params, b, &opts(k), &mut self.grads)?;
         }
         let step = self.step + 1;
-        let bad_grad = first_non_finite(&self.grads)
-            .map(|(n, i, v)| format!("gradient of {n} (element {i} = {v})"));
-        if !loss.is_finite() {
-            let mut what = format!("the loss is {loss}");
-            if let Some(g) = &bad_grad {
-                what += &format!("; first non-finite tensor: {g}");
-            }
-            return Err(Error::NonFinite { step, what });
-        }
-        if let Some(g) = bad_grad {
-            return Err(Error::NonFinite {
-                step,
-                what: format!("non-finite {g}"),
-            });
-        }
-        let grad_norm = if self.clip > 0.0 {
-            clip_grad_norm(&mut self.grads, &self.trainable, self.clip)
-        } else {
-            clip_grad_norm(&mut self.grads, &self.trainable, f64::INFINITY)
-        };
         let lr = self.lr.at(self.step);
-        self.opt.step(&mut self.params, &self.grads, lr)?;
-        if let Some((n, i, v)) = first_non_finite(&self.params) {
-            return Err(Error::NonFinite {
-                step,
-                what: format!(
-                    "parameter {n} became non-finite after the update (element {i} = {v})"
-                ),
-            });
-        }
-        self.ema.update(&self.params)?;
+        let state = HostState {
+            params: &mut self.params,
+            grads: &mut self.grads,
+            trainable: &self.trainable,
+            opt: &mut self.opt,
+            ema: &mut self.ema,
+        };
+        let grad_norm = host_update(state, step, loss, lr, self.clip)?;
         self.step = step;
         Ok(FitStep {
             step,

@@ -271,12 +271,14 @@ fn train_on_data(
     let mut src = SyntheticSource::new(c.vocab_size, c.mask_index, c.length, seed)?;
     let mut fit = Fitter::new(params, lr(cfg, 1.0), 0.0, 1.0, |_| false);
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xA5A5);
+    // ε apart from the masks: the MDLM and IMDM teachers see the same masked positions.
+    let mut eps = ChaCha8Rng::seed_from_u64(seed ^ 0x5A5A);
     let mut losses = vec![];
     let norm = (cfg.batch * c.length) as f64;
     for s in 0..cfg.base_steps {
         let x0 = src.next_batch(cfg.batch)?;
         let t = antithetic_times(&mut rng, cfg.batch);
-        let nb = nelbo_batch(&mut rng, &x0, &t, &c, norm)?;
+        let nb = nelbo_batch(&mut rng, &mut eps, &x0, &t, &c, norm)?;
         let st = fit.step(engine.objective(), &[nb.as_loss()], |_| {
             TrainOpts::default()
         })?;

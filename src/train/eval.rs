@@ -23,7 +23,7 @@ use crate::diffusion::Denoiser;
 use crate::error::{Error, Result};
 use crate::tensor::Tokens;
 use crate::train::objective::weighted_nll;
-use crate::train::trainer::{stream, VALIDATION, VALIDATION_SEED};
+use crate::train::trainer::{stream, VALIDATION, VALIDATION_EPS, VALIDATION_SEED};
 
 /// Settings of [`heldout_ppl`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +82,7 @@ pub fn heldout_ppl(
     }
     let mut loader = Loader::new(set, LoaderOptions::eval(opts.batch))?;
     let mut rng = stream(opts.seed, VALIDATION, 0);
+    let mut eps = stream(opts.seed, VALIDATION_EPS, 0);
     let t0 = Instant::now();
     let (mut sum, mut done, mut masked, mut batches) = (0.0f64, 0u64, 0u64, 0u64);
     let l = config.length;
@@ -105,7 +106,7 @@ pub fn heldout_ppl(
             ));
         }
         let t = antithetic_times(&mut rng, rows);
-        let nb = nelbo_batch(&mut rng, &x, &t, &config, 1.0)?;
+        let nb = nelbo_batch(&mut rng, &mut eps, &x, &t, &config, 1.0)?;
         let lp = den.log_probs(&nb.xt, nb.eps.as_ref())?;
         let s = weighted_nll(&lp, &nb.as_loss())?;
         if !s.is_finite() {

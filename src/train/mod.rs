@@ -20,6 +20,7 @@ pub mod optim;
 pub mod run;
 pub mod shard_source;
 pub mod trainer;
+pub mod update;
 
 pub use config::{DataSpec, Freeze, TokenDtype, TrainConfig};
 pub use data::DataSource;

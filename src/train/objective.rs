@@ -312,7 +312,8 @@ mod tests {
                 len: 5,
                 ids: (0..15).map(|i| (i * 5 % 6) as u32).collect(),
             };
-            let nb = nelbo_batch(&mut rng, &x0, &[0.5, 0.8, 0.95], &c, 15.0).unwrap();
+            let nb =
+                nelbo_batch(&mut rng.clone(), &mut rng, &x0, &[0.5, 0.8, 0.95], &c, 15.0).unwrap();
             assert!(nb.masked() > 3);
             let lb = nb.as_loss();
             let mut g = DitParams::zeros(&c);

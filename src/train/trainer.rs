@@ -34,14 +34,20 @@ use crate::train::config::TrainConfig;
 use crate::train::data::DataSource;
 use crate::train::ema::Ema;
 use crate::train::objective::Objective;
-use crate::train::optim::{clip_grad_norm, first_non_finite, zero, AdamW, AdamWConfig, LrSchedule};
+use crate::train::optim::{zero, AdamW, AdamWConfig, LrSchedule};
 use crate::train::run::{RngState, RunDir, TrainState, RUN_FORMAT};
+use crate::train::update::{host_update, HostState};
 
 /// Purposes of the random streams (keys mixed with the seed).
 const TIMES: u64 = 1;
 const NOISE: u64 = 2;
 const DROPOUT: u64 = 3;
 pub const VALIDATION: u64 = 4;
+/// The ε at masked positions (IMDM), apart from the masks (NOISE) so that an MDLM and an IMDM
+/// run with one seed mask the same positions.
+const EPS: u64 = 5;
+/// The ε of validation and evaluation batches.
+pub const VALIDATION_EPS: u64 = 6;
 /// Seed of the validation noise (times, masks, ε): fixed, so every validation of every run
 /// sees the same noisy held-out batches.
 pub const VALIDATION_SEED: u64 = 0x7A1D_A710_0000_0001;
@@ -324,7 +330,7 @@ impl Trainer {
             )));
         }
         let t = antithetic_times(&mut stream(seed, TIMES, s), b);
-        let mut noise = stream(seed, NOISE, s);
+        let (mut noise, mut eps) = (stream(seed, NOISE, s), stream(seed, EPS, s));
         let norm = (b * l) as f64;
         // A resident objective (GPU) keeps the state on its device; see `Resident`.
         let resident = obj.resident().is_some();
@@ -340,7 +346,7 @@ impl Trainer {
         let accum = self.cfg.accumulation() as u64;
         for k in 0..accum {
             let (xk, tk) = micro_batch(&x0, &t, m, k as usize)?;
-            let nb = nelbo_batch(&mut noise, &xk, tk, &self.model, norm)?;
+            let nb = nelbo_batch(&mut noise, &mut eps, &xk, tk, &self.model, norm)?;
             let opts = TrainOpts {
                 dropout: (self.model.dropout > 0.0).then(|| {
                     let dseed = seed ^ DROPOUT.wrapping_mul(GOLDEN);
@@ -376,35 +382,16 @@ impl Trainer {
         })
     }
 
-    /// The host update of step `step`: non-finite checks, clip, AdamW, EMA.
+    /// The host update of step `step` (the rule shared with the distillation fitter).
     fn host_update(&mut self, step: u64, loss: f64, lr: f64) -> Result<f64> {
-        let bad_grad = first_non_finite(&self.grads)
-            .map(|(n, i, v)| format!("gradient of {n} (element {i} = {v})"));
-        if !loss.is_finite() {
-            let mut what = format!("the loss is {loss}");
-            if let Some(g) = &bad_grad {
-                what += &format!("; first non-finite tensor: {g}");
-            }
-            return Err(Error::NonFinite { step, what });
-        }
-        if let Some(g) = bad_grad {
-            return Err(Error::NonFinite {
-                step,
-                what: format!("non-finite {g}"),
-            });
-        }
-        let grad_norm = clip_grad_norm(&mut self.grads, &self.trainable, self.cfg.clip);
-        self.opt.step(&mut self.params, &self.grads, lr)?;
-        if let Some((n, i, v)) = first_non_finite(&self.params) {
-            return Err(Error::NonFinite {
-                step,
-                what: format!(
-                    "parameter {n} became non-finite after the update (element {i} = {v})"
-                ),
-            });
-        }
-        self.ema.update(&self.params)?;
-        Ok(grad_norm)
+        let state = HostState {
+            params: &mut self.params,
+            grads: &mut self.grads,
+            trainable: &self.trainable,
+            opt: &mut self.opt,
+            ema: &mut self.ema,
+        };
+        host_update(state, step, loss, lr, self.cfg.clip)
     }
 
     /// With a resident objective: copies its device state (weights, EMA, optimizer) into
@@ -429,6 +416,7 @@ impl Trainer {
         // A loaded resident objective evaluates its own (device) EMA weights.
         let resident = obj.resident().is_some_and(|r| r.is_loaded());
         let mut rng = stream(VALIDATION_SEED, VALIDATION, 0);
+        let mut eps = stream(VALIDATION_SEED, VALIDATION_EPS, 0);
         let (m, l) = (self.cfg.micro_batch, val.len);
         let mut sum = 0.0;
         for start in (0..val.batch).step_by(m) {
@@ -439,7 +427,7 @@ impl Trainer {
                 ids: val.ids[start * l..(start + n) * l].to_vec(),
             };
             let t = antithetic_times(&mut rng, n);
-            let nb = nelbo_batch(&mut rng, &x, &t, &self.model, 1.0)?;
+            let nb = nelbo_batch(&mut rng, &mut eps, &x, &t, &self.model, 1.0)?;
             sum += if resident {
                 let r = obj.resident().expect("resident");
                 r.eval_loss_ema(&nb.as_loss())?
