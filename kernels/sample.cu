@@ -36,9 +36,10 @@
 //     forward, which always runs at the next step because a reset drops the cache). The driver
 //     sets write_eps = 0 under fix_eps and at the last step.
 // Shapes and dtypes: x (rows) u32, read and written; cat (rows) u32; eps (rows, noise_dim) bf16
-//   or null; counters (2) u32, accumulated (+=): [unmasks, resets]; log_p (rows, V) f32; alphas
-//   (B, 2) f64 = (alpha_t, alpha_s) per batch row; rows = B*L. The launcher checks every length,
-//   V >= 2, mask < V, rows % len == 0. An id x[pos] >= V is treated as unmasked (never read).
+//   or null; counters (2) u32, accumulated (+=): [unmasks, resets]; log_p (rows, ld) f32 with
+//   ld >= V (columns V.. are padding, never read); alphas (B, 2) f64 = (alpha_t, alpha_s) per
+//   batch row; rows = B*L. The launcher checks every length, V >= 2, mask < V, ld >= V,
+//   rows % len == 0. An id x[pos] >= V is treated as unmasked (never read).
 // Thread mapping: one block of SAMPLE_THREADS per position (grid = rows); an unmasked position
 //   writes cat and returns at once. Thread t handles category pairs k = t, t + T, ... in
 //   increasing order (one Philox call per pair), keeping the first best (score, index); then a
@@ -52,7 +53,7 @@
 #define SAMPLE_THREADS 256
 #define SAMPLE_NONE 0xffffffffu
 
-// Mirrored by `ops::sample::SampleParams` (#[repr(C)], 64 bytes, asserted on both sides).
+// Mirrored by `ops::sample::SampleParams` (#[repr(C)], 72 bytes, asserted on both sides).
 struct SampleParams {
     uint32_t rows;         // B*L
     uint32_t len;          // L: batch row of pos is pos / len
@@ -68,9 +69,11 @@ struct SampleParams {
     uint32_t noise_dim;    // columns of eps
     uint32_t noise_type;   // 0: rand, 1: randn
     float noise_scale;
+    uint32_t ld;           // row stride of log_p, >= V (the forward pads rows to 64)
+    uint32_t pad_;         // keeps temperature 8-byte aligned at the same offset on both sides
     double temperature;    // > 0; 1 exactly skips the power
 };
-static_assert(sizeof(SampleParams) == 64, "SampleParams layout must match ops::sample");
+static_assert(sizeof(SampleParams) == 72, "SampleParams layout must match ops::sample");
 
 // U[0, 1) with 53 bits from two Philox words.
 __device__ __forceinline__ double sample_u53(uint32_t hi, uint32_t lo) {
@@ -144,7 +147,7 @@ sample_fwd_f32(uint32_t* __restrict__ x, uint32_t* __restrict__ cat,
         if (threadIdx.x == 0) cat[pos] = SAMPLE_NONE;
         return;
     }
-    const float* __restrict__ row = log_p + (size_t)pos * p.vocab;
+    const float* __restrict__ row = log_p + (size_t)pos * p.ld;
     const int tid = threadIdx.x, nt = blockDim.x;
     const int lane = tid % IMDM_WARP, warp = tid / IMDM_WARP;
     double best_s = -INFINITY;

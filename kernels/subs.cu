@@ -1,6 +1,7 @@
 // subs: the SUBS output parameterisation (spec 4.3) as an fp32 log-softmax over the vocabulary.
 //
-// Maths, per row r (rows = B*L) of the logits x (rows, V), with m = mask_index:
+// Maths, per row r (rows = B*L) of the logits x (rows, V) stored with row stride ld >= V
+// (columns V..ld-1 are padding: never read, and never written in the output), m = mask_index:
 //   masked input (tok[r] == m):
 //     lse[r]    = log sum_{j != m} exp(x[r,j])        (max-shifted, fp32; the mask column is
 //                                                     excluded, where the reference sets it to
@@ -9,15 +10,17 @@
 //   carry-over (tok[r] != m): out[r,:] = -1e6, out[r,tok[r]] = 0, lse[r] = 0.
 // Identical to `dit_ref::subs_log_probs`. Deliberate difference from the reference code (which
 // runs this on bf16 logits in bf16): the softmax, lse and output are fp32 (architecture.md 6).
-// Shapes and dtypes: x (rows, V) bf16 (`subs_fwd_bf16`) or f32 (`subs_fwd_f32`); tok (rows)
-//   u32; out (rows, V) f32; lse (rows) f32. mask_index < V, V >= 2 (checked by the launcher).
+// Shapes and dtypes: x (rows, ld) bf16 (`subs_fwd_bf16`) or f32 (`subs_fwd_f32`); tok (rows)
+//   u32; out (rows, ld) f32 with the same stride; lse (rows) f32. mask_index < V, 2 <= V <= ld
+//   (checked by the launcher). The forward writes its logits with ld = V rounded up to 64, so
+//   the logits GEMM stores 16-byte aligned rows and every row here is vector-aligned.
 //   An id tok >= V (corrupt input) gives a NaN row and NaN lse, never an out-of-bounds access.
 // Saved for the backward: lse (the softmax is exp(out) at masked rows; carry-over rows get no
 //   gradient).
 // Thread mapping: one block of SUBS_THREADS per row. The row is split into a scalar head, 16-byte
 //   vectors (VEC = 8 bf16 or 4 f32) aligned on flat indices that are multiples of VEC (then the
-//   f32 output is 16-byte aligned too), and a scalar tail; rows are not 16-byte aligned in
-//   general (V = 50258). Pass 1 streams the row once (loads batched SUBS_UNROLL deep) keeping a
+//   f32 output is 16-byte aligned too), and a scalar tail; rows are 16-byte aligned when ld is
+//   a multiple of VEC, and not in general (ld = V = 50258). Pass 1 streams the row once (loads batched SUBS_UNROLL deep) keeping a
 //   per-thread online (max, sum exp) in fp32, then a shuffle + shared-memory block merge. Pass 2
 //   writes out with streaming (.cs) stores. When the launcher provides dynamic shared memory
 //   (cache_row = 1: the row fits, as V = 50258 does for both dtypes on H100) pass 1 also copies
@@ -121,11 +124,11 @@ template <typename T>
 __device__ __forceinline__ void subs_fwd_impl(float* __restrict__ out, float* __restrict__ lse_out,
                                               const T* __restrict__ logits,
                                               const uint32_t* __restrict__ tokens, int vocab,
-                                              uint32_t mask_index, int cache_row) {
+                                              int ld, uint32_t mask_index, int cache_row) {
     using V = SubsVec<T>;
     constexpr int VEC = V::N;
     const int tid = threadIdx.x, nt = blockDim.x;
-    const size_t e0 = (size_t)blockIdx.x * vocab;
+    const size_t e0 = (size_t)blockIdx.x * ld;
     const T* __restrict__ x = logits + e0;
     float* __restrict__ o = out + e0;
     const uint32_t tok = tokens[blockIdx.x];
@@ -261,15 +264,15 @@ __device__ __forceinline__ void subs_fwd_impl(float* __restrict__ out, float* __
 extern "C" __global__ void __launch_bounds__(SUBS_THREADS, 1)
 subs_fwd_bf16(float* __restrict__ out, float* __restrict__ lse_out,
               const __nv_bfloat16* __restrict__ logits, const uint32_t* __restrict__ tokens,
-              int vocab, uint32_t mask_index, int cache_row) {
-    subs_fwd_impl<__nv_bfloat16>(out, lse_out, logits, tokens, vocab, mask_index, cache_row);
+              int vocab, int ld, uint32_t mask_index, int cache_row) {
+    subs_fwd_impl<__nv_bfloat16>(out, lse_out, logits, tokens, vocab, ld, mask_index, cache_row);
 }
 
 extern "C" __global__ void __launch_bounds__(SUBS_THREADS, 1)
 subs_fwd_f32(float* __restrict__ out, float* __restrict__ lse_out,
              const float* __restrict__ logits, const uint32_t* __restrict__ tokens, int vocab,
-             uint32_t mask_index, int cache_row) {
-    subs_fwd_impl<float>(out, lse_out, logits, tokens, vocab, mask_index, cache_row);
+             int ld, uint32_t mask_index, int cache_row) {
+    subs_fwd_impl<float>(out, lse_out, logits, tokens, vocab, ld, mask_index, cache_row);
 }
 
 // ---- fused loss + backward ---------------------------------------------------------------------

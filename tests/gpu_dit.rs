@@ -39,8 +39,8 @@ fn check(config: DitConfig, batch: usize, len: usize, tag: &str) {
         let mut ws = Workspace::new(&gpu, &config, batch, len, keep).unwrap();
         ws.load_inputs(&gpu, &ids, eps.as_ref()).unwrap();
         model.forward(&gpu, &mut ws, ForwardOpts::eval()).unwrap();
-        let got = gpu.stream.clone_dtoh(&ws.logits).unwrap();
-        let got_lp = gpu.stream.clone_dtoh(&ws.log_probs).unwrap();
+        let got = ws.logits_host(&gpu).unwrap();
+        let got_lp = ws.log_probs_host(&gpu).unwrap();
         let scale = want.data.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
         let tol = Tol {
             abs: 0.03 * scale,

@@ -22,7 +22,7 @@ use crate::ops::gelu::{gelu_fwd, GeluKind};
 use crate::ops::gemm::{self, Epilogue, Gemm};
 use crate::ops::ln_modulate::{ln_modulate_fwd, LnModulateOut};
 use crate::ops::residual::residual_fwd;
-use crate::ops::subs::subs_fwd_f32;
+use crate::ops::subs::{subs_fwd_f32, SubsShape};
 use crate::rng::seeded_eps;
 use timing::{Row, Timer};
 
@@ -216,16 +216,46 @@ fn kernels_at(
         ms,
         gemm::flops(rows, v, d),
     ));
+    drop(logits);
+    // The forward's layout: rows padded to a multiple of 64 (16-byte aligned for cuBLASLt).
+    let ld = v.next_multiple_of(64);
+    let mut logits = s.alloc_zeros::<f32>(rows * ld)?;
+    let ms = t.time(gpu, || {
+        g.matmul_ld(
+            gpu,
+            &mut logits,
+            &av,
+            false,
+            &wv,
+            true,
+            (rows, v, d),
+            ld,
+            0.0,
+            Epilogue::None,
+        )
+    })?;
+    out.push(Row::compute(
+        "gemm logits (f32 out, ld 64-padded)",
+        sh(&format!("{rows}x{v}x{d} ld {ld}")),
+        ms,
+        gemm::flops(rows, v, d),
+    ));
     drop((av, wv, a, wt));
 
-    let mut lp = s.alloc_zeros::<f32>(rows * v)?;
+    let mut lp = s.alloc_zeros::<f32>(rows * ld)?;
     let mut lse_rows = s.alloc_zeros::<f32>(rows)?;
+    let shape = SubsShape {
+        rows,
+        vocab: v,
+        ld,
+        mask_index: mask,
+    };
     let ms = t.time(gpu, || {
-        subs_fwd_f32(gpu, &mut lp, &mut lse_rows, &logits, &tokens, mask, rows, v)
+        subs_fwd_f32(gpu, &mut lp, &mut lse_rows, &logits, &tokens, shape)
     })?;
     out.push(Row::memory(
         "subs_fwd_f32",
-        sh(&format!("{rows}x{v}")),
+        sh(&format!("{rows}x{v} ld {ld}")),
         ms,
         rows as f64 * v as f64 * 8.0,
     ));

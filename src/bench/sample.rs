@@ -114,7 +114,7 @@ pub fn sample(
             ]
             .repeat(b),
         )?;
-        let mut p = SampleParams::new(kind, (b, l, v, mask), 1, 0);
+        let mut p = SampleParams::new(kind, (b, l, v, mask), 1, 0).with_ld(ws.logits_ld);
         if c.has_eps_mlp() {
             p = p.with_eps(c.noise_dim, c.noise_type, c.noise_scale as f32, true);
         }

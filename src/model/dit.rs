@@ -21,9 +21,10 @@
 //!
 //! Training ([`GpuDit::forward_recorded`] on a [`Workspace::training`]) records every op on a
 //! [`Tape`] for `model::dit_bwd`, keeps every block's activations, also saves each LayerNorm's
-//! f32 input (the residual stream before it: `ln1_x`, `ln2_x`), and writes the logits with a
-//! padded row stride (`logits_ld`, a multiple of 64) and no log-probs: the loss is the fused
-//! SUBS cross-entropy of `ops::subs`, whose gradient overwrites the logits.
+//! f32 input (the residual stream before it: `ln1_x`, `ln2_x`), and writes no log-probs: the
+//! loss is the fused SUBS cross-entropy of `ops::subs`, whose gradient overwrites the logits.
+//! Every workspace stores the logits (and log-probs) with a padded row stride (`logits_ld`, V
+//! rounded up to 64).
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -40,7 +41,7 @@ use crate::ops::gelu::{gelu_fwd, GeluKind};
 use crate::ops::gemm::{Epilogue, Gemm};
 use crate::ops::ln_modulate::{ln_modulate_fwd, LnModulateOut};
 use crate::ops::residual::residual_fwd;
-use crate::ops::subs::subs_fwd_f32;
+use crate::ops::subs::{subs_fwd_f32, SubsShape};
 use crate::tape::{Dropout, LinSite, LnSite, Op, ResSite, Tape};
 use crate::tensor::Tensor;
 
@@ -228,10 +229,12 @@ pub struct Workspace {
     pub final_ln: LnModulateOut,
     /// (rows, logits_ld) f32; columns V..logits_ld are padding
     pub logits: CudaSlice<f32>,
-    /// Row stride of `logits`: V (inference) or V rounded up to 64 (training)
+    /// Row stride of `logits` and `log_probs`: V rounded up to 64
     pub logits_ld: usize,
-    /// (rows, V) f32 SUBS log-probs and (rows) their log-sum-exp; unused (1 element) in
-    /// training
+    /// V: the real columns of each logits row
+    pub vocab: usize,
+    /// (rows, logits_ld) f32 SUBS log-probs (columns V.. are padding, never written) and (rows)
+    /// their log-sum-exp; unused (1 element) in training
     pub log_probs: CudaSlice<f32>,
     pub lse: CudaSlice<f32>,
     /// Whether this workspace can record a training forward (saved LayerNorm inputs).
@@ -244,8 +247,8 @@ impl Workspace {
     }
 
     /// The workspace of a training forward: every block's activations and LayerNorm inputs
-    /// kept, logits with row stride `V.next_multiple_of(64)` (16-byte aligned rows for
-    /// cuBLASLt, also in the fused loss's bf16 gradient view), and no log-probs buffer.
+    /// kept, and no log-probs buffer (the fused loss overwrites the logits, whose padded rows
+    /// also keep its bf16 gradient view 16-byte aligned).
     pub fn training(gpu: &Gpu, c: &DitConfig, batch: usize, len: usize) -> Result<Self> {
         Self::build(gpu, c, batch, len, Keep::All, true)
     }
@@ -260,11 +263,9 @@ impl Workspace {
     ) -> Result<Self> {
         let (rows, d, s) = (batch * len, c.hidden, &gpu.stream);
         let n_acts = if keep == Keep::All { c.blocks } else { 1 };
-        let logits_ld = if training {
-            c.vocab_size.next_multiple_of(64)
-        } else {
-            c.vocab_size
-        };
+        // Padded rows: the logits GEMM stores 16-byte aligned rows (at V = 50258 unpadded it
+        // ran at 240 TFLOP/s, a third of the OWT forward) and SUBS reads whole vectors.
+        let logits_ld = c.vocab_size.next_multiple_of(64);
         let imdm = c.has_eps_mlp();
         let opt = |on: bool, n: usize| -> Result<Option<CudaSlice<bf16>>> {
             Ok(if on { Some(s.alloc_zeros(n)?) } else { None })
@@ -284,15 +285,44 @@ impl Workspace {
             final_ln: LnModulateOut::new(gpu, rows, d)?,
             logits: s.alloc_zeros(rows * logits_ld)?,
             logits_ld,
+            vocab: c.vocab_size,
             // One placeholder element in training (no zero-sized device allocations).
             log_probs: if training {
                 s.alloc_zeros(1)?
             } else {
-                s.alloc_zeros(rows * c.vocab_size)?
+                s.alloc_zeros(rows * logits_ld)?
             },
             lse: s.alloc_zeros(rows)?,
             training,
         })
+    }
+
+    /// The logits on the host as a dense (rows, V) matrix (the padding columns dropped).
+    pub fn logits_host(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        Ok(self.dense_rows(gpu.stream.clone_dtoh(&self.logits)?))
+    }
+
+    /// The SUBS log-probs of the last forward with `opts.subs`, on the host as a dense
+    /// (rows, V) matrix.
+    pub fn log_probs_host(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        if self.training {
+            return Err(Error::Shape(
+                "a training workspace keeps no SUBS log-probs".into(),
+            ));
+        }
+        Ok(self.dense_rows(gpu.stream.clone_dtoh(&self.log_probs)?))
+    }
+
+    /// Drops the padding columns `V..logits_ld` of a (rows, logits_ld) host copy.
+    fn dense_rows(&self, padded: Vec<f32>) -> Vec<f32> {
+        if self.logits_ld == self.vocab {
+            return padded;
+        }
+        padded
+            .chunks_exact(self.logits_ld)
+            .flat_map(|row| &row[..self.vocab])
+            .copied()
+            .collect()
     }
 
     /// Copies token ids (and IMDM eps, rounded to bf16) into the workspace.
@@ -368,11 +398,10 @@ impl GpuDit {
                 "a recording (training) forward needs a Workspace::training".into(),
             ));
         }
-        if opts.subs && ws.logits_ld != c.vocab_size {
-            return Err(Error::Shape(format!(
-                "SUBS log-probs need dense logits; this workspace pads them to {} (training)",
-                ws.logits_ld
-            )));
+        if opts.subs && ws.training {
+            return Err(Error::Shape(
+                "SUBS log-probs are not kept by a training workspace (the loss is fused)".into(),
+            ));
         }
         if let Some(t) = tape.as_deref_mut() {
             t.clear();
@@ -580,15 +609,19 @@ impl GpuDit {
         }
         if opts.subs {
             let _r = nvtx::range("subs");
+            let shape = SubsShape {
+                rows,
+                vocab: c.vocab_size,
+                ld: ws.logits_ld,
+                mask_index: c.mask_index,
+            };
             subs_fwd_f32(
                 gpu,
                 &mut ws.log_probs,
                 &mut ws.lse,
                 &ws.logits,
                 &ws.tokens,
-                c.mask_index,
-                rows,
-                c.vocab_size,
+                shape,
             )?;
         }
         Ok(())

@@ -139,8 +139,7 @@ impl Denoiser for GpuDenoiser<'_> {
         let ws = self.ws.as_mut().expect("allocated");
         ws.load_inputs(gpu, &xt.ids, eps)?;
         self.model.forward(gpu, ws, ForwardOpts::eval())?;
-        let lp = gpu.stream.clone_dtoh(&ws.log_probs)?;
-        Tensor::from_vec(&[bsz, len, v], lp)
+        Tensor::from_vec(&[bsz, len, v], ws.log_probs_host(gpu)?)
     }
 }
 
@@ -271,6 +270,8 @@ impl StepBackend for GpuBackend<'_> {
         s.memcpy_htod(alphas, &mut self.alphas)?;
         s.memset_zeros(&mut self.counters)?;
         let ws = &mut *self.ws;
+        // The workspace's log-probs rows are padded to `logits_ld`.
+        let p = p.with_ld(ws.logits_ld);
         sample_fwd_f32(
             self.gpu,
             &mut ws.tokens,
@@ -279,7 +280,7 @@ impl StepBackend for GpuBackend<'_> {
             &mut self.counters,
             &ws.log_probs,
             &self.alphas,
-            p,
+            &p,
         )?;
         let c = s.clone_dtoh(&self.counters)?;
         Ok([c[0], c[1]])

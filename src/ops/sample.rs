@@ -25,7 +25,7 @@ const THREADS: u32 = 256;
 pub const NONE: u32 = u32::MAX;
 
 /// The kernel's scalar arguments, field for field the `SampleParams` struct of
-/// `kernels/sample.cu` (64 bytes, asserted on both sides). Build it with [`SampleParams::new`]
+/// `kernels/sample.cu` (72 bytes, asserted on both sides). Build it with [`SampleParams::new`]
 /// and the `with_*` methods.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -54,14 +54,19 @@ pub struct SampleParams {
     /// 0: rand, 1: randn.
     pub noise_type: u32,
     pub noise_scale: f32,
+    /// Row stride of the log-probs (>= V; the GPU forward pads rows to a multiple of 64).
+    pub ld: u32,
+    /// Explicit padding (0), so the struct has no implicit padding bytes.
+    pub pad_: u32,
     /// > 0; exactly 1 skips the power.
     pub temperature: f64,
 }
 
-const _: () = assert!(std::mem::size_of::<SampleParams>() == 64);
+const _: () = assert!(std::mem::size_of::<SampleParams>() == 72);
 
-// SAFETY: SampleParams is #[repr(C)], made of plain integers and floats (no padding: 13 u32 and
-// an f32 fill 56 bytes, then an 8-aligned f64), and matches the kernel's struct layout.
+// SAFETY: SampleParams is #[repr(C)], made of plain integers and floats (no implicit padding:
+// 15 u32 and an f32 fill 64 bytes, then an 8-aligned f64), and matches the kernel's struct
+// layout.
 unsafe impl DeviceRepr for SampleParams {}
 
 impl SampleParams {
@@ -91,8 +96,16 @@ impl SampleParams {
             noise_dim: 0,
             noise_type: 0,
             noise_scale: 1.0,
+            ld: vocab as u32,
+            pad_: 0,
             temperature: 1.0,
         }
+    }
+
+    /// Log-probs rows stored with stride `ld` (>= V) instead of V.
+    pub fn with_ld(mut self, ld: usize) -> Self {
+        self.ld = ld as u32;
+        self
     }
 
     pub fn with_temperature(mut self, t: f64) -> Self {
@@ -177,9 +190,13 @@ impl SampleParams {
                 "x has {x_len} and cat {cat_len} elements, expected rows {rows}"
             ));
         }
-        if log_probs_len != rows * v {
+        let ld = self.ld as usize;
+        if ld < v {
+            return bad(format!("row stride ld {ld} is below the vocabulary {v}"));
+        }
+        if log_probs_len != rows * ld {
             return bad(format!(
-                "log_probs has {log_probs_len} elements, expected rows {rows} x vocab {v}"
+                "log_probs has {log_probs_len} elements, expected rows {rows} x ld {ld}"
             ));
         }
         if alphas_len != 2 * (rows / len) || counters_len != 2 {
@@ -207,7 +224,7 @@ impl SampleParams {
 }
 
 /// Launches `sample_fwd_f32`: one sampler step over the masked positions of `x` (updated in
-/// place), from the SUBS `log_probs` (rows, V) and `alphas` (B, 2) f64 (α_t, α_s per batch row).
+/// place), from the SUBS `log_probs` (rows, ld) and `alphas` (B, 2) f64 (α_t, α_s per batch row).
 /// Writes `cat` (rows): the winning category of each masked position (a token, `mask_index` for
 /// stay, V for reset) and [`NONE`] elsewhere; adds (unmasks, resets) to `counters` (2); writes
 /// a reset's fresh eps into `eps` (rows, noise_dim) bf16 when `p.write_eps`. Every length is
@@ -249,7 +266,7 @@ pub fn sample_fwd_f32(
     };
     b.arg(counters).arg(log_probs).arg(alphas).arg(p);
     // SAFETY: argument order and types match the kernel signature (SampleParams is the kernel's
-    // struct, size asserted on both sides); x and cat hold rows elements, log_probs rows*vocab,
+    // struct, size asserted on both sides); x and cat hold rows elements, log_probs rows*ld,
     // alphas 2*(rows/len), counters 2 and eps rows*noise_dim (or null, never written then:
     // write_eps needs a buffer), as checked above; one block per position, so every index the
     // kernel forms is below these bounds.
@@ -415,9 +432,11 @@ mod tests {
 
     #[test]
     fn params_layout_matches_the_kernel() {
-        // The kernel's struct: 13 u32, an f32, then the f64 at byte 56 (static_assert 64).
+        // The kernel's struct: 13 u32, an f32, ld and the pad, then the f64 at byte 64
+        // (static_assert 72).
         assert_eq!(std::mem::offset_of!(SampleParams, noise_scale), 52);
-        assert_eq!(std::mem::offset_of!(SampleParams, temperature), 56);
+        assert_eq!(std::mem::offset_of!(SampleParams, ld), 56);
+        assert_eq!(std::mem::offset_of!(SampleParams, temperature), 64);
         let p = SampleParams::new(
             SamplerKind::MdlmPosterior,
             (2, 3, 5, 4),
@@ -428,7 +447,7 @@ mod tests {
             (p.key_lo, p.key_hi, p.seed()),
             (0x5678_9abc, 0x1234, 0x1234_5678_9abc)
         );
-        assert_eq!((p.rows, p.eps_step, p.kind), (6, 8, 1));
+        assert_eq!((p.rows, p.eps_step, p.kind, p.ld), (6, 8, 1, 5));
     }
 
     #[test]
@@ -437,6 +456,7 @@ mod tests {
         let p = SampleParams::new(SamplerKind::ImdmPosterior, dims, 1, 0);
         let ok = |p: &SampleParams, eps: Option<usize>| p.check(6, 6, eps, 2, 30, 4);
         ok(&p, None).unwrap();
+        p.with_ld(8).check(6, 6, None, 2, 48, 4).unwrap();
         let bad = [
             p.check(5, 6, None, 2, 30, 4),
             p.check(6, 6, None, 2, 29, 4),
@@ -447,6 +467,8 @@ mod tests {
             ok(&p.with_temperature(0.0), None),
             ok(&SampleParams { mask_index: 5, ..p }, None),
             ok(&SampleParams { len: 4, ..p }, None),
+            ok(&p.with_ld(4), None),
+            ok(&p.with_ld(6), None),
             ok(
                 &SampleParams::new(SamplerKind::MdlmPosterior, dims, 1, 0).with_eps(
                     3,
@@ -550,7 +572,13 @@ mod tests {
         let mut dn = s.clone_htod(&[5u32, 7]).unwrap();
         let eps16: Vec<bf16> = c.eps.iter().map(|&e| bf16::from_f32(e)).collect();
         let mut deps = s.clone_htod(&eps16).unwrap();
-        let dlp = s.clone_htod(&c.log_probs).unwrap();
+        // Padded rows (p.ld > V) hold NaN in the padding: a read there would poison a draw.
+        let (v, ld) = (p.vocab as usize, p.ld as usize);
+        let mut padded = vec![f32::NAN; rows * ld];
+        for r in 0..rows {
+            padded[r * ld..r * ld + v].copy_from_slice(&c.log_probs[r * v..(r + 1) * v]);
+        }
+        let dlp = s.clone_htod(&padded).unwrap();
         let dal = s.clone_htod(&c.alphas).unwrap();
         sample_fwd_f32(
             gpu,
@@ -572,7 +600,7 @@ mod tests {
             &mut n,
             &c.log_probs,
             &c.alphas,
-            p,
+            &p.with_ld(v),
         )
         .unwrap();
         let gx = s.clone_dtoh(&dx).unwrap();
@@ -628,6 +656,8 @@ mod tests {
                     ("T=0.7", base.with_temperature(0.7)),
                     ("T=1.3", base.with_temperature(1.3)),
                     ("greedy", base.with_greedy(true)),
+                    ("padded rows", base.with_ld(dims.2.next_multiple_of(64))),
+                    ("padded greedy", base.with_ld(dims.2 + 1).with_greedy(true)),
                     ("rand eps", base.with_eps(nd, NoiseType::Rand, 1.0, imdm)),
                     ("randn eps", base.with_eps(nd, NoiseType::Randn, 0.5, imdm)),
                     ("eps kept", base.with_eps(nd, NoiseType::Rand, 1.0, false)),

@@ -39,37 +39,52 @@ impl Logit for bf16 {
     const VEC: usize = 8;
 }
 
-/// Launches `subs_fwd_f32` on f32 logits (rows, vocab): writes `log_probs` (rows, vocab) and
-/// `lse` (rows, the log-sum-exp saved for the backward). Every length is checked first.
-#[allow(clippy::too_many_arguments)]
+/// Launches `subs_fwd_f32` on f32 logits (rows, ld): writes `log_probs` (rows, ld; the
+/// padding columns `vocab..ld` are left as they were) and `lse` (rows, the log-sum-exp saved for
+/// the backward). Every length is checked first.
 pub fn subs_fwd_f32<I: TokenId>(
     gpu: &Gpu,
     log_probs: &mut CudaSlice<f32>,
     lse: &mut CudaSlice<f32>,
     logits: &CudaSlice<f32>,
     tokens: &CudaSlice<I>,
-    mask_index: usize,
-    rows: usize,
-    vocab: usize,
+    shape: SubsShape,
 ) -> Result<()> {
-    let shape = (mask_index, rows, vocab);
     launch(gpu, log_probs, lse, logits, tokens, shape, true)
 }
 
 /// [`subs_fwd_f32`] on bf16 logits (the reference's dtype); the maths stays fp32.
-#[allow(clippy::too_many_arguments)]
 pub fn subs_fwd_bf16<I: TokenId>(
     gpu: &Gpu,
     log_probs: &mut CudaSlice<f32>,
     lse: &mut CudaSlice<f32>,
     logits: &CudaSlice<bf16>,
     tokens: &CudaSlice<I>,
-    mask_index: usize,
-    rows: usize,
-    vocab: usize,
+    shape: SubsShape,
 ) -> Result<()> {
-    let shape = (mask_index, rows, vocab);
     launch(gpu, log_probs, lse, logits, tokens, shape, true)
+}
+
+/// Checks a [`SubsShape`] against the kernels' limits: `2 <= vocab <= ld`, `mask_index <
+/// vocab`, and every count within an i32.
+fn check_shape(shape: &SubsShape) -> Result<()> {
+    let SubsShape {
+        rows,
+        vocab,
+        ld,
+        mask_index,
+    } = *shape;
+    if vocab < 2 || ld < vocab || rows.max(ld) > i32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "subs: need 2 <= vocab <= ld <= 2^31-1 and rows <= 2^31-1, got {shape:?}"
+        )));
+    }
+    if mask_index >= vocab {
+        return Err(Error::Shape(format!(
+            "subs: mask_index {mask_index} is outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok(())
 }
 
 /// The shared launcher; `allow_cache = false` forces the global re-read path (tests).
@@ -79,23 +94,20 @@ fn launch<T: Logit, I: TokenId>(
     lse: &mut CudaSlice<f32>,
     logits: &CudaSlice<T>,
     tokens: &CudaSlice<I>,
-    (mask_index, rows, vocab): (usize, usize, usize),
+    shape: SubsShape,
     allow_cache: bool,
 ) -> Result<()> {
-    if !(2..=i32::MAX as usize).contains(&vocab) || rows > i32::MAX as usize {
-        return Err(Error::Shape(format!(
-            "subs: vocab {vocab} must be in 2..=2^31-1 and rows {rows} at most 2^31-1"
-        )));
-    }
-    if mask_index >= vocab {
-        return Err(Error::Shape(format!(
-            "subs: mask_index {mask_index} is outside the vocabulary of {vocab}"
-        )));
-    }
-    let n = rows * vocab;
+    check_shape(&shape)?;
+    let SubsShape {
+        rows,
+        vocab,
+        ld,
+        mask_index,
+    } = shape;
+    let n = rows * ld;
     if logits.len() != n || log_probs.len() != n {
         return Err(Error::Shape(format!(
-            "subs: logits have {} and log_probs {} elements, expected rows {rows} x vocab {vocab}",
+            "subs: logits have {} and log_probs {} elements, expected rows {rows} x ld {ld}",
             logits.len(),
             log_probs.len()
         )));
@@ -124,7 +136,8 @@ fn launch<T: Logit, I: TokenId>(
             smem as i32,
         )?;
     }
-    let (vocab_i, mask_u, cache_i) = (vocab as i32, mask_index as u32, cache as i32);
+    let (vocab_i, ld_i) = (vocab as i32, ld as i32);
+    let (mask_u, cache_i) = (mask_index as u32, cache as i32);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (THREADS as u32, 1, 1),
@@ -136,10 +149,12 @@ fn launch<T: Logit, I: TokenId>(
         .arg(logits)
         .arg(tokens)
         .arg(&vocab_i)
+        .arg(&ld_i)
         .arg(&mask_u)
         .arg(&cache_i);
     // SAFETY: argument order and types match the kernel signature (u32/i32 ids are both 4-byte
-    // integers read as u32); logits and log_probs hold rows*vocab elements, lse and tokens rows,
+    // integers read as u32); logits and log_probs hold rows*ld elements (ld >= vocab), lse and
+    // tokens rows,
     // as checked above; one block per row; with cache_i = 1 the dynamic shared memory holds
     // vocab + VEC elements, the most the kernel indexes (row offset < VEC), and the function's
     // dynamic shared memory limit was raised to that size.
@@ -150,10 +165,11 @@ fn launch<T: Logit, I: TokenId>(
 /// The backward kernel's static shared memory (two 32-float arrays and one float), rounded up.
 const BWD_STATIC_SMEM: usize = 512;
 
-/// Shape of a fused SUBS + cross-entropy call: `rows` logit rows of `vocab` real columns stored
-/// with row stride `ld >= vocab` (padding columns `vocab..ld` are ignored and get gradient 0).
+/// Shape of a SUBS call (forward, or fused cross-entropy): `rows` logit rows of `vocab` real
+/// columns stored with row stride `ld >= vocab` (padding columns `vocab..ld` are ignored; the
+/// backward gives them gradient 0, the forward leaves them unwritten).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct XentShape {
+pub struct SubsShape {
     pub rows: usize,
     pub vocab: usize,
     pub ld: usize,
@@ -174,7 +190,7 @@ pub fn subs_bwd_bf16<I: TokenId>(
     tokens: &CudaSlice<I>,
     targets: &CudaSlice<I>,
     weight: &CudaSlice<f32>,
-    shape: XentShape,
+    shape: SubsShape,
     norm: f32,
 ) -> Result<()> {
     launch_bwd(
@@ -194,7 +210,7 @@ pub fn subs_bwd_f32<I: TokenId>(
     tokens: &CudaSlice<I>,
     targets: &CudaSlice<I>,
     weight: &CudaSlice<f32>,
-    shape: XentShape,
+    shape: SubsShape,
     norm: f32,
 ) -> Result<()> {
     launch_bwd(
@@ -211,26 +227,17 @@ fn launch_bwd<T: Logit, I: TokenId>(
     tokens: &CudaSlice<I>,
     targets: &CudaSlice<I>,
     weight: &CudaSlice<f32>,
-    XentShape {
+    shape: SubsShape,
+    norm: f32,
+    allow_cache: bool,
+) -> Result<()> {
+    check_shape(&shape)?;
+    let SubsShape {
         rows,
         vocab,
         ld,
         mask_index,
-    }: XentShape,
-    norm: f32,
-    allow_cache: bool,
-) -> Result<()> {
-    if !(2..=i32::MAX as usize).contains(&vocab) || ld < vocab || ld > i32::MAX as usize {
-        return Err(Error::Shape(format!(
-            "subs loss: vocab {vocab} must be in 2..=2^31-1 and ld {ld} in vocab..=2^31-1"
-        )));
-    }
-    if rows > i32::MAX as usize || mask_index >= vocab {
-        return Err(Error::Shape(format!(
-            "subs loss: rows {rows} at most 2^31-1; mask_index {mask_index} must be < vocab \
-             {vocab}"
-        )));
-    }
+    } = shape;
     if logits.len() != rows * ld {
         return Err(Error::Shape(format!(
             "subs loss: logits have {} elements, expected rows {rows} x ld {ld}",
@@ -487,20 +494,44 @@ mod tests {
         ids
     }
 
-    /// GPU (bf16 or f32 logits, cached row or not) against the twin.
-    fn check(gpu: &Gpu, logits: &[f32], ids: &[u32], mask: usize, bf16_in: bool, cache: bool) {
+    /// GPU (bf16 or f32 logits, cached row or not, row stride `ld`) against the twin. The
+    /// padding columns of the logits hold NaN (a read would poison the row) and those of the
+    /// output a sentinel that must survive.
+    fn check(
+        gpu: &Gpu,
+        logits: &[f32],
+        ids: &[u32],
+        mask: usize,
+        ld: usize,
+        bf16_in: bool,
+        cache: bool,
+    ) {
+        const SENTINEL: f32 = 7.25;
         let (rows, s) = (ids.len(), &gpu.stream);
         let v = logits.len() / rows;
-        let mut lp = s.alloc_zeros::<f32>(logits.len()).unwrap();
+        let pad = |x: &[f32], fill: f32| -> Vec<f32> {
+            let mut out = vec![fill; rows * ld];
+            for r in 0..rows {
+                out[r * ld..r * ld + v].copy_from_slice(&x[r * v..(r + 1) * v]);
+            }
+            out
+        };
+        let padded = pad(logits, f32::NAN);
+        let mut lp = s.clone_htod(&vec![SENTINEL; rows * ld]).unwrap();
         let mut lse = s.alloc_zeros::<f32>(rows).unwrap();
         let dtok = s.clone_htod(ids).unwrap();
-        let shape = (mask, rows, v);
+        let shape = SubsShape {
+            rows,
+            vocab: v,
+            ld,
+            mask_index: mask,
+        };
         if bf16_in {
-            let b: Vec<bf16> = logits.iter().map(|&x| bf16::from_f32(x)).collect();
+            let b: Vec<bf16> = padded.iter().map(|&x| bf16::from_f32(x)).collect();
             let dl = s.clone_htod(&b).unwrap();
             launch(gpu, &mut lp, &mut lse, &dl, &dtok, shape, cache).unwrap();
         } else {
-            let dl = s.clone_htod(logits).unwrap();
+            let dl = s.clone_htod(&padded).unwrap();
             launch(gpu, &mut lp, &mut lse, &dl, &dtok, shape, cache).unwrap();
         }
         // The twin sees exactly what the kernel sees: bf16 inputs are rounded first (the ramp
@@ -510,12 +541,12 @@ mod tests {
             false => logits.to_vec(),
         };
         let (lp_ref, lse_ref) = cpu::subs_fwd(&seen, ids, mask, v);
-        let tag = format!("rows {rows} V {v} mask {mask} bf16 {bf16_in} cache {cache}");
+        let tag = format!("rows {rows} V {v} ld {ld} mask {mask} bf16 {bf16_in} cache {cache}");
         let got = s.clone_dtoh(&lp).unwrap();
         assert_close(
             &format!("subs log_probs {tag}"),
             &got,
-            &lp_ref,
+            &pad(&lp_ref, SENTINEL),
             TOL_LOG_SOFTMAX,
         );
         let got = s.clone_dtoh(&lse).unwrap();
@@ -539,9 +570,12 @@ mod tests {
             let ids = tokens(v as u64, rows, v, mask);
             for bf16_in in [false, true] {
                 let logits = rand_logits(rows as u64, rows * v, -8.0, 8.0, bf16_in);
-                check(&gpu, &logits, &ids, mask, bf16_in, true);
-                if rows <= 129 {
-                    check(&gpu, &logits, &ids, mask, bf16_in, false);
+                // Dense rows, and rows padded to a multiple of 64 (the forward's layout).
+                for ld in [v, v.next_multiple_of(64)] {
+                    check(&gpu, &logits, &ids, mask, ld, bf16_in, true);
+                    if rows <= 129 {
+                        check(&gpu, &logits, &ids, mask, ld, bf16_in, false);
+                    }
                 }
             }
         }
@@ -550,7 +584,8 @@ mod tests {
             let ids = tokens(1, rows, v, v - 1);
             for bf16_in in [false, true] {
                 let logits = rand_logits(2, rows * v, -8.0, 8.0, bf16_in);
-                check(&gpu, &logits, &ids, v - 1, bf16_in, rows == 3);
+                check(&gpu, &logits, &ids, v - 1, v, bf16_in, rows == 3);
+                check(&gpu, &logits, &ids, v - 1, v + 3, bf16_in, false);
             }
         }
         // Structured (zeros, an arange ramp) and large-magnitude logits, all rows masked.
@@ -562,8 +597,17 @@ mod tests {
             ramp,
             rand_logits(3, rows * v, -3e3, 3e3, true),
         ] {
-            check(&gpu, &logits, &ids, v - 1, false, true);
-            check(&gpu, &logits, &ids, v - 1, true, true);
+            check(&gpu, &logits, &ids, v - 1, v, false, true);
+            check(&gpu, &logits, &ids, v - 1, v, true, true);
+            check(
+                &gpu,
+                &logits,
+                &ids,
+                v - 1,
+                v.next_multiple_of(64),
+                true,
+                true,
+            );
         }
     }
 
@@ -577,7 +621,13 @@ mod tests {
         let mut lp = s.alloc_zeros::<f32>(rows * v).unwrap();
         let mut lse = s.alloc_zeros::<f32>(rows).unwrap();
         let ids = s.clone_htod(&[99u32, 100, 5]).unwrap();
-        subs_fwd_f32(&gpu, &mut lp, &mut lse, &logits, &ids, 99, rows, v).unwrap();
+        let sh = |rows, vocab, ld, mask_index| SubsShape {
+            rows,
+            vocab,
+            ld,
+            mask_index,
+        };
+        subs_fwd_f32(&gpu, &mut lp, &mut lse, &logits, &ids, sh(rows, v, v, 99)).unwrap();
         let (got, l) = (s.clone_dtoh(&lp).unwrap(), s.clone_dtoh(&lse).unwrap());
         assert!(
             got[v..2 * v].iter().all(|x| x.is_nan()) && l[1].is_nan(),
@@ -585,10 +635,40 @@ mod tests {
         );
         assert!(got[2 * v + 5] == 0.0 && got[2 * v] == cpu::NEG_INF && l[2] == 0.0);
         let bad = [
-            subs_fwd_f32(&gpu, &mut lp, &mut lse, &logits, &ids, 100, rows, v),
-            subs_fwd_f32(&gpu, &mut lp, &mut lse, &logits, &ids, 9, rows, v + 1),
-            subs_fwd_f32(&gpu, &mut lp, &mut lse, &logits, &ids, 9, rows - 1, v),
-            subs_fwd_f32(&gpu, &mut lp, &mut lse, &logits, &ids, 0, rows * v, 1),
+            subs_fwd_f32(&gpu, &mut lp, &mut lse, &logits, &ids, sh(rows, v, v, 100)),
+            subs_fwd_f32(
+                &gpu,
+                &mut lp,
+                &mut lse,
+                &logits,
+                &ids,
+                sh(rows, v + 1, v + 1, 9),
+            ),
+            subs_fwd_f32(
+                &gpu,
+                &mut lp,
+                &mut lse,
+                &logits,
+                &ids,
+                sh(rows - 1, v, v, 9),
+            ),
+            subs_fwd_f32(
+                &gpu,
+                &mut lp,
+                &mut lse,
+                &logits,
+                &ids,
+                sh(rows * v, 1, 1, 0),
+            ),
+            subs_fwd_f32(
+                &gpu,
+                &mut lp,
+                &mut lse,
+                &logits,
+                &ids,
+                sh(rows, v, v - 1, 9),
+            ),
+            subs_fwd_f32(&gpu, &mut lp, &mut lse, &logits, &ids, sh(rows, 60, 64, 9)),
         ];
         for r in bad {
             assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
@@ -661,7 +741,7 @@ mod tests {
     /// One fused-loss problem on the host: logits (rows, ld) as f32 (garbage in the padding and
     /// a large mask-column logit, both of which must be ignored), xt, x0, w.
     struct XentCase {
-        shape: XentShape,
+        shape: SubsShape,
         logits: Vec<f32>,
         tokens: Vec<u32>,
         targets: Vec<u32>,
@@ -711,7 +791,7 @@ mod tests {
             })
             .collect();
         XentCase {
-            shape: XentShape {
+            shape: SubsShape {
                 rows,
                 vocab,
                 ld,
@@ -1037,7 +1117,7 @@ mod tests {
         let mut loss = s.alloc_zeros::<f32>(rows).unwrap();
         let ids = s.alloc_zeros::<u32>(rows).unwrap();
         let w = s.alloc_zeros::<f32>(rows).unwrap();
-        let sh = |vocab, ld, mask_index| XentShape {
+        let sh = |vocab, ld, mask_index| SubsShape {
             rows,
             vocab,
             ld,

@@ -35,7 +35,7 @@ use crate::model::param_tree::{LinearOf, ParamTree};
 use crate::model::params::{Linear, TIME_FEATURES};
 use crate::model::{DitConfig, DitParams};
 use crate::ops::adamw::{device_addr, AdamwParams, AdamwTable, AdamwTensor, EmaTable, EmaTensor};
-use crate::ops::subs::{subs_bwd_f32, XentShape};
+use crate::ops::subs::{subs_bwd_f32, SubsShape};
 use crate::tape::Tape;
 use crate::tensor::Tensor;
 use crate::train::objective::{Objective, Resident};
@@ -509,7 +509,7 @@ impl GpuTrainer {
             &slot.ws.tokens,
             &slot.x0,
             &slot.w,
-            XentShape {
+            SubsShape {
                 rows,
                 vocab: c.vocab_size,
                 ld: slot.ws.logits_ld,
