@@ -34,8 +34,17 @@ fn check(config: DitConfig, batch: usize, len: usize, tag: &str) {
     let want = dit_ref::forward(&p, &tokens, eps.as_ref()).unwrap();
     let want_lp = dit_ref::subs_log_probs(&want, &tokens, config.mask_index);
 
-    let model = GpuDit::upload(&gpu, &p).unwrap();
-    for keep in [Keep::None, Keep::All] {
+    // The plain upload (training layout) and the inference upload (gates folded into the
+    // output GEMMs, no saved GELU pre-activation) must both match.
+    let plain = GpuDit::upload(&gpu, &p).unwrap();
+    let folded = GpuDit::upload_inference(&gpu, &p).unwrap();
+    assert!(folded.blocks.iter().all(|b| b.folded.is_some()));
+    for (model, keep) in [
+        (&plain, Keep::None),
+        (&plain, Keep::All),
+        (&folded, Keep::None),
+        (&folded, Keep::All),
+    ] {
         let mut ws = Workspace::new(&gpu, &config, batch, len, keep).unwrap();
         ws.load_inputs(&gpu, &ids, eps.as_ref()).unwrap();
         model.forward(&gpu, &mut ws, ForwardOpts::eval()).unwrap();
@@ -53,8 +62,9 @@ fn check(config: DitConfig, batch: usize, len: usize, tag: &str) {
             let (max_abs, _, worst, ratio) = compare(g, w, tol);
             assert!(
                 ratio <= 1.0,
-                "{tag} {keep:?} {name}: max abs err {max_abs:.3e} (logit scale {scale:.2}); \
+                "{tag} {keep:?} folded {} {name}: max abs err {max_abs:.3e} (logit scale {scale:.2}); \
                  worst [{worst}] got {} want {}",
+                model.blocks[0].folded.is_some(),
                 g[worst],
                 w[worst]
             );

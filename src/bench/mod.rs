@@ -300,7 +300,7 @@ pub fn forward(gpu: &Gpu, preset: Preset, shape: Shape, algo: Algo) -> Result<Fo
     c.length = l;
     c.algo = algo;
     let (free0, _) = cudarc::driver::result::mem_get_info()?;
-    let model = GpuDit::upload(gpu, &random_params(&c, 0))?;
+    let model = GpuDit::upload_inference(gpu, &random_params(&c, 0))?;
     let mut ws = Workspace::new(gpu, &c, b, l, Keep::None)?;
     let (free1, _) = cudarc::driver::result::mem_get_info()?;
     let ids: Vec<u32> = (0..b * l)

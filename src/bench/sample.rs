@@ -95,7 +95,7 @@ pub fn sample(
     // One step, split: forward, then the fused step on an all-mask x (restored each repeat).
     let (ms_forward, ms_step_kernel, memory_gib) = {
         let (free0, _) = cudarc::driver::result::mem_get_info()?;
-        let model = GpuDit::upload(gpu, &params)?;
+        let model = GpuDit::upload_inference(gpu, &params)?;
         let mut ws = Workspace::new(gpu, &c, b, l, Keep::None)?;
         let (free1, _) = cudarc::driver::result::mem_get_info()?;
         ws.load_inputs(gpu, &all_mask, eps.as_ref())?;

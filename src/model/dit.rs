@@ -19,6 +19,11 @@
 //! ```
 //! then `y = LN(h)·(1+scale)+shift`, `logits = y W^T + b` (f32), SUBS log-softmax (f32).
 //!
+//! Inference ([`GpuDit::upload_inference`]): the gates are constant too, so each gated
+//! residual `h += g ∘ (x W^T + b)` becomes one GEMM accumulating into the f32 stream,
+//! `h += x (diag(g) W)^T + g ∘ b` (beta = 1, [`FoldedGates`]): no residual kernel and no bf16
+//! `proj`/`mlp_out` round trip. The MLP's GELU epilogue skips saving its pre-activation.
+//!
 //! Training ([`GpuDit::forward_recorded`] on a [`Workspace::training`]) records every op on a
 //! [`Tape`] for `model::dit_bwd`, keeps every block's activations, also saves each LayerNorm's
 //! f32 input (the residual stream before it: `ln1_x`, `ln2_x`), and writes no log-probs: the
@@ -79,6 +84,62 @@ pub struct GpuBlock {
     pub mlp2: GpuLinear<bf16>,
     /// shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp; None for the AR baseline.
     pub modulation: Option<[CudaSlice<f32>; 6]>,
+    /// The gated output layers with the gates folded in ([`GpuDit::upload_inference`] only).
+    pub folded: Option<FoldedGates>,
+}
+
+/// A block's two gated output layers with their (constant) adaLN gates folded into the weights,
+/// for forwards without dropout or tape: `g ∘ (x W^T + b) = x (diag(g) W)^T + g ∘ b`. The
+/// folded weights are rounded to bf16 once (instead of rounding each GEMM output to bf16 before
+/// the gate), which keeps the result within the forward's bf16 tolerance of `dit_ref`.
+pub struct FoldedGates {
+    /// diag(gate_msa) · W_out, (D, D) bf16
+    pub attn_out: CudaSlice<bf16>,
+    /// diag(gate_mlp) · W_2, (D, 4D) bf16
+    pub mlp2: CudaSlice<bf16>,
+    /// gate_mlp ∘ b_2, (D) f32
+    pub mlp2_bias: CudaSlice<f32>,
+}
+
+/// `diag(g) · W` for W stored (out, in) row-major: row r scaled by g[r] (f32 products, as the
+/// upload then rounds to bf16). No gate (`None`, the AR baseline) leaves W as it is.
+pub fn fold_rows(w: &[f32], g: Option<&[f32]>, inp: usize) -> Vec<f32> {
+    match g {
+        None => w.to_vec(),
+        Some(g) => w
+            .chunks_exact(inp)
+            .zip(g)
+            .flat_map(|(row, &gr)| row.iter().map(move |&x| x * gr))
+            .collect(),
+    }
+}
+
+impl FoldedGates {
+    /// From a block's host weights and its host modulation (6 chunks of D, or none).
+    fn new(gpu: &Gpu, b: &crate::model::params::Block, m: Option<&[f32]>) -> Result<Self> {
+        let d = b.attn_out.out_dim();
+        let gate = |k: usize| m.map(|m| &m[k * d..(k + 1) * d]);
+        let (w_o, w_2) = (&b.attn_out, &b.mlp_fc2);
+        let bias = w_2.bias.as_ref().expect("mlp bias");
+        let b2: Vec<f32> = match gate(5) {
+            Some(g) => bias.data.iter().zip(g).map(|(&x, &gi)| x * gi).collect(),
+            None => bias.data.clone(),
+        };
+        let s = &gpu.stream;
+        Ok(FoldedGates {
+            attn_out: s.clone_htod(&to_bf16(&fold_rows(
+                &w_o.weight.data,
+                gate(2),
+                w_o.in_dim(),
+            )))?,
+            mlp2: s.clone_htod(&to_bf16(&fold_rows(
+                &w_2.weight.data,
+                gate(5),
+                w_2.in_dim(),
+            )))?,
+            mlp2_bias: s.clone_htod(&b2)?,
+        })
+    }
 }
 
 /// The whole model on the GPU.
@@ -115,14 +176,34 @@ fn modulation<const N: usize>(
 }
 
 impl GpuDit {
-    /// Uploads `p` (bf16 matrices, f32 norms, precomputed modulations).
+    /// Uploads `p` (bf16 matrices, f32 norms, precomputed modulations), for training or any
+    /// forward.
     pub fn upload(gpu: &Gpu, p: &DitParams) -> Result<Self> {
+        Self::upload_with(gpu, p, false)
+    }
+
+    /// [`GpuDit::upload`] plus the gate-folded output layers ([`FoldedGates`]) that forwards
+    /// without dropout or tape use. For fixed weights (sampling, evaluation, benchmarks): the
+    /// folded copies do not follow later in-place weight updates.
+    pub fn upload_inference(gpu: &Gpu, p: &DitParams) -> Result<Self> {
+        Self::upload_with(gpu, p, true)
+    }
+
+    fn upload_with(gpu: &Gpu, p: &DitParams, fold: bool) -> Result<Self> {
         let s = &gpu.stream;
         let cond = cond_vector(p, 0.0);
         let blocks = p
             .blocks
             .iter()
             .map(|b| {
+                let host_mod = match (&b.adaln, &cond) {
+                    (Some(a), Some(c)) => Some(linear(c, a)),
+                    _ => None,
+                };
+                let folded = match fold {
+                    true => Some(FoldedGates::new(gpu, b, host_mod.as_deref())?),
+                    false => None,
+                };
                 Ok(GpuBlock {
                     norm1: s.clone_htod(&b.norm1.data)?,
                     norm2: s.clone_htod(&b.norm2.data)?,
@@ -131,6 +212,7 @@ impl GpuDit {
                     mlp1: upload_bf16(gpu, &b.mlp_fc1)?,
                     mlp2: upload_bf16(gpu, &b.mlp_fc2)?,
                     modulation: modulation::<6>(gpu, b.adaln.as_ref(), cond.as_deref())?,
+                    folded,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -406,6 +488,8 @@ impl GpuDit {
         if let Some(t) = tape.as_deref_mut() {
             t.clear();
         }
+        // Folded gates and no saved GELU pre-activation: only without tape and dropout.
+        let inference = tape.is_none() && opts.dropout == 0.0;
         let mut rec = |op: Op| {
             if let Some(t) = tape.as_deref_mut() {
                 t.push(op);
@@ -501,31 +585,47 @@ impl GpuDit {
             rec(Op::Linear(LinSite::Qkv(i)));
             attention_fwd(gpu, &mut a.attn, &mut a.lse, &a.qkv, &shape)?;
             rec(Op::Attention(i));
-            g.matmul(
-                gpu,
-                &mut a.proj,
-                &a.attn,
-                false,
-                &blk.attn_out.w,
-                true,
-                (rows, d, d),
-                0.0,
-                Epilogue::None,
-            )?;
-            rec(Op::Linear(LinSite::Out(i)));
-            residual_fwd(
-                gpu,
-                &mut ws.h,
-                &a.proj,
-                gate(2),
-                rows,
-                d,
-                rows,
-                opts.dropout,
-                opts.seed,
-                off,
-            )?;
-            rec(Op::Residual(ResSite::Attn(i), dropout_at(off)));
+            let folded = blk.folded.as_ref().filter(|_| inference);
+            if let Some(f) = folded {
+                // h += o (diag(gate_msa) W_out)^T
+                g.matmul(
+                    gpu,
+                    &mut ws.h,
+                    &a.attn,
+                    false,
+                    &f.attn_out,
+                    true,
+                    (rows, d, d),
+                    1.0,
+                    Epilogue::None,
+                )?;
+            } else {
+                g.matmul(
+                    gpu,
+                    &mut a.proj,
+                    &a.attn,
+                    false,
+                    &blk.attn_out.w,
+                    true,
+                    (rows, d, d),
+                    0.0,
+                    Epilogue::None,
+                )?;
+                rec(Op::Linear(LinSite::Out(i)));
+                residual_fwd(
+                    gpu,
+                    &mut ws.h,
+                    &a.proj,
+                    gate(2),
+                    rows,
+                    d,
+                    rows,
+                    opts.dropout,
+                    opts.seed,
+                    off,
+                )?;
+                rec(Op::Residual(ResSite::Attn(i), dropout_at(off)));
+            }
             if let Some(x) = a.ln2_x.as_mut() {
                 gpu.stream.memcpy_dtod(&ws.h, x)?;
             }
@@ -547,10 +647,25 @@ impl GpuDit {
                 0.0,
                 Epilogue::GeluBias {
                     bias: b1,
-                    aux: Some(&mut a.mlp_pre),
+                    aux: (!inference).then_some(&mut a.mlp_pre),
                 },
             )?;
             rec(Op::Linear(LinSite::Mlp1(i)));
+            if let Some(f) = folded {
+                // h += gelu(.) (diag(gate_mlp) W_2)^T + gate_mlp ∘ b_2
+                g.matmul(
+                    gpu,
+                    &mut ws.h,
+                    &a.mlp_act,
+                    false,
+                    &f.mlp2,
+                    true,
+                    (rows, d, hdim),
+                    1.0,
+                    Epilogue::Bias(&f.mlp2_bias),
+                )?;
+                continue;
+            }
             g.matmul(
                 gpu,
                 &mut a.mlp_out,
@@ -625,5 +740,35 @@ impl GpuDit {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fold_rows;
+
+    /// The folding identity the inference forward relies on:
+    /// `g ∘ (x W^T + b) = x (diag(g) W)^T + g ∘ b`, and no gate leaves W unchanged.
+    #[test]
+    fn folded_gate_equals_gated_output() {
+        let (out, inp) = (5, 7);
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        let g: Vec<f32> = (0..out).map(|i| 0.5 - i as f32 * 0.3).collect();
+        let b: Vec<f32> = (0..out).map(|i| i as f32 * 0.25 - 0.4).collect();
+        let x: Vec<f32> = (0..inp).map(|i| (i as f32 * 0.7).sin()).collect();
+        let wf = fold_rows(&w, Some(&g), inp);
+        for r in 0..out {
+            let dot =
+                |m: &[f32]| -> f64 { (0..inp).map(|k| m[r * inp + k] as f64 * x[k] as f64).sum() };
+            let gated = g[r] as f64 * (dot(&w) + b[r] as f64);
+            let folded = dot(&wf) + (g[r] * b[r]) as f64;
+            assert!(
+                (gated - folded).abs() < 1e-5,
+                "row {r}: {gated} vs {folded}"
+            );
+        }
+        assert_eq!(fold_rows(&w, None, inp), w);
     }
 }

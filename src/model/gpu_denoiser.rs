@@ -49,7 +49,7 @@ impl<'g> GpuDenoiser<'g> {
         params.config.validate()?;
         Ok(GpuDenoiser {
             gpu,
-            model: GpuDit::upload(gpu, params)?,
+            model: GpuDit::upload_inference(gpu, params)?,
             ws: None,
         })
     }
