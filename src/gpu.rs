@@ -92,6 +92,11 @@ impl Gpu {
             .unwrap_or_else(|_| "unknown CUDA device".into())
     }
 
+    /// Dense bf16 tensor-core peak of this device in TFLOP/s, for MFU (None: not known).
+    pub fn peak_bf16_tflops(&self) -> Option<f64> {
+        peak_bf16_tflops(&self.name())
+    }
+
     /// Number of loaded modules.
     pub fn module_count(&self) -> usize {
         self.modules.len()
@@ -160,5 +165,36 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains("CUDA") || msg.contains("kernels"), "{msg}");
         }
+    }
+}
+
+/// Dense bf16 tensor-core peak (TFLOP/s, datasheets, SXM parts) of a device by its name: the
+/// denominator of the MFU that `train` reports. None for devices not listed.
+pub fn peak_bf16_tflops(name: &str) -> Option<f64> {
+    const TABLE: [(&str, f64); 4] = [
+        ("H100", 989.0),
+        ("H200", 989.0),
+        ("A100", 312.0),
+        ("L40S", 362.0),
+    ];
+    TABLE
+        .iter()
+        .find(|(k, _)| name.contains(k))
+        .map(|&(_, t)| t)
+}
+
+#[cfg(test)]
+mod peak_tests {
+    #[test]
+    fn peak_by_device_name() {
+        assert_eq!(
+            super::peak_bf16_tflops("NVIDIA H100 80GB HBM3"),
+            Some(989.0)
+        );
+        assert_eq!(
+            super::peak_bf16_tflops("NVIDIA A100-SXM4-80GB"),
+            Some(312.0)
+        );
+        assert_eq!(super::peak_bf16_tflops("NVIDIA GeForce RTX 3090"), None);
     }
 }

@@ -165,6 +165,39 @@ fn same_seed_same_losses_bit_for_bit() {
 /// Stop after step 10 (the last checkpoint is step 8, as after a kill), resume, finish:
 /// metrics, weights, EMA and optimizer state equal the uninterrupted run bit for bit. With a
 /// token file the resume point lies in a later epoch of the shuffled order.
+/// MFU in the metrics is `6 · N · tok/s / peak` when a peak is set, and null without one.
+#[test]
+fn metrics_report_mfu_against_the_given_peak() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(Algo::Imdm);
+    let cfg = train_cfg(3);
+    for (k, peak) in [(0, Some(1e9)), (1, None)] {
+        let dir = tmp.path().join(format!("r{k}"));
+        let mut t = trainer(&m, &cfg, Some(&dir));
+        t.set_peak_flops(peak);
+        t.run(&mut LinearSoftmax).unwrap();
+        let n = t.params.count() as f64;
+        let train: Vec<_> = metrics(&dir)
+            .into_iter()
+            .filter(|v| v["kind"] == "train")
+            .collect();
+        assert_eq!(train.len(), 3);
+        for v in train {
+            let tps = v["tok_per_s"].as_f64().unwrap();
+            match peak {
+                Some(p) => {
+                    let mfu = v["mfu"].as_f64().unwrap();
+                    assert!(
+                        mfu >= 0.0 && (mfu - 6.0 * n * tps / p).abs() <= 1e-9 * mfu,
+                        "{v}"
+                    );
+                }
+                None => assert!(v["mfu"].is_null(), "{v}"),
+            }
+        }
+    }
+}
+
 #[test]
 fn resume_equals_the_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();

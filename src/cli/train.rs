@@ -106,7 +106,8 @@ that records its configuration), --data and --run-dir. Defaults follow the refer
 AdamW lr 3e-4, betas (0.9, 0.999), eps 1e-8, no weight decay, constant LR after linear warmup, \
 clip 1.0, EMA 0.9999 with warm-up, antithetic times over the global batch.
 
-Progress goes to stdout and to DIR/metrics.jsonl (plotted into DIR/curves.png at the end; \
+Progress (step, loss, lr, gradient norm, tok/s, MFU = 6·params·tok/s over the bf16 peak on \
+known GPUs, elapsed, ETA) goes to stdout and to DIR/metrics.jsonl (plotted into DIR/curves.png at the end; \
 `imdm-engine plot` redraws it). Checkpoints go to DIR/checkpoints/step-N/ \
 (model.safetensors, ema.safetensors, optim.safetensors, state.json); DIR/latest.json names the \
 last complete one. Validation (NELBO and PPL on held-out data) uses the EMA weights.
@@ -526,16 +527,18 @@ fn printer(steps: u64) -> impl FnMut(&Event) {
         Event::Progress {
             log,
             tok_per_s,
+            mfu,
             elapsed_s,
             eta_s,
         } => println!(
-            "step {}/{steps} | loss {:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | \
+            "step {}/{steps} | loss {:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s{} | \
              elapsed {} | ETA {}",
             log.step,
             log.loss,
             log.lr,
             log.grad_norm,
             tok_per_s,
+            mfu.map_or(String::new(), |m| format!(" | MFU {:.1}%", 100.0 * m)),
             hms(*elapsed_s),
             hms(*eta_s)
         ),
@@ -605,6 +608,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if !a.quiet {
         trainer.set_observer(printer(trainer.cfg.steps));
     }
+    trainer.set_peak_flops(
+        gpu.as_ref()
+            .and_then(|g| g.peak_bf16_tflops())
+            .map(|t| t * 1e12),
+    );
     let mut obj = objective.build(gpu);
     let val = trainer.run(obj.as_mut())?;
     let root = trainer

@@ -107,6 +107,9 @@ pub enum Event {
     Progress {
         log: StepLog,
         tok_per_s: f64,
+        /// Model FLOPs utilisation, `6 · N · tok/s / peak` (N = all parameters, the
+        /// convention of peers.md), when the device's peak is known.
+        mfu: Option<f64>,
         elapsed_s: f64,
         eta_s: f64,
     },
@@ -138,6 +141,8 @@ pub struct Trainer {
     /// (step, time) of the last progress report.
     last_report: (u64, Instant),
     observer: Box<dyn FnMut(&Event)>,
+    /// Peak FLOP/s of the training device, for the MFU of progress reports.
+    peak_flops: Option<f64>,
 }
 
 impl Trainer {
@@ -273,7 +278,13 @@ impl Trainer {
             last_val: None,
             last_report: (0, now),
             observer: Box::new(|_| {}),
+            peak_flops: None,
         })
+    }
+
+    /// The training device's peak FLOP/s (None: no MFU in the reports).
+    pub fn set_peak_flops(&mut self, peak: Option<f64>) {
+        self.peak_flops = peak.filter(|p| *p > 0.0);
     }
 
     /// Receives progress, validation and checkpoint events.
@@ -485,6 +496,9 @@ impl Trainer {
         };
         let eta_s = per_step * self.cfg.steps.saturating_sub(log.step) as f64;
         let elapsed_s = self.elapsed_s();
+        let mfu = self
+            .peak_flops
+            .map(|p| 6.0 * self.params.count() as f64 * tok_per_s / p);
         if let Some(run) = &self.run {
             run.append_metrics(&json!({
                 "kind": "train",
@@ -493,6 +507,7 @@ impl Trainer {
                 "lr": log.lr,
                 "grad_norm": log.grad_norm,
                 "tok_per_s": tok_per_s,
+                "mfu": mfu,
                 "tokens": log.step * (self.cfg.batch * self.model.length) as u64,
                 "elapsed_s": elapsed_s,
             }))?;
@@ -500,6 +515,7 @@ impl Trainer {
         (self.observer)(&Event::Progress {
             log: log.clone(),
             tok_per_s,
+            mfu,
             elapsed_s,
             eta_s,
         });
