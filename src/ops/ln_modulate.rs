@@ -442,13 +442,18 @@ mod tests {
     #[test]
     fn gpu_matches_twin() {
         let Some(gpu) = gpu_for_tests() else { return };
-        // Real shapes (DiT-small/large widths), awkward ones (L in 1, 7, 129; D not % 4).
+        // Real shapes (DiT-small/large widths), awkward ones (L in 1, 7, 129; D not % 4), the
+        // register fast path at a partial last float4 column (D = 132, 4) and the generic path
+        // above its 1536-wide limit (D = 2048).
         for &(b, l, d) in &[
             (2, 128, 768),
             (1, 1024, 1536),
             (3, 7, 64),
             (1, 1, 256),
             (2, 129, 130),
+            (2, 3, 132),
+            (1, 2, 4),
+            (1, 5, 2048),
         ] {
             check(&gpu, b, l, d, true, 0.0);
             check(&gpu, b, l, d, false, 0.0);
