@@ -857,4 +857,64 @@ mod tests {
         );
         assert_close("GELU aux", &gpu.stream.clone_dtoh(&aux).unwrap(), &pre, tol);
     }
+
+    /// The two forms the inference forward added: GELU + bias without saving the
+    /// pre-activation, and an f32 output accumulated in place with beta = 1 plus a bias (the
+    /// gate-folded residual `h += x W^T + b`).
+    #[test]
+    fn gelu_without_aux_and_accumulating_f32_output() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        let g = Gemm::new(&gpu).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (m, n, k) = (96, 128, 192);
+        let a = rand_bf16(&mut rng, m * k, 0.5);
+        let b = rand_bf16(&mut rng, n * k, 0.5);
+        let bias: Vec<f32> = rand_bf16(&mut rng, n, 1.0);
+        let h0: Vec<f32> = rand_bf16(&mut rng, m * n, 3.0);
+        let pre: Vec<f32> = cpu::matmul(&a, false, &b, true, m, n, k)
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x + bias[i % n])
+            .collect();
+        let tol = Tol {
+            abs: 2e-5,
+            rel: 1e-4,
+        };
+        let db = gpu.stream.clone_htod(&bias).unwrap();
+        let (da, dw) = (to_dev(&gpu, &a), to_dev(&gpu, &b));
+        let mut c = gpu.stream.alloc_zeros::<f32>(m * n).unwrap();
+        let epi = Epilogue::GeluBias {
+            bias: &db,
+            aux: None,
+        };
+        g.matmul(&gpu, &mut c, &da, false, &dw, true, (m, n, k), 0.0, epi)
+            .unwrap();
+        let tanh: Vec<f32> = pre.iter().map(|&x| gelu_tanh(x as f64) as f32).collect();
+        assert_close(
+            "GELU epilogue without aux",
+            &gpu.stream.clone_dtoh(&c).unwrap(),
+            &tanh,
+            tol,
+        );
+        let mut h = gpu.stream.clone_htod(&h0).unwrap();
+        g.matmul(
+            &gpu,
+            &mut h,
+            &da,
+            false,
+            &dw,
+            true,
+            (m, n, k),
+            1.0,
+            Epilogue::Bias(&db),
+        )
+        .unwrap();
+        let want: Vec<f32> = h0.iter().zip(&pre).map(|(x, p)| x + p).collect();
+        assert_close(
+            "h += x W^T + b",
+            &gpu.stream.clone_dtoh(&h).unwrap(),
+            &want,
+            tol,
+        );
+    }
 }
