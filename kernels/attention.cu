@@ -35,8 +35,7 @@
 //   addresses, reloaded from L1 once per K tile.
 // Accumulation rule: o and lse are written (=); rows i >= L are never written.
 //
-// ---- Backward (attention_bwd_prep_f32, attention_bwd_dq_hd*, attention_bwd_dkv_hd*,
-//      attention_bwd_rope_bf16): a correctness-first fp32 SIMT version --------------------------
+// ---- Backward: maths, shapes, saved buffers (both implementations below) --------------------
 // Maths, per (b, h), with q', k' the forward's rotated, bf16-rounded q and k (recomputed with the
 // forward's own att_rope8 and frequency formula, so bit for bit the forward's values), scale
 // 1/sqrt(hd), lse the forward's saved log-sum-exp, o its bf16 output, dO = d o:
@@ -49,6 +48,71 @@
 //   dx1 = dy1 cos + dy2 sin, dx2 = dy2 cos - dy1 sin for the pair (t, t + hd/2).
 // Shapes and dtypes: qkv (B*L, 3*H*hd) bf16, o and dO (B*L, H*hd) bf16, lse (B, H, L) f32 (the
 //   forward's); dqkv (B*L, 3*H*hd) bf16, laid out like qkv (the qkv GEMM's backward operand).
+// Saved by the forward and read here: lse and o (for D); q', k', S and P are recomputed.
+// Accumulation rule: dqkv is written (=) in full (q, k and v parts), each element by exactly one
+//   thread (no atomics: bit-reproducible run to run); rows >= L are never written; the
+//   workspaces are scratch.
+//
+// ---- Backward, tensor-core kernels: the training path (attention_bwd_prep_bf16,
+//      attention_bwd_dkv_bf16_hd*, attention_bwd_dq_bf16_hd*) ----------------------------------
+// FlashAttention-2's backward (Dao 2023, algorithm 2) on the forward's machinery: 64 x 64 tiles,
+// 4 warps of 16 rows, mma.sync m16n8k16 bf16 -> fp32, ldmatrix (.trans), cp.async double
+// buffering, the forward's accumulator layout (thread lane = 4g + cq holds rows g, g + 8 and
+// columns 2cq, 2cq + 1 of every 16 x 8 block).
+// Roundings (they set the tolerance of src/ops/attention.rs's fast_tol): every matmul operand is
+//   bf16. q', k', v, dO are used as stored; P = 2^(x mul - lse2) (fp32) is rounded to bf16 for
+//   dV += P^T dO, and dS dcap = P (dP - D) dcap (fp32 P, dP, D) to bf16 for dK' += dS^T Q' and
+//   dQ' += dS K', as FlashAttention does. Accumulators, the P inside dS, the softcap derivative,
+//   the scale and the rotary backward are fp32; one bf16 rounding at the store. (The SIMT
+//   reference below keeps P and dS in fp32.)
+// prep: 8 lanes per row of the padded (B*H, lpad) grid, lpad = ceil(L/64)*64, 32 rows per
+//   256-thread block: q', k' (att_rope8 with the forward's frequencies: its values bit for bit)
+//   into qr, kr (B*H, L, hd) bf16; lse2 = lse log2(e) and D = dO.o (fp32 sum of the bf16
+//   products) into (B*H, lpad) f32, +inf and 0 in the padding rows, so a padding query gets P = 0
+//   with no test and every tile reads lse2, D with 16-byte copies.
+//   Why rotate in a separate pass (not in shared memory once per CTA, the first plan): kernel A
+//   visits every Q tile and kernel B every K tile ceil(L/64) times, so in-kernel rotation would
+//   repeat hd/2 sincos per row per visit; the bf16 copy costs one write and one read of
+//   B*H*L*hd*2 bytes per tensor (100 MB in all at DiT-small OWT) and leaves the tiles plain copies.
+// dkv (kernel A): grid (ceil(L/64), B*H), 128 threads; CTA kt owns keys 64kt..64kt+63, warp w
+//   keys 16w..16w+15. The K' and V tiles stay in shared memory (A fragments by ldmatrix at each
+//   k-step); 64-query tiles of Q', dO, lse2 and D stream through it (zero-filled beyond L). Per
+//   query tile, in the transposed view (rows keys, columns queries; 16 x 64 per warp):
+//     S^T = K' Q'^T, dP^T = V dO^T        B fragments: ldmatrix of Q' / dO rows (the forward's K)
+//     P^T = 2^(x mul - lse2_i)            x raw or softcapped as in the forward; causal diagonal
+//                                         tile: P = 0 where j > i
+//     dS^T = P^T (dP^T - D_i) dcap        dcap = 1 - (x/c)^2 with softcap, else 1
+//     dV += bf16(P^T) dO, dK' += bf16(dS^T) Q'   accumulators repacked into A fragments, B by
+//                                         ldmatrix.trans of dO / Q' rows (the forward's P V)
+//   Causal: query tiles kt..end only (kt = 0, the heaviest, is scheduled first). At the end
+//   dk = rotary backward of scale dK' in registers (the pair t, t + hd/2 lies in n8 blocks nb,
+//   nb + hd/16 of the same thread); dk and dv are staged as bf16 in the idle Q'[0] and dO[0]
+//   buffers, then 16-byte stores of rows j < L into the k and v parts of dqkv.
+// dq (kernel B): grid (ceil(L/64), B*H), 128 threads; CTA owns 64 queries (causal: heaviest
+//   first, as the forward), warp w queries 16w..16w+15. Q' and dO stay in shared memory, 64-key
+//   tiles of K' and V stream through it; lse2 and D of the thread's two rows sit in registers.
+//   Per key tile: S = Q' K'^T, dP = dO V^T (the forward's S = Q K^T), P and dS as in kernel A
+//   (P = 0 for keys j >= L or causal j > i), dQ' += bf16(dS) K' (K' by ldmatrix.trans). At the
+//   end: rotary backward of scale dQ', staged in K'[0], stores of rows i < L into the q part.
+//   Splitting dQ from dK, dV recomputes S and dP (7 matmuls of L x L x hd instead of FA2's 5)
+//   but needs no float atomics on dQ: deterministic.
+// Shared memory (dynamic, AttBwdSmem, both kernels): 6 tiles of 64 x (hd+8) bf16 (A: K', V, Q'[2],
+//   dO[2]; B: Q', dO, K'[2], V[2]), lse2[2][64] and D[2][64] f32 (A only), hd/2 f32 frequencies =
+//   768 (hd+8) + 1024 + 2 hd bytes: 31.1 KiB (hd 32), 55.1 (64), 79.2 (96), 103.3 (128); the
+//   launcher raises the dynamic limit above 48 KiB.
+// Registers (ptxas -v, CUDA 13.0, sm_90a, __launch_bounds__(128, n)):
+//   dkv: 168 / 238 / 255 / 255 for hd 32 / 64 / 96 / 128 (n = 3, 2, 2, 2), spilling 4 / 0 / 12 /
+//        32 bytes (hd 32 at n = 4 spills 100 bytes, hd 64 at n = 3 48 bytes);
+//   dq:  128 / 168 / 244 / 248 (n = 4, 3, 2, 2), no spills;  prep: 64, no spills.
+//   A dkv thread holds dK and dV (2 x hd/2 floats) plus S^T and dP^T (2 x 32), hence hd 128 at
+//   the 255 limit. Resident CTAs per SM (registers, then 227 KiB of shared memory): dkv 3, 2, 2,
+//   2; dq 4, 3, 2, 2.
+// Speed: not measured yet (written without a GPU); `imdm-engine bench kernels` has the rows.
+//
+// ---- Backward, GPU reference (attention_bwd_prep_f32, attention_bwd_dq_hd*,
+//      attention_bwd_dkv_hd*, attention_bwd_rope_bf16): correctness-first fp32 SIMT -----------
+// Same maths in fp32 throughout (P and dS never rounded to bf16): the GPU-side reference the
+// tensor-core kernels are tested against (attention_bwd_reference in src/ops/attention.rs).
 //   Workspace (f32): qr, kr, dqr, dkr (B, H, L, hd) and dsum (B, H, L) = D.
 // Thread mapping (every kernel: 256 threads = 8 warps, lanes over head dims e = lane + 32k, k <
 //   hd/32, so every dot product is a warp sum and every row a coalesced 128-byte access):
@@ -63,21 +127,9 @@
 //             skips queries i < j. Writes dkr (=) and the v part of dqkv (bf16, =).
 //   rope:     one warp per (b, h, position): rotates dqr, dkr back, writes the q and k parts of
 //             dqkv (bf16, =).
-// Every output element is written by exactly one thread: no atomics, bit-reproducible.
-// Accumulation rule: dqkv is written (=) in full (q, k and v parts); the workspace is scratch.
-// Cost (why this is a reference, not the training kernel): two warp sums per (query, key) pair
+// Cost (why this is the reference, not the training kernel): two warp sums per (query, key) pair
 //   in each of dq and dkv, fp32 FMAs, no tensor cores: roughly 20 ms per DiT-small layer at
-//   B = 32, L = 1024 on an H100 (estimate, not measured), against ~1 ms for a tensor-core
-//   kernel. It is the GPU-side reference the fast kernel will be checked against.
-// Design of the fast kernel (not written yet): FlashAttention-2's backward with the forward's
-//   machinery (64 x 64 tiles, mma.sync m16n8k16 bf16 -> fp32, ldmatrix, cp.async double
-//   buffering, rotation of K/Q tiles in shared memory once per CTA). Kernel A, grid over 64-key
-//   tiles: K', V tile resident; loop over query tiles: S = Q'K'^T, P = exp(S - lse) (softcap as in
-//   the forward), dV += P^T dO, dP = dO V^T, dS = P (dP - D) (x softcap'), dK' += dS^T Q'.
-//   Kernel B, grid over 64-query tiles: Q', dO resident; loop over key tiles: recompute S, P, dP,
-//   dS and dQ' += dS K'. Splitting dQ into its own kernel costs one more S and dP per tile pair
-//   but avoids float atomics on dQ (determinism). The rotary backward is fused into the final
-//   stores of dQ and dK. D comes from the prep kernel above.
+//   B = 32, L = 1024 on an H100 (estimate, not measured).
 #include "common.cuh"
 
 #define ATT_BM 64  // queries per CTA
@@ -412,7 +464,7 @@ ATT_KERNEL(64, 4)
 ATT_KERNEL(96, 3)
 ATT_KERNEL(128, 2)
 
-// ---- backward (correctness-first fp32 SIMT; see the header) -------------------------------------
+// ---- backward, GPU reference (correctness-first fp32 SIMT; see the header) ----------------------
 
 #define ATT_BWD_WARPS 8
 #define ATT_BWD_THREADS (ATT_BWD_WARPS * IMDM_WARP)
@@ -703,11 +755,12 @@ attention_bwd_rope_bf16(__nv_bfloat16* __restrict__ dqkv, const float* __restric
 //      attention_bwd_dq_bf16_hd*; see the header) ------------------------------------------------
 
 #define ATT_PREP_ROWS 32  // (b, h, position) rows per block of the prep kernel: 8 lanes each
+static_assert(ATT_PREP_ROWS * 8 == ATT_BWD_THREADS, "prep: 8 lanes per row");
 
 // 8 lanes per row of the padded (B*H, lpad) grid, lpad = ceil(L/64)*64. Valid rows: rotated,
 // bf16-rounded q' and k' into qr, kr ((B*H, L, hd) bf16) with the forward's own att_rope8 and
 // frequency formula (so the forward's values bit for bit), lse * log2(e) into lse2 and D = dO.o
-// into dsum. Padding rows p >= L: lse2 = +inf (so P = 2^(x - lse2) = 0) and dsum = 0.
+// into dsum. Padding rows p >= L: lse2 = +inf (so P = 2^(x mul - lse2) = 0) and dsum = 0.
 extern "C" __global__ void __launch_bounds__(ATT_BWD_THREADS)
 attention_bwd_prep_bf16(__nv_bfloat16* __restrict__ qr, __nv_bfloat16* __restrict__ kr,
                         float* __restrict__ lse2, float* __restrict__ dsum,
@@ -910,7 +963,8 @@ __device__ __forceinline__ void attention_bwd_dkv_tc(
     const float inv_cap = capped ? 1.f / softcap : 0.f;
     const int key0 = n0 + warp * 16 + g;  // this thread's keys: key0 (e = 0, 1), key0 + 8 (2, 3)
     const uint32_t a_off = (uint32_t)((warp * 16 + (lane & 15)) * LDS + (lane >> 4) * 8);
-    const uint32_t b_off = (uint32_t)(((lane & 7) + ((lane >> 4) << 3)) * LDS + ((lane >> 3) & 1) * 8);
+    const uint32_t b_off =
+        (uint32_t)(((lane & 7) + ((lane >> 4) << 3)) * LDS + ((lane >> 3) & 1) * 8);
     const uint32_t t_off = (uint32_t)((lane & 15) * LDS + (lane >> 4) * 8);
 
     for (int qt = qt0; qt < n_qt; ++qt) {
@@ -1089,7 +1143,8 @@ __device__ __forceinline__ void attention_bwd_dq_tc(
     const float k2 = capped ? 2.f * ATT_LOG2E * scale / softcap : 0.f;
     const float inv_cap = capped ? 1.f / softcap : 0.f;
     const uint32_t a_off = (uint32_t)((warp * 16 + (lane & 15)) * LDS + (lane >> 4) * 8);
-    const uint32_t b_off = (uint32_t)(((lane & 7) + ((lane >> 4) << 3)) * LDS + ((lane >> 3) & 1) * 8);
+    const uint32_t b_off =
+        (uint32_t)(((lane & 7) + ((lane >> 4) << 3)) * LDS + ((lane >> 3) & 1) * 8);
     const uint32_t t_off = (uint32_t)((lane & 15) * LDS + (lane >> 4) * 8);
 
     for (int kt = 0; kt < n_kt; ++kt) {
@@ -1176,22 +1231,21 @@ __device__ __forceinline__ void attention_bwd_dq_tc(
 }
 
 // Minimum resident CTAs per SM for the register budget (see the header).
-#define ATT_BWD_TC_KERNELS(HD, MIN_A, MIN_B)                                                     \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS, MIN_A) attention_bwd_dkv_bf16_hd##HD( \
-        __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ qr,                 \
-        const __nv_bfloat16* __restrict__ kr, const float* __restrict__ lse2,                   \
-        const float* __restrict__ dsum, const __nv_bfloat16* __restrict__ qkv,                  \
-        const __nv_bfloat16* __restrict__ dout, int len, int heads, int causal, float softcap) { \
-        attention_bwd_dkv_tc<HD>(dqkv, qr, kr, lse2, dsum, qkv, dout, len, heads, causal,       \
-                                 softcap);                                                      \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS, MIN_B) attention_bwd_dq_bf16_hd##HD( \
-        __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ qr,                 \
-        const __nv_bfloat16* __restrict__ kr, const float* __restrict__ lse2,                   \
-        const float* __restrict__ dsum, const __nv_bfloat16* __restrict__ qkv,                  \
-        const __nv_bfloat16* __restrict__ dout, int len, int heads, int causal, float softcap) { \
-        attention_bwd_dq_tc<HD>(dqkv, qr, kr, lse2, dsum, qkv, dout, len, heads, causal,        \
-                                softcap);                                                       \
+#define ATT_BWD_TC_ARGS                                                                            \
+    __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ qr,                        \
+        const __nv_bfloat16* __restrict__ kr, const float* __restrict__ lse2,                      \
+        const float* __restrict__ dsum, const __nv_bfloat16* __restrict__ qkv,                     \
+        const __nv_bfloat16* __restrict__ dout, int len, int heads, int causal, float softcap
+#define ATT_BWD_TC_KERNELS(HD, MIN_A, MIN_B)                                                       \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, MIN_A)                               \
+        attention_bwd_dkv_bf16_hd##HD(ATT_BWD_TC_ARGS) {                                           \
+        attention_bwd_dkv_tc<HD>(dqkv, qr, kr, lse2, dsum, qkv, dout, len, heads, causal,          \
+                                 softcap);                                                         \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, MIN_B)                               \
+        attention_bwd_dq_bf16_hd##HD(ATT_BWD_TC_ARGS) {                                            \
+        attention_bwd_dq_tc<HD>(dqkv, qr, kr, lse2, dsum, qkv, dout, len, heads, causal,           \
+                                softcap);                                                          \
     }
 
 ATT_BWD_TC_KERNELS(32, 3, 4)
