@@ -107,7 +107,9 @@
 //   A dkv thread holds dK and dV (2 x hd/2 floats) plus S^T and dP^T (2 x 32), hence hd 128 at
 //   the 255 limit. Resident CTAs per SM (registers, then 227 KiB of shared memory): dkv 3, 2, 2,
 //   2; dq 4, 3, 2, 2.
-// Speed: not measured yet (written without a GPU); `imdm-engine bench kernels` has the rows.
+// Status: written without a GPU. Checked only by tools/ksim (a CPU simulation of the warp-level
+//   PTX: index maths, masks, fragment layouts, cp.async/barrier placement, under fast_tol); the
+//   GPU tests in src/ops/attention.rs and `imdm-engine bench kernels` (speed) have not run yet.
 //
 // ---- Backward, GPU reference (attention_bwd_prep_f32, attention_bwd_dq_hd*,
 //      attention_bwd_dkv_hd*, attention_bwd_rope_bf16): correctness-first fp32 SIMT -----------
