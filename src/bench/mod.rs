@@ -16,7 +16,10 @@ use crate::gpu::Gpu;
 use crate::model::dit::{ForwardOpts, GpuDit, Keep, Workspace};
 use crate::model::init::random_params;
 use crate::model::{Algo, DitConfig, Preset};
-use crate::ops::attention::{self, attention_fwd, AttentionShape};
+use crate::ops::attention::{
+    self, attention_bwd, attention_bwd_reference, attention_fwd, AttentionBwdWorkspace,
+    AttentionShape,
+};
 use crate::ops::embedding::embedding_fwd;
 use crate::ops::gelu::{gelu_fwd, GeluKind};
 use crate::ops::gemm::{self, Epilogue, Gemm};
@@ -152,12 +155,43 @@ fn kernels_at(
         softcap: softcap as f32,
     };
     let ms = t.time(gpu, || attention_fwd(gpu, &mut o, &mut lse, &qkv, &ash))?;
+    let att_shape = sh(&format!("B{b} L{l} H{heads} hd{} cap{softcap}", d / heads));
     out.push(Row::compute(
         "attention_fwd",
-        sh(&format!("B{b} L{l} H{heads} hd{} cap{softcap}", d / heads)),
+        att_shape.clone(),
         ms,
         attention::flops(&ash),
     ));
+    // Backward rows: FLOPs = 2.5x the forward's (FlashAttention's convention, see bwd_flops).
+    let dout = rand_dev_bf16(gpu, &mut rng, rows * d)?;
+    let mut dqkv = s.alloc_zeros::<bf16>(rows * 3 * d)?;
+    let mut aws = AttentionBwdWorkspace::new(gpu, &ash)?;
+    type Bwd = fn(
+        &Gpu,
+        &mut CudaSlice<bf16>,
+        &mut AttentionBwdWorkspace,
+        &CudaSlice<f32>,
+        &CudaSlice<bf16>,
+        &CudaSlice<bf16>,
+        &CudaSlice<bf16>,
+        &AttentionShape,
+    ) -> Result<()>;
+    let bwds: [(&str, Bwd); 2] = [
+        ("attention_bwd (tensor cores)", attention_bwd),
+        ("attention_bwd_reference (SIMT)", attention_bwd_reference),
+    ];
+    for (name, f) in bwds {
+        let ms = t.time(gpu, || {
+            f(gpu, &mut dqkv, &mut aws, &lse, &o, &qkv, &dout, &ash)
+        })?;
+        out.push(Row::compute(
+            name,
+            att_shape.clone(),
+            ms,
+            attention::bwd_flops(&ash),
+        ));
+    }
+    drop((aws, dqkv, dout));
 
     let g = Gemm::new(gpu)?;
     let a = rand_dev_bf16(gpu, &mut rng, rows * n4)?;

@@ -1,6 +1,7 @@
-//! Flash-style attention forward with fused rotary and softcap (spec 2.3, steps 3-4): the only
-//! launcher of `kernels/attention.cu`, its CPU twin and the comparison tests. Maths, shapes,
-//! thread mapping and shared memory: see the kernel's header.
+//! Flash-style attention forward and backward with fused rotary and softcap (spec 2.3, steps
+//! 3-4): the only launcher of `kernels/attention.cu` (forward, tensor-core backward, SIMT
+//! reference backward), its CPU twin and the comparison tests. Maths, shapes, thread mapping,
+//! shared memory and registers: see the kernel's header.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -146,51 +147,150 @@ pub fn attention_fwd(
 }
 
 /// Must equal ATT_BWD_WARPS in the kernel: rows (queries, keys or positions) per block of the
-/// backward kernels, one warp each.
+/// reference (SIMT) backward kernels, one warp each.
 const BWD_ROWS: usize = 8;
-/// Must equal ATT_BWD_THREADS in the kernel.
+/// Must equal ATT_BWD_THREADS in the kernel (the reference kernels and the prep kernel).
 const BWD_THREADS: u32 = 256;
+/// Must equal ATT_PREP_ROWS in the kernel: (b, h, position) rows per block of
+/// `attention_bwd_prep_bf16` (8 lanes each).
+const PREP_ROWS: usize = 32;
 
-/// Scratch of [`attention_bwd`] for one shape: rotated q and k, their gradients before the
-/// rotary backward (each (B, H, L, hd) f32) and D = dO.o (B, H, L) f32. Allocate once per shape.
-pub struct AttentionBwdWorkspace {
+/// Positions per (b, h) in the fast backward's padded lse2 / D buffers: `len` rounded up to a
+/// whole number of 64-row tiles, so every tile reads them with 16-byte copies and no bounds.
+fn padded_len(len: usize) -> usize {
+    len.div_ceil(BLOCK) * BLOCK
+}
+
+/// Dynamic shared memory of the tensor-core backward kernels (`AttBwdSmem` in the kernel): six
+/// 64 x (hd+8) bf16 tiles, lse2[2][64] and D[2][64] f32, hd/2 f32 frequencies.
+fn bwd_smem_bytes(head_dim: usize) -> usize {
+    6 * BLOCK * (head_dim + 8) * 2 + 4 * BLOCK * 4 + head_dim / 2 * 4
+}
+
+/// FLOPs credited to the backward: 2.5x the forward's [`flops`] (FlashAttention's convention: the
+/// five L x L x hd matmuls S, dP, dV, dK, dQ against the forward's two). The fast kernels do
+/// seven (kernel B recomputes S and dP to avoid atomics on dQ), so rates computed from this
+/// count understate the tensor-core throughput by 7/5.
+pub fn bwd_flops(shape: &AttentionShape) -> f64 {
+    2.5 * flops(shape)
+}
+
+/// The SIMT reference's f32 scratch: rotated q', k', their gradients before the rotary backward
+/// ((B, H, L, hd) each) and D = dO.o ((B, H, L)).
+struct ReferenceBuffers {
     qr: CudaSlice<f32>,
     kr: CudaSlice<f32>,
     dqr: CudaSlice<f32>,
     dkr: CudaSlice<f32>,
     dsum: CudaSlice<f32>,
-    shape: AttentionShape,
 }
 
-impl AttentionBwdWorkspace {
-    /// The rotated, bf16-rounded q' and k' ((B, H, L, hd) f32) the last [`attention_bwd`] call
-    /// recomputed: the forward's values bit for bit (tests and debugging).
-    pub fn rotated_qk(&self, gpu: &Gpu) -> Result<(Vec<f32>, Vec<f32>)> {
-        Ok((
-            gpu.stream.clone_dtoh(&self.qr)?,
-            gpu.stream.clone_dtoh(&self.kr)?,
-        ))
-    }
-
-    pub fn new(gpu: &Gpu, shape: &AttentionShape) -> Result<Self> {
-        let n = shape.batch * shape.heads * shape.len;
-        let s = &gpu.stream;
-        Ok(AttentionBwdWorkspace {
-            qr: s.alloc_zeros(n * shape.head_dim)?,
-            kr: s.alloc_zeros(n * shape.head_dim)?,
-            dqr: s.alloc_zeros(n * shape.head_dim)?,
-            dkr: s.alloc_zeros(n * shape.head_dim)?,
-            dsum: s.alloc_zeros(n)?,
-            shape: *shape,
+impl ReferenceBuffers {
+    fn new(gpu: &Gpu, shape: &AttentionShape) -> Result<Self> {
+        let rows = shape.batch * shape.heads * shape.len;
+        let (s, n) = (&gpu.stream, rows * shape.head_dim);
+        Ok(ReferenceBuffers {
+            qr: s.alloc_zeros(n)?,
+            kr: s.alloc_zeros(n)?,
+            dqr: s.alloc_zeros(n)?,
+            dkr: s.alloc_zeros(n)?,
+            dsum: s.alloc_zeros(rows)?,
         })
     }
 }
 
-/// Launches the attention backward (`attention_bwd_prep_f32`, `attention_bwd_dq_hd{hd}`,
-/// `attention_bwd_dkv_hd{hd}`, `attention_bwd_rope_bf16`; maths and the correctness-first
+/// Scratch of [`attention_bwd`] for one shape (allocate once per shape): rotated, bf16-rounded
+/// q' and k' ((B, H, L, hd) bf16) and, per (b, h), lse * log2(e) and D = dO.o (f32) over the
+/// positions padded to a multiple of 64 (+inf and 0 in the padding). [`attention_bwd_reference`]
+/// adds its own f32 buffers (4 x B*H*L*hd) on first use.
+pub struct AttentionBwdWorkspace {
+    qr: CudaSlice<bf16>,
+    kr: CudaSlice<bf16>,
+    lse2: CudaSlice<f32>,
+    dsum: CudaSlice<f32>,
+    reference: Option<ReferenceBuffers>,
+    shape: AttentionShape,
+}
+
+impl AttentionBwdWorkspace {
+    pub fn new(gpu: &Gpu, shape: &AttentionShape) -> Result<Self> {
+        let n = shape.batch * shape.heads * shape.len * shape.head_dim;
+        let n_pad = shape.batch * shape.heads * padded_len(shape.len);
+        let s = &gpu.stream;
+        Ok(AttentionBwdWorkspace {
+            qr: s.alloc_zeros(n)?,
+            kr: s.alloc_zeros(n)?,
+            lse2: s.alloc_zeros(n_pad)?,
+            dsum: s.alloc_zeros(n_pad)?,
+            reference: None,
+            shape: *shape,
+        })
+    }
+
+    /// The rotated, bf16-rounded q' and k' ((B, H, L, hd), as f32) the last [`attention_bwd`]
+    /// call recomputed: the forward's values bit for bit (tests and debugging).
+    pub fn rotated_qk(&self, gpu: &Gpu) -> Result<(Vec<f32>, Vec<f32>)> {
+        let f = |v: Vec<bf16>| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        Ok((
+            f(gpu.stream.clone_dtoh(&self.qr)?),
+            f(gpu.stream.clone_dtoh(&self.kr)?),
+        ))
+    }
+
+    /// The q' and k' the last [`attention_bwd_reference`] call recomputed (f32 buffers), or
+    /// `None` before the first such call.
+    pub fn reference_rotated_qk(&self, gpu: &Gpu) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        match &self.reference {
+            None => Ok(None),
+            Some(r) => Ok(Some((
+                gpu.stream.clone_dtoh(&r.qr)?,
+                gpu.stream.clone_dtoh(&r.kr)?,
+            ))),
+        }
+    }
+}
+
+/// Host-side checks shared by both backward launchers: the forward's shape checks, dqkv and
+/// dout lengths, the workspace's shape and the row-grid limit.
+#[allow(clippy::too_many_arguments)]
+fn check_bwd(
+    dqkv_len: usize,
+    dout_len: usize,
+    ws: &AttentionBwdWorkspace,
+    lse_len: usize,
+    o_len: usize,
+    qkv_len: usize,
+    shape: &AttentionShape,
+) -> Result<()> {
+    check_shape(o_len, lse_len, qkv_len, shape)?;
+    if dqkv_len != qkv_len || dout_len != o_len {
+        return Err(Error::Shape(format!(
+            "attention backward: dqkv/dout hold {dqkv_len}/{dout_len} elements, expected \
+             {qkv_len}/{o_len} ({shape:?})"
+        )));
+    }
+    if ws.shape != *shape {
+        return Err(Error::Shape(format!(
+            "attention backward: workspace built for {:?}, called with {shape:?}",
+            ws.shape
+        )));
+    }
+    let n_rows = shape.batch * shape.heads * padded_len(shape.len);
+    if n_rows.div_ceil(BWD_ROWS.min(PREP_ROWS)) > i32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "attention backward: {n_rows} (batch, head, position) rows exceed the grid"
+        )));
+    }
+    Ok(())
+}
+
+/// Launches the attention backward (`attention_bwd_prep_bf16`, `attention_bwd_dkv_bf16_hd{hd}`,
+/// `attention_bwd_dq_bf16_hd{hd}`: FlashAttention-2's backward on the tensor cores, maths and
 /// design in the kernel header): `dqkv` (rows, 3*H*hd) bf16 **=** the gradient of the loss with
 /// respect to `qkv`, from the forward's `lse` (B, H, L) and `o` (rows, H*hd), the forward's input
-/// `qkv` and `dout` = d o (rows, H*hd) bf16. Deterministic (no atomics). Lengths are checked.
+/// `qkv` and `dout` = d o (rows, H*hd) bf16. P and dS are rounded to bf16 before their matmuls
+/// (as FlashAttention does); [`attention_bwd_reference`] keeps them in fp32. Deterministic (no
+/// atomics). Lengths are checked.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     gpu: &Gpu,
@@ -202,28 +302,120 @@ pub fn attention_bwd(
     dout: &CudaSlice<bf16>,
     shape: &AttentionShape,
 ) -> Result<()> {
-    check_shape(o.len(), lse.len(), qkv.len(), shape)?;
-    if dqkv.len() != qkv.len() || dout.len() != o.len() {
-        return Err(Error::Shape(format!(
-            "attention backward: dqkv/dout hold {}/{} elements, expected {}/{} ({shape:?})",
-            dqkv.len(),
-            dout.len(),
-            qkv.len(),
-            o.len()
-        )));
+    check_bwd(
+        dqkv.len(),
+        dout.len(),
+        ws,
+        lse.len(),
+        o.len(),
+        qkv.len(),
+        shape,
+    )?;
+    let (batch_i, len_i, heads_i, hd_i) = (
+        shape.batch as i32,
+        shape.len as i32,
+        shape.heads as i32,
+        shape.head_dim as i32,
+    );
+    let causal_i = shape.causal as i32;
+    let softcap = shape.softcap;
+    let n_prep = shape.batch * shape.heads * padded_len(shape.len);
+    let prep_cfg = LaunchConfig {
+        grid_dim: (n_prep.div_ceil(PREP_ROWS) as u32, 1, 1),
+        block_dim: (BWD_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let f = gpu.function(MODULE, "attention_bwd_prep_bf16")?;
+    let mut b = gpu.stream.launch_builder(&f);
+    b.arg(&mut ws.qr)
+        .arg(&mut ws.kr)
+        .arg(&mut ws.lse2)
+        .arg(&mut ws.dsum)
+        .arg(lse)
+        .arg(qkv)
+        .arg(o)
+        .arg(dout)
+        .arg(&batch_i)
+        .arg(&len_i)
+        .arg(&heads_i)
+        .arg(&hd_i);
+    // SAFETY: argument order and types match the kernel signature (qr, kr, lse2, dsum, lse, qkv,
+    // o, dout, batch, len, heads, hd); check_bwd verified qkv, o (= dout), lse and that the
+    // workspace was built for this shape (qr, kr: B*H*L*hd; lse2, dsum: B*H*padded_len(L)); the
+    // grid covers B*H*padded_len(L) rows, 8 lanes each, with a bounds check.
+    unsafe { b.launch(prep_cfg) }?;
+
+    let hd = shape.head_dim;
+    let smem = bwd_smem_bytes(hd);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            shape.len.div_ceil(BLOCK) as u32,
+            (shape.batch * shape.heads) as u32,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    for name in ["dkv", "dq"] {
+        let f = gpu.function(MODULE, &format!("attention_bwd_{name}_bf16_hd{hd}"))?;
+        if smem > 48 * 1024 {
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )?;
+        }
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&mut *dqkv)
+            .arg(&ws.qr)
+            .arg(&ws.kr)
+            .arg(&ws.lse2)
+            .arg(&ws.dsum)
+            .arg(qkv)
+            .arg(dout)
+            .arg(&len_i)
+            .arg(&heads_i)
+            .arg(&causal_i)
+            .arg(&softcap);
+        // SAFETY: argument order and types match both kernels' signature (dqkv, qr, kr, lse2,
+        // dsum, qkv, dout, len, heads, causal, softcap); check_bwd verified dqkv = qkv =
+        // rows*3*H*hd, dout = rows*H*hd, the workspace's shape (filled by the prep launch above
+        // on the same stream) and that a kernel exists for hd; the grid is (ceil(L/64), B*H)
+        // with B*H <= 65535 and position guards inside; the dynamic shared memory matches
+        // AttBwdSmem (limit raised above). dkv writes the k and v parts of dqkv, dq the q part.
+        unsafe { b.launch(cfg) }?;
     }
-    if ws.shape != *shape {
-        return Err(Error::Shape(format!(
-            "attention backward: workspace built for {:?}, called with {shape:?}",
-            ws.shape
-        )));
-    }
+    Ok(())
+}
+
+/// The correctness-first fp32 SIMT backward (`attention_bwd_prep_f32`, `attention_bwd_dq_hd{hd}`,
+/// `attention_bwd_dkv_hd{hd}`, `attention_bwd_rope_bf16`): the GPU-side reference of
+/// [`attention_bwd`], same signature and result up to rounding (P and dS stay fp32). About 20x
+/// slower; allocates its f32 scratch in `ws` on first use. Deterministic. Lengths are checked.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_reference(
+    gpu: &Gpu,
+    dqkv: &mut CudaSlice<bf16>,
+    ws: &mut AttentionBwdWorkspace,
+    lse: &CudaSlice<f32>,
+    o: &CudaSlice<bf16>,
+    qkv: &CudaSlice<bf16>,
+    dout: &CudaSlice<bf16>,
+    shape: &AttentionShape,
+) -> Result<()> {
+    check_bwd(
+        dqkv.len(),
+        dout.len(),
+        ws,
+        lse.len(),
+        o.len(),
+        qkv.len(),
+        shape,
+    )?;
     let n_rows = shape.batch * shape.heads * shape.len;
-    if n_rows.div_ceil(BWD_ROWS) > i32::MAX as usize {
-        return Err(Error::Shape(format!(
-            "attention backward: {n_rows} (batch, head, position) rows exceed the grid"
-        )));
-    }
+    let r = match &mut ws.reference {
+        Some(r) => r,
+        none => none.insert(ReferenceBuffers::new(gpu, shape)?),
+    };
     let (batch_i, len_i, heads_i, hd_i) = (
         shape.batch as i32,
         shape.len as i32,
@@ -250,9 +442,9 @@ pub fn attention_bwd(
 
     let f = gpu.function(MODULE, "attention_bwd_prep_f32")?;
     let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&mut ws.qr)
-        .arg(&mut ws.kr)
-        .arg(&mut ws.dsum)
+    b.arg(&mut r.qr)
+        .arg(&mut r.kr)
+        .arg(&mut r.dsum)
         .arg(qkv)
         .arg(o)
         .arg(dout)
@@ -260,18 +452,18 @@ pub fn attention_bwd(
         .arg(&len_i)
         .arg(&heads_i)
         .arg(&hd_i);
-    // SAFETY: argument order and types match the kernel signature; check_shape verified qkv,
-    // o (= dout) and the B*H*L rows; the workspace was built for this shape (qr, kr: B*H*L*hd,
-    // dsum: B*H*L); one warp per row with a bounds check.
+    // SAFETY: argument order and types match the kernel signature; check_bwd verified qkv,
+    // o (= dout) and the B*H*L rows; the reference buffers were allocated for this shape (the
+    // workspace's, checked: qr, kr: B*H*L*hd, dsum: B*H*L); one warp per row with a bounds check.
     unsafe { b.launch(rows_cfg) }?;
 
     let f = gpu.function(MODULE, &format!("attention_bwd_dq_hd{hd}"))?;
     let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&mut ws.dqr)
-        .arg(&ws.qr)
-        .arg(&ws.kr)
+    b.arg(&mut r.dqr)
+        .arg(&r.qr)
+        .arg(&r.kr)
         .arg(lse)
-        .arg(&ws.dsum)
+        .arg(&r.dsum)
         .arg(qkv)
         .arg(dout)
         .arg(&len_i)
@@ -284,12 +476,12 @@ pub fn attention_bwd(
 
     let f = gpu.function(MODULE, &format!("attention_bwd_dkv_hd{hd}"))?;
     let mut b = gpu.stream.launch_builder(&f);
-    b.arg(&mut ws.dkr)
+    b.arg(&mut r.dkr)
         .arg(&mut *dqkv)
-        .arg(&ws.qr)
-        .arg(&ws.kr)
+        .arg(&r.qr)
+        .arg(&r.kr)
         .arg(lse)
-        .arg(&ws.dsum)
+        .arg(&r.dsum)
         .arg(qkv)
         .arg(dout)
         .arg(&len_i)
@@ -303,14 +495,14 @@ pub fn attention_bwd(
     let f = gpu.function(MODULE, "attention_bwd_rope_bf16")?;
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(dqkv)
-        .arg(&ws.dqr)
-        .arg(&ws.dkr)
+        .arg(&r.dqr)
+        .arg(&r.dkr)
         .arg(&batch_i)
         .arg(&len_i)
         .arg(&heads_i)
         .arg(&hd_i);
     // SAFETY: argument order and types match the kernel signature; dqr, dkr hold B*H*L*hd
-    // (workspace for this shape) and dqkv rows*3*H*hd; one warp per row with a bounds check;
+    // (allocated for this shape) and dqkv rows*3*H*hd; one warp per row with a bounds check;
     // it writes the q and k parts of dqkv.
     unsafe { b.launch(rows_cfg) }?;
     Ok(())
@@ -333,6 +525,19 @@ pub mod cpu {
 
     fn to_bf16(x: f64) -> f64 {
         bf16::from_f32(x as f32).to_f64()
+    }
+
+    /// Rotated q' and k' ((B, H, L, hd) each) as [`attention_fwd`] computes them (rounded to
+    /// bf16 with `round_bf16`).
+    pub fn rotated_qk(
+        qkv: &[f32],
+        shape: &AttentionShape,
+        round_bf16: bool,
+    ) -> (Vec<f64>, Vec<f64>) {
+        (
+            rotate(qkv, shape, 0, round_bf16),
+            rotate(qkv, shape, 1, round_bf16),
+        )
     }
 
     /// Rotated q (`part` 0) or k (`part` 1) of every (batch, head, position), (B, H, L, hd).
@@ -474,27 +679,63 @@ pub mod cpu {
         dout: &[f32],
         shape: &AttentionShape,
     ) -> Vec<f64> {
+        attention_bwd_rotated_ext(q, k, qkv, o, lse, dout, shape, false).grad
+    }
+
+    /// What [`attention_bwd_rotated_ext`] returns, each (rows, 3*H*hd) like dqkv.
+    pub struct BwdTwin {
+        /// The gradient dqkv.
+        pub grad: Vec<f64>,
+        /// Per element, the cancellation-free size of the terms whose operand the fast kernel
+        /// rounds to bf16: sum_i P_ij |dO_i| (v part); scale sum |dS_ij dcap| |k'_j| (q part) or
+        /// |q'_i| (k part), carried through the rotary backward as |y_t| + |y_(t+hd/2)|. Rounding
+        /// P (dv) or dS (dq, dk) to bf16 moves the element by at most 2^-8 times this.
+        pub round_mag: Vec<f64>,
+        /// Per element, the size of the fp32 dot products behind dS: sum P_ij (A_ij + B_i) scale
+        /// |k'_j| (q) or |q'_i| (k), A_ij = sum_e |dO_ie v_je| (dP), B_i = sum_e |dO_ie o_ie| (D);
+        /// 0 for the v part. fp32 errors in dP - D (and the approximate softcap's derivative)
+        /// move the element by a small multiple (<= hd 2^-24) of this, however small dS is.
+        pub fp32_mag: Vec<f64>,
+    }
+
+    /// The backward twin with the error scales of the fast kernel: with `round_ps`, P is rounded
+    /// to bf16 before dV += P^T dO and dS = P (dP - D) dcap before dK' += dS^T Q' and dQ' += dS K'
+    /// (the fast kernel's rounding points; P inside dS stays unrounded), otherwise everything is
+    /// f64. Same inputs as [`attention_bwd_rotated`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_bwd_rotated_ext(
+        q: &[f64],
+        k: &[f64],
+        qkv: &[f32],
+        o: &[f64],
+        lse: &[f64],
+        dout: &[f32],
+        shape: &AttentionShape,
+        round_ps: bool,
+    ) -> BwdTwin {
         let s = *shape;
         let (hd, d, l) = (s.head_dim, s.width(), s.len);
         let scale = 1.0 / (hd as f64).sqrt();
         let cap = s.softcap as f64;
         let nbh = s.batch * s.heads;
+        let round = |x: f64| if round_ps { to_bf16(x) } else { x };
         let v = |b: usize, h: usize, j: usize, e: usize| {
             qkv[(b * l + j) * 3 * d + 2 * d + h * hd + e] as f64
         };
         let g = |b: usize, h: usize, i: usize, e: usize| dout[(b * l + i) * d + h * hd + e] as f64;
-        // Per (b, h): dq', dk', dv in (L, hd), f64.
-        let per_head: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = (0..nbh)
+        // Per (b, h), each (L, hd): dq', dk', dv and the error scales (round: q, k, v; fp32: q, k).
+        type Head = [Vec<f64>; 8];
+        let per_head: Vec<Head> = (0..nbh)
             .into_par_iter()
             .map(|bh| {
                 let (b, h) = (bh / s.heads, bh % s.heads);
-                let (mut dq, mut dk, mut dv) =
-                    (vec![0f64; l * hd], vec![0f64; l * hd], vec![0f64; l * hd]);
+                let mut t: Head = std::array::from_fn(|_| vec![0f64; l * hd]);
+                let [dq, dk, dv, mq, mk, mv, fq, fk] = &mut t;
                 for i in 0..l {
                     let qi = &q[(bh * l + i) * hd..][..hd];
-                    let di: f64 = (0..hd)
-                        .map(|e| o[(b * l + i) * d + h * hd + e] * g(b, h, i, e))
-                        .sum();
+                    let oi = |e: usize| o[(b * l + i) * d + h * hd + e];
+                    let di: f64 = (0..hd).map(|e| oi(e) * g(b, h, i, e)).sum();
+                    let bi: f64 = (0..hd).map(|e| (oi(e) * g(b, h, i, e)).abs()).sum();
                     let n_keys = if s.causal { i + 1 } else { l };
                     for j in 0..n_keys {
                         let kj = &k[(bh * l + j) * hd..][..hd];
@@ -507,36 +748,59 @@ pub mod cpu {
                         };
                         let p = (sc - lse[bh * l + i]).exp();
                         let dp: f64 = (0..hd).map(|e| g(b, h, i, e) * v(b, h, j, e)).sum();
-                        let dr = p * (dp - di) * dcap * scale;
+                        let aij: f64 = (0..hd).map(|e| (g(b, h, i, e) * v(b, h, j, e)).abs()).sum();
+                        let ds = p * (dp - di) * dcap;
+                        let (pr, dr) = (round(p), round(ds) * scale);
+                        let (m_ds, f_ds) = (ds.abs() * scale, p * (aij + bi) * scale);
                         for e in 0..hd {
-                            dv[j * hd + e] += p * g(b, h, i, e);
+                            let ge = g(b, h, i, e);
+                            dv[j * hd + e] += pr * ge;
                             dq[i * hd + e] += dr * kj[e];
                             dk[j * hd + e] += dr * qi[e];
+                            mv[j * hd + e] += p * ge.abs();
+                            mq[i * hd + e] += m_ds * kj[e].abs();
+                            mk[j * hd + e] += m_ds * qi[e].abs();
+                            fq[i * hd + e] += f_ds * kj[e].abs();
+                            fk[j * hd + e] += f_ds * qi[e].abs();
                         }
                     }
                 }
-                (dq, dk, dv)
+                t
             })
             .collect();
-        // Rotary backward and the (rows, 3*H*hd) layout.
+        // Rotary backward and the (rows, 3*H*hd) layout; the scales add through the rotation.
         let inv = inv_freq(hd);
-        let mut dqkv = vec![0f64; s.rows() * 3 * d];
-        for (bh, (dq, dk, dv)) in per_head.iter().enumerate() {
+        let n = s.rows() * 3 * d;
+        let (mut grad, mut round_mag, mut fp32_mag) = (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
+        for (bh, [dq, dk, dv, mq, mk, mv, fq, fk]) in per_head.iter().enumerate() {
             let (b, h) = (bh / s.heads, bh % s.heads);
             for p in 0..l {
-                let row = &mut dqkv[(b * l + p) * 3 * d..][..3 * d];
+                let at = |part: usize, e: usize| (b * l + p) * 3 * d + part * d + h * hd + e;
                 for t in 0..hd / 2 {
                     let (sin, cos) = ((p as f32 * inv[t]) as f64).sin_cos();
-                    for (part, src) in [(0, dq), (1, dk)] {
+                    for (part, src, m, f) in [(0, dq, mq, fq), (1, dk, mk, fk)] {
                         let (y1, y2) = (src[p * hd + t], src[p * hd + t + hd / 2]);
-                        row[part * d + h * hd + t] = y1 * cos + y2 * sin;
-                        row[part * d + h * hd + t + hd / 2] = y2 * cos - y1 * sin;
+                        grad[at(part, t)] = y1 * cos + y2 * sin;
+                        grad[at(part, t + hd / 2)] = y2 * cos - y1 * sin;
+                        let mm = m[p * hd + t] + m[p * hd + t + hd / 2];
+                        let ff = f[p * hd + t] + f[p * hd + t + hd / 2];
+                        round_mag[at(part, t)] = mm;
+                        round_mag[at(part, t + hd / 2)] = mm;
+                        fp32_mag[at(part, t)] = ff;
+                        fp32_mag[at(part, t + hd / 2)] = ff;
                     }
                 }
-                row[2 * d + h * hd..][..hd].copy_from_slice(&dv[p * hd..][..hd]);
+                for e in 0..hd {
+                    grad[at(2, e)] = dv[p * hd + e];
+                    round_mag[at(2, e)] = mv[p * hd + e];
+                }
             }
         }
-        dqkv
+        BwdTwin {
+            grad,
+            round_mag,
+            fp32_mag,
+        }
     }
 }
 
@@ -927,14 +1191,27 @@ mod tests {
         assert!(g.iter().all(|&x| x == 0.0));
     }
 
-    /// GPU forward then backward on `qkv`, `dout`: (dqkv, o, lse, q', k') read back.
-    #[allow(clippy::type_complexity)]
-    fn run_gpu_bwd(
-        gpu: &Gpu,
-        qkv: &[f32],
-        dout: &[f32],
-        s: &AttentionShape,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    /// Which GPU backward a test runs.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Bwd {
+        /// [`attention_bwd`]: the tensor-core kernels.
+        Fast,
+        /// [`attention_bwd_reference`]: the fp32 SIMT kernels.
+        Reference,
+    }
+
+    /// What one GPU forward + backward returns, read back to the host.
+    struct GpuBwd {
+        dqkv: Vec<f32>,
+        o: Vec<f32>,
+        lse: Vec<f32>,
+        /// The backward's recomputed rotated q', k' ((B, H, L, hd)).
+        qr: Vec<f32>,
+        kr: Vec<f32>,
+    }
+
+    /// GPU forward then the `which` backward on `qkv`, `dout`.
+    fn run_gpu_bwd(gpu: &Gpu, qkv: &[f32], dout: &[f32], s: &AttentionShape, which: Bwd) -> GpuBwd {
         let st = &gpu.stream;
         let up16 = |v: &[f32]| {
             let b: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
@@ -951,36 +1228,32 @@ mod tests {
         // NaN-filled output: an element the backward forgets to write fails the comparison.
         let mut dqkv = st.clone_htod(&vec![bf16::NAN; qkv.len()]).unwrap();
         let mut ws = AttentionBwdWorkspace::new(gpu, s).unwrap();
-        attention_bwd(gpu, &mut dqkv, &mut ws, &lse, &o, &dq, &dg, s).unwrap();
+        let (qr, kr) = match which {
+            Bwd::Fast => {
+                attention_bwd(gpu, &mut dqkv, &mut ws, &lse, &o, &dq, &dg, s).unwrap();
+                ws.rotated_qk(gpu).unwrap()
+            }
+            Bwd::Reference => {
+                attention_bwd_reference(gpu, &mut dqkv, &mut ws, &lse, &o, &dq, &dg, s).unwrap();
+                ws.reference_rotated_qk(gpu).unwrap().unwrap()
+            }
+        };
         let f = |v: Vec<bf16>| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
-        let (qr, kr) = ws.rotated_qk(gpu).unwrap();
-        (
-            f(st.clone_dtoh(&dqkv).unwrap()),
-            f(st.clone_dtoh(&o).unwrap()),
-            st.clone_dtoh(&lse).unwrap(),
+        GpuBwd {
+            dqkv: f(st.clone_dtoh(&dqkv).unwrap()),
+            o: f(st.clone_dtoh(&o).unwrap()),
+            lse: st.clone_dtoh(&lse).unwrap(),
             qr,
             kr,
-        )
+        }
     }
 
-    /// GPU backward against the f64 twin run on the GPU's own rotated q', k', o and lse (so only
-    /// fp32 arithmetic and the final bf16 rounding differ): max |got - exact| <= max(2 max
-    /// |bf16(exact) - exact|, 2e-3 max |exact|). Also: the forward's lse is consistent with the
-    /// backward's recomputed q', k' (else P would not sum to 1).
-    fn check_bwd(gpu: &Gpu, s: AttentionShape, amp: f32, zero_q: bool) {
-        let seed = (s.batch * 7_000_003 + s.len * 131 + s.heads * 17 + s.head_dim) as u64;
-        let mut qkv = rand_qkv(&s, amp, seed + s.causal as u64);
-        if zero_q {
-            let d = s.width();
-            (0..s.rows()).for_each(|r| qkv[r * 3 * d..][..d].fill(0.0));
-        }
-        let dout = rand_dout(&s, seed + 99);
-        let (got, o, lse, qr, kr) = run_gpu_bwd(gpu, &qkv, &dout, &s);
-        let tag = format!("{s:?} amp {amp} zero_q {zero_q}");
-        let (q64, k64) = (f64s(&qr), f64s(&kr));
-        // lse from the backward's q', k' in f64 vs the forward kernel's.
+    /// The forward's lse is consistent with the backward's recomputed q', k' (else P would not
+    /// sum to 1): lse from q', k' in f64 vs the forward kernel's.
+    fn assert_lse_consistent(tag: &str, r: &GpuBwd, s: &AttentionShape) {
+        let (q64, k64) = (f64s(&r.qr), f64s(&r.kr));
         let scale = 1.0 / (s.head_dim as f64).sqrt();
-        for (idx, &z) in lse.iter().enumerate() {
+        for (idx, &z) in r.lse.iter().enumerate() {
             let (bh, i) = (idx / s.len, idx % s.len);
             let n = if s.causal { i + 1 } else { s.len };
             let sc: Vec<f64> = (0..n)
@@ -1007,21 +1280,248 @@ mod tests {
                 "{tag}: forward lse[{idx}] {z} vs {want} from the backward's q', k'"
             );
         }
-        let exact = cpu::attention_bwd_rotated(&q64, &k64, &qkv, &f64s(&o), &f64s(&lse), &dout, &s);
+    }
+
+    /// The f64 twin (`round_ps`: with the fast kernel's bf16 roundings of P and dS) on the GPU's
+    /// own q', k', o and lse, so only the kernel's arithmetic differs.
+    fn twin_of(
+        r: &GpuBwd,
+        qkv: &[f32],
+        dout: &[f32],
+        s: &AttentionShape,
+        round_ps: bool,
+    ) -> cpu::BwdTwin {
+        cpu::attention_bwd_rotated_ext(
+            &f64s(&r.qr),
+            &f64s(&r.kr),
+            qkv,
+            &f64s(&r.o),
+            &f64s(&r.lse),
+            dout,
+            s,
+            round_ps,
+        )
+    }
+
+    /// GPU backward (SIMT reference) against the f64 twin run on the GPU's own rotated q', k', o
+    /// and lse (so only fp32 arithmetic and the final bf16 rounding differ): max |got - exact| <=
+    /// max(2 max |bf16(exact) - exact|, 2e-3 max |exact|). Also: the forward's lse is consistent
+    /// with the backward's recomputed q', k'.
+    fn check_bwd_reference(gpu: &Gpu, s: AttentionShape, amp: f32, zero_q: bool) {
+        let (qkv, dout) = bwd_inputs(&s, amp, zero_q);
+        let r = run_gpu_bwd(gpu, &qkv, &dout, &s, Bwd::Reference);
+        let tag = format!("reference {s:?} amp {amp} zero_q {zero_q}");
+        assert_lse_consistent(&tag, &r, &s);
+        let exact = twin_of(&r, &qkv, &dout, &s, false).grad;
         let exact32: Vec<f32> = exact.iter().map(|&x| x as f32).collect();
         let twin16: Vec<f32> = exact.iter().map(|&x| bf16::from_f64(x).to_f32()).collect();
         let max_abs = exact.iter().fold(0f64, |a, &x| a.max(x.abs()));
         assert_twice(
             &format!("attention dqkv {tag}"),
-            &got,
+            &r.dqkv,
             &twin16,
             &exact32,
             2e-3 * max_abs,
         );
     }
 
+    /// Seeded qkv (uniform in [-amp, amp], q = 0 with `zero_q`) and d o, bf16 values.
+    fn bwd_inputs(s: &AttentionShape, amp: f32, zero_q: bool) -> (Vec<f32>, Vec<f32>) {
+        let seed = (s.batch * 7_000_003 + s.len * 131 + s.heads * 17 + s.head_dim) as u64;
+        let seed = seed + s.causal as u64 + 2 * s.softcap.to_bits() as u64;
+        let mut qkv = rand_qkv(s, amp, seed);
+        if zero_q {
+            let d = s.width();
+            (0..s.rows()).for_each(|r| qkv[r * 3 * d..][..d].fill(0.0));
+        }
+        (qkv, rand_dout(s, seed + 99))
+    }
+
+    /// bf16 unit roundoff: |bf16(x) - x| <= 2^-8 |x| (8 significant bits, round to nearest).
+    const BF16_U: f64 = 1.0 / 256.0;
+    /// Weight of `fp32_mag` in [`fast_tol`]: fp32 errors of the hd-term dot products dP and D
+    /// (at most hd 2^-24 <= 7.6e-6 of their absolute sums) and of the approximate softcap's
+    /// derivative (~4e-7 absolute) enter dS unscaled by dS itself; they dominate where dS ~ 0
+    /// (L = 1: dS = 0 exactly, the twin's dq = dk = 0).
+    const FAST_FP: f64 = 1e-5;
+
+    /// Per-element tolerance of the fast backward against the exact twin (`exact`, with its error
+    /// scales): |got - exact| <= U |exact| + 2 U round_mag + FAST_FP fp32_mag + 1e-7, U = 2^-8.
+    /// Why: the kernel rounds P (for dV += P^T dO) and dS (for dK' += dS^T Q', dQ' += dS K') to
+    /// bf16 before the tensor-core matmuls, as FlashAttention does. Each rounding moves one term
+    /// by at most U of its size, and round_mag is the sum of the term sizes (through the rotary
+    /// backward), so the roundings move an element by at most U round_mag; the second U round_mag
+    /// covers what is left at that scale: fp32 accumulation over <= L terms (<= 3e-5 relative at
+    /// L = 512), the fp32 P (S, exp2 and lse2 errors ~1e-5 relative) and the sincos of the rotary
+    /// backward (6e-7). U |exact| is the final bf16 store (rounding the fp32 result, so U also of
+    /// its error, again within the margin). 1e-7: exp2 flush-to-zero. A bound, not a statistical
+    /// estimate: a correct kernel cannot exceed it whatever the seed.
+    fn fast_tol(t: &cpu::BwdTwin) -> Vec<f64> {
+        (0..t.grad.len())
+            .map(|e| {
+                BF16_U * t.grad[e].abs()
+                    + 2.0 * BF16_U * t.round_mag[e]
+                    + FAST_FP * t.fp32_mag[e]
+                    + 1e-7
+            })
+            .collect()
+    }
+
+    /// Panics unless |got - want| <= tol elementwise, naming the worst element (largest
+    /// error/tolerance ratio) with got, want and tolerance, and the max abs and rel errors.
+    fn assert_within(name: &str, got: &[f32], want: &[f64], tol: &[f64]) {
+        assert_eq!(got.len(), want.len(), "{name}: length");
+        let (mut max_abs, mut max_rel, mut worst, mut ratio) = (0f64, 0f64, 0usize, 0f64);
+        for (e, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let err = if g.is_finite() {
+                (g as f64 - w).abs()
+            } else {
+                f64::INFINITY
+            };
+            max_abs = max_abs.max(err);
+            max_rel = max_rel.max(err / w.abs().max(1e-30));
+            if err / tol[e] > ratio || (e == 0 && err.is_infinite()) {
+                (ratio, worst) = (err / tol[e], e);
+            }
+        }
+        assert!(
+            ratio <= 1.0,
+            "{name}: max abs err {max_abs:.3e}, max rel err {max_rel:.3e}; worst at index \
+             {worst}: got {} want {} tolerance {:.3e} (ratio {ratio:.2})",
+            got[worst],
+            want[worst],
+            tol[worst]
+        );
+    }
+
+    /// Elements of part `part` (0 q, 1 k, 2 v) of a (rows, 3*H*hd) tensor.
+    fn part_of<T: Copy>(x: &[T], s: &AttentionShape, part: usize) -> Vec<T> {
+        let d = s.width();
+        x.chunks(3 * d)
+            .flat_map(|row| row[part * d..][..d].iter().copied())
+            .collect()
+    }
+
+    /// The fast backward on one shape: (1) elementwise within [`fast_tol`] of the exact twin;
+    /// (2) architecture.md's rule for attention, per part (dq, dk, dv): max |got - exact| <=
+    /// max(2 max |twin_r - exact|, floor), twin_r = the twin with the kernel's bf16 roundings of P
+    /// and dS and a bf16 store; floor = 1e-3 max |exact| + FAST_FP max fp32_mag + 1e-7 (matters
+    /// only where the rounded twin is exact, e.g. L = 1). Also the lse consistency check.
+    fn check_bwd_fast(gpu: &Gpu, s: AttentionShape, amp: f32, zero_q: bool) {
+        let (qkv, dout) = bwd_inputs(&s, amp, zero_q);
+        let r = run_gpu_bwd(gpu, &qkv, &dout, &s, Bwd::Fast);
+        let tag = format!("fast {s:?} amp {amp} zero_q {zero_q}");
+        assert_lse_consistent(&tag, &r, &s);
+        let exact = twin_of(&r, &qkv, &dout, &s, false);
+        assert_within(
+            &format!("attention dqkv {tag}"),
+            &r.dqkv,
+            &exact.grad,
+            &fast_tol(&exact),
+        );
+        let rounded = twin_of(&r, &qkv, &dout, &s, true).grad;
+        let twin_r: Vec<f32> = rounded
+            .iter()
+            .map(|&x| bf16::from_f64(x).to_f32())
+            .collect();
+        let exact32: Vec<f32> = exact.grad.iter().map(|&x| x as f32).collect();
+        for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            let ex = part_of(&exact.grad, &s, part);
+            let max_abs = ex.iter().fold(0f64, |a, &x| a.max(x.abs()));
+            let max_fp = part_of(&exact.fp32_mag, &s, part)
+                .iter()
+                .fold(0f64, |a, &x| a.max(x));
+            assert_twice(
+                &format!("attention {name} {tag}"),
+                &part_of(&r.dqkv, &s, part),
+                &part_of(&twin_r, &s, part),
+                &part_of(&exact32, &s, part),
+                1e-3 * max_abs + FAST_FP * max_fp + 1e-7,
+            );
+        }
+    }
+
     #[test]
-    fn gpu_bwd_matches_twin() {
+    fn gpu_bwd_fast_matches_twin() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        // Every head dim, both masks, softcap off / 50 / 2, lengths not a multiple of 64.
+        for l in [1, 77, 200] {
+            for hd in HEAD_DIMS {
+                for causal in [false, true] {
+                    for cap in [0.0, 50.0, 2.0] {
+                        check_bwd_fast(&gpu, shape(2, l, 2, hd, causal, cap), 2.0, false);
+                    }
+                }
+            }
+        }
+        // Whole tiles.
+        let caps = [0.0, 50.0, 2.0];
+        let mut k = 0;
+        for l in [128, 512] {
+            for hd in HEAD_DIMS {
+                for causal in [false, true] {
+                    check_bwd_fast(&gpu, shape(1, l, 2, hd, causal, caps[k % 3]), 2.0, false);
+                    k += 1;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gpu_bwd_fast_real_and_structured_shapes() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        check_bwd_fast(&gpu, shape(2, 128, 12, 64, false, 50.0), 2.0, false);
+        check_bwd_fast(&gpu, shape(1, 1024, 12, 64, false, 0.0), 2.0, false);
+        check_bwd_fast(&gpu, shape(1, 1024, 4, 64, true, 0.0), 2.0, false);
+        check_bwd_fast(&gpu, shape(1, 256, 4, 96, true, 2.0), 2.0, false);
+        // Structured: q = 0 (uniform attention) and a large magnitude (saturating softcap 2).
+        check_bwd_fast(&gpu, shape(2, 64, 4, 64, false, 0.0), 2.0, true);
+        check_bwd_fast(&gpu, shape(1, 200, 3, 96, true, 0.0), 2.0, true);
+        check_bwd_fast(&gpu, shape(1, 200, 2, 64, false, 0.0), 8.0, false);
+        check_bwd_fast(&gpu, shape(1, 150, 2, 128, true, 2.0), 8.0, false);
+        check_bwd_fast(&gpu, shape(2, 77, 2, 32, false, 50.0), 8.0, false);
+    }
+
+    #[test]
+    fn gpu_bwd_fast_matches_reference() {
+        let Some(gpu) = gpu_for_tests() else { return };
+        for s in [
+            shape(2, 128, 12, 64, false, 0.0),
+            shape(1, 200, 3, 96, true, 50.0),
+            shape(2, 77, 2, 32, true, 2.0),
+            shape(1, 256, 4, 128, false, 0.0),
+            shape(2, 1, 2, 64, false, 0.0),
+        ] {
+            let (qkv, dout) = bwd_inputs(&s, 2.0, false);
+            let fast = run_gpu_bwd(&gpu, &qkv, &dout, &s, Bwd::Fast);
+            let simt = run_gpu_bwd(&gpu, &qkv, &dout, &s, Bwd::Reference);
+            // Both preps rotate with att_rope8 and the forward's frequencies: identical q', k'.
+            assert_bits_eq(&format!("q' fast vs reference {s:?}"), &fast.qr, &simt.qr);
+            assert_bits_eq(&format!("k' fast vs reference {s:?}"), &fast.kr, &simt.kr);
+            // |fast - simt| <= |fast - exact| + |simt - exact|: fast_tol plus the reference's
+            // own bound (bf16 store U |exact|, fp32 P and sums within U round_mag and
+            // FAST_FP fp32_mag).
+            let exact = twin_of(&fast, &qkv, &dout, &s, false);
+            let tol: Vec<f64> = fast_tol(&exact)
+                .iter()
+                .enumerate()
+                .map(|(e, t)| {
+                    t + BF16_U * (exact.grad[e].abs() + exact.round_mag[e])
+                        + FAST_FP * exact.fp32_mag[e]
+                        + 1e-7
+                })
+                .collect();
+            assert_within(
+                &format!("attention dqkv fast vs reference {s:?}"),
+                &fast.dqkv,
+                &f64s(&simt.dqkv),
+                &tol,
+            );
+        }
+    }
+
+    #[test]
+    fn gpu_bwd_reference_matches_twin() {
         let Some(gpu) = gpu_for_tests() else { return };
         for s in [
             shape(2, 128, 12, 64, false, 0.0),
@@ -1033,17 +1533,17 @@ mod tests {
             shape(1, 192, 4, 128, true, 0.0),
             shape(1, 192, 4, 128, false, 2.0),
         ] {
-            check_bwd(&gpu, s, 2.0, false);
+            check_bwd_reference(&gpu, s, 2.0, false);
         }
-        check_bwd(&gpu, shape(2, 64, 4, 64, false, 0.0), 2.0, true);
-        check_bwd(&gpu, shape(1, 150, 2, 64, false, 0.0), 4.0, false);
+        check_bwd_reference(&gpu, shape(2, 64, 4, 64, false, 0.0), 2.0, true);
+        check_bwd_reference(&gpu, shape(1, 150, 2, 64, false, 0.0), 4.0, false);
         // Awkward lengths for every head dim, both masks, all softcap settings.
         let caps = [0.0, 50.0, 2.0];
         let mut k = 0;
         for l in [1, 7, 129] {
             for hd in HEAD_DIMS {
                 for causal in [false, true] {
-                    check_bwd(&gpu, shape(2, l, 3, hd, causal, caps[k % 3]), 2.0, false);
+                    check_bwd_reference(&gpu, shape(2, l, 3, hd, causal, caps[k % 3]), 2.0, false);
                     k += 1;
                 }
             }
@@ -1056,9 +1556,11 @@ mod tests {
         let s = shape(2, 256, 12, 64, true, 50.0);
         let qkv = rand_qkv(&s, 2.0, 1);
         let dout = rand_dout(&s, 2);
-        let a = run_gpu_bwd(&gpu, &qkv, &dout, &s).0;
-        let b = run_gpu_bwd(&gpu, &qkv, &dout, &s).0;
-        assert_bits_eq("attention dqkv run-to-run", &a, &b);
+        for which in [Bwd::Fast, Bwd::Reference] {
+            let a = run_gpu_bwd(&gpu, &qkv, &dout, &s, which).dqkv;
+            let b = run_gpu_bwd(&gpu, &qkv, &dout, &s, which).dqkv;
+            assert_bits_eq(&format!("attention dqkv run-to-run {which:?}"), &a, &b);
+        }
     }
 
     #[test]
@@ -1072,12 +1574,86 @@ mod tests {
         let lse = st.alloc_zeros::<f32>(s.batch * s.heads * s.len).unwrap();
         let mut ws = AttentionBwdWorkspace::new(&gpu, &s).unwrap();
         let mut small = st.alloc_zeros::<bf16>(rows * 3 * d - 1).unwrap();
-        let r = attention_bwd(&gpu, &mut small, &mut ws, &lse, &o, &qkv, &o, &s);
-        assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
         let mut dqkv = st.alloc_zeros::<bf16>(rows * 3 * d).unwrap();
         let other = AttentionShape { causal: true, ..s };
-        let r = attention_bwd(&gpu, &mut dqkv, &mut ws, &lse, &o, &qkv, &o, &other);
-        assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
-        attention_bwd(&gpu, &mut dqkv, &mut ws, &lse, &o, &qkv, &o, &s).unwrap();
+        for f in [attention_bwd, attention_bwd_reference] {
+            let r = f(&gpu, &mut small, &mut ws, &lse, &o, &qkv, &o, &s);
+            assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+            let r = f(&gpu, &mut dqkv, &mut ws, &lse, &o, &qkv, &o, &other);
+            assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+            f(&gpu, &mut dqkv, &mut ws, &lse, &o, &qkv, &o, &s).unwrap();
+        }
+    }
+
+    #[test]
+    fn bwd_geometry() {
+        // Padded positions of lse2 / D: whole 64-row tiles.
+        assert_eq!(padded_len(1), 64);
+        assert_eq!(padded_len(64), 64);
+        assert_eq!(padded_len(65), 128);
+        assert_eq!(padded_len(1024), 1024);
+        // AttBwdSmem<HD>::BYTES: 6 tiles of 64 x (hd+8) bf16, 4 x 64 f32, hd/2 f32; all within
+        // the H100's 227 KiB per block, above 48 KiB for hd >= 64 (the launcher raises the limit).
+        let want = [(32, 31808), (64, 56448), (96, 81088), (128, 105728)];
+        for (hd, bytes) in want {
+            assert_eq!(bwd_smem_bytes(hd), bytes, "hd {hd}");
+            assert!(bytes <= 227 * 1024);
+        }
+        let s = shape(32, 1024, 12, 64, false, 0.0);
+        assert_eq!(bwd_flops(&s), 2.5 * flops(&s));
+        assert_eq!(bwd_flops(&s), 10.0 * 32.0 * 12.0 * 1024.0 * 1024.0 * 64.0);
+    }
+
+    #[test]
+    fn twin_with_kernel_roundings_is_within_fast_tolerance() {
+        // The CPU twin rounding P and dS to bf16 (the fast kernel's rounding points) and its
+        // output to bf16 stays within fast_tol of the exact twin: the tolerance holds for the
+        // roundings it is derived from. And it is not vacuous: the wrong mask or a 3% error fails.
+        for (k, (s, amp)) in [
+            (shape(2, 77, 2, 32, false, 0.0), 2.0),
+            (shape(1, 130, 2, 64, true, 2.0), 2.0),
+            (shape(1, 70, 3, 96, false, 50.0), 4.0),
+            (shape(1, 65, 1, 128, true, 0.0), 8.0),
+            (shape(2, 1, 2, 64, false, 0.0), 2.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let qkv = rand_qkv(&s, amp, 500 + k as u64);
+            let dout = rand_dout(&s, 600 + k as u64);
+            let (q, kr) = cpu::rotated_qk(&qkv, &s, true);
+            let (o, lse) = cpu::attention_fwd_f64(&qkv, &s, true);
+            let exact = cpu::attention_bwd_rotated_ext(&q, &kr, &qkv, &o, &lse, &dout, &s, false);
+            let rounded = cpu::attention_bwd_rotated_ext(&q, &kr, &qkv, &o, &lse, &dout, &s, true);
+            let got: Vec<f32> = rounded
+                .grad
+                .iter()
+                .map(|&x| bf16::from_f64(x).to_f32())
+                .collect();
+            let tol = fast_tol(&exact);
+            assert_within(&format!("rounded twin {s:?}"), &got, &exact.grad, &tol);
+            assert_eq!(
+                exact.grad,
+                cpu::attention_bwd_rotated(&q, &kr, &qkv, &o, &lse, &dout, &s)
+            );
+            let off: Vec<f32> = exact.grad.iter().map(|&x| (x * 1.03) as f32).collect();
+            let fails = |g: &[f32]| {
+                g.iter()
+                    .zip(&exact.grad)
+                    .zip(&tol)
+                    .any(|((&g, &w), &t)| (g as f64 - w).abs() > t)
+            };
+            assert!(fails(&off), "{s:?}: a 3% error passes");
+            if s.len > 1 {
+                let flip = AttentionShape {
+                    causal: !s.causal,
+                    ..s
+                };
+                let (o2, lse2) = cpu::attention_fwd_f64(&qkv, &flip, true);
+                let wrong = cpu::attention_bwd_rotated(&q, &kr, &qkv, &o2, &lse2, &dout, &flip);
+                let wrong: Vec<f32> = wrong.iter().map(|&x| x as f32).collect();
+                assert!(fails(&wrong), "{s:?}: the other mask passes");
+            }
+        }
     }
 }
