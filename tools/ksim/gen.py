@@ -1,4 +1,7 @@
-# kernels/attention.cu -> attention_sim.cpp: the asm helpers replaced by shim.h's simulations.
+# kernels/X.cu -> X_sim.cpp: the asm helpers replaced by shim.h's simulations, dynamic shared
+# memory declarations pointed at the simulated block's buffer. Usage: gen.py in.cu out.cpp.
+# Kernels without asm (ln_modulate, subs, sample) need only the shared-memory rewrite; their
+# intrinsics (__ldlu, __stcs, __expf, __d*_rn, ...) are plain functions in shim.h.
 import re, sys
 src = open(sys.argv[1]).read()
 def replace_fn(s, name, body_sig):
@@ -13,7 +16,7 @@ def replace_fn(s, name, body_sig):
             if depth == 0: break
         j += 1
     return s[:m.start()] + body_sig + s[j + 1:]
-R = {
+R = {  # attention.cu's helpers
  'att_smem_u32': 'inline uint32_t att_smem_u32(const void* p) { return sim_smem_u32(p); }',
  'att_cp_async16': 'inline void att_cp_async16(uint32_t d, const void* s, bool v) { sim_cp_async16(d, s, v); }',
  'att_cp_async_commit': 'inline void att_cp_async_commit() { sim_cp_async_commit(); }',
@@ -24,10 +27,20 @@ R = {
  'att_exp2': 'inline float att_exp2(float x) { return exp2f(x); }',
  'att_softcap': 'inline float att_softcap(float x, float k2, float c) { return fmaf(-2.f * c, 1.f / (1.f + exp2f(x * k2)), c); }',
 }
+done = 0
 for k, v in R.items():
-    src = replace_fn(src, k, v)
+    if re.search(r'__device__ __forceinline__ [^\n]*\b' + k + r'\(', src):
+        src = replace_fn(src, k, v)
+        done += 1
 n = src.count('extern __shared__ __align__(16) unsigned char att_smem[];')
 src = src.replace('extern __shared__ __align__(16) unsigned char att_smem[];', 'unsigned char* att_smem = sim::smem();')
+# Other dynamic shared arrays (file scope or local): a macro naming the block's buffer.
+src, n2 = re.subn(r'(?m)^\s*extern __shared__ (?:__align__\(\d+\) )?([\w ]+?) (\w+)\[\];',
+                  r'#define \2 ((\1*)sim::smem())', src)
+# ln_modulate: the register fast path can be switched off at run time (sim_ln_generic) to
+# compare it bit for bit with the generic path.
+src, n3 = re.subn(r'if \(vec && d <= IMDM_WARP \* 4 \* LN_MAX_VEC\)',
+                  'if (vec && d <= IMDM_WARP * 4 * LN_MAX_VEC && !sim_ln_generic)', src)
 assert 'asm' not in re.sub(r'//[^\n]*', '', src), 'asm left'
 open(sys.argv[2], 'w').write('#include "shim.h"\n' + src)
-print('replaced', len(R), 'helpers,', n, 'shared declarations')
+print(sys.argv[1].split('/')[-1] + ':', 'replaced', done, 'helpers,', n + n2, 'shared declarations' + (', fast-path switch' if n3 else ''))

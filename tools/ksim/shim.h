@@ -3,6 +3,7 @@
 // fragment definitions. For checking index maths without a GPU; not for numerics or speed.
 #pragma once
 #include <barrier>
+#include <cfloat>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -45,6 +46,8 @@ inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline uint4 make_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return {a, b, c, d}; }
 inline float2 make_float2(float a, float b) { return {a, b}; }
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline uint2 make_uint2(uint32_t a, uint32_t b) { return {a, b}; }
 
 struct __nv_bfloat16 {
     uint16_t v;
@@ -81,6 +84,37 @@ inline void __sincosf(float x, float* s, float* c) {
     *c = cosf(x);
 }
 inline float __log2f(float x) { return log2f(x); }
+// Fast-math intrinsics are exact here (the GPU's __expf / rsqrtf are within a few ulp).
+inline float __expf(float x) { return expf(x); }
+inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
+inline float __uint_as_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+inline float __int_as_float(int32_t u) { return __uint_as_float((uint32_t)u); }
+// Cache hints (last use, streaming) are plain loads and stores.
+template <class T>
+inline T __ldlu(const T* p) {
+    return *p;
+}
+template <class T>
+inline void __stcs(T* p, T v) {
+    *p = v;
+}
+// f64 intrinsics with an explicit rounding mode: the default (nearest) operations; the harness is
+// compiled without FMA contraction (-ffp-contract=off), as the __d*_rn intrinsics promise.
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __dsqrt_rn(double a) { return sqrt(a); }
+inline float __double2float_rn(double a) { return (float)a; }
+// Only for counters touched by one thread per block (blocks run one after another).
+inline uint32_t atomicAdd(uint32_t* p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+
+// ln_modulate: gen.py makes the register fast path conditional on !sim_ln_generic.
+inline bool sim_ln_generic = false;
 
 namespace sim {
 // Rendezvous of the lanes in `mask` of one warp: every lane deposits `bytes` and receives all 32
@@ -147,9 +181,11 @@ inline void land(const Copy& c) {
 
 inline void __syncthreads() { sim::blk->bar->arrive_and_wait(); }
 inline void __syncwarp(uint32_t mask = 0xffffffffu) { sim::exchange(mask, nullptr, 0, nullptr); }
-inline float __shfl_xor_sync(uint32_t mask, float v, int o) {
-    float all[32];
-    sim::exchange(mask, &v, 4, all);
+template <class T>
+inline T __shfl_xor_sync(uint32_t mask, T v, int o) {
+    static_assert(sizeof(T) <= 64, "exchange buffer");
+    T all[32];
+    sim::exchange(mask, &v, sizeof(T), all);
     return all[(threadIdx.x % 32) ^ o];
 }
 
