@@ -711,19 +711,7 @@ impl Resident for GpuTrainer {
             }
             None => None,
         };
-        if !loss.is_finite() {
-            let mut what = format!("the loss is {loss}");
-            if let Some(g) = &bad_grad {
-                what += &format!("; first non-finite tensor: {g}");
-            }
-            return Err(Error::NonFinite { step, what });
-        }
-        if let Some(g) = bad_grad {
-            return Err(Error::NonFinite {
-                step,
-                what: format!("non-finite {g}"),
-            });
-        }
+        crate::train::update::check_finite(step, loss, bad_grad)?;
         let norm = st.trainable.iter().map(|&k| sq[k]).sum::<f64>().sqrt();
         st.step += 1;
         let k = AdamWCoeffs::new(&st.config, st.step, lr);

@@ -27,19 +27,7 @@ pub struct HostState<'a> {
 pub fn host_update(s: HostState<'_>, step: u64, loss: f64, lr: f64, clip: f64) -> Result<f64> {
     let bad_grad =
         first_non_finite(s.grads).map(|(n, i, v)| format!("gradient of {n} (element {i} = {v})"));
-    if !loss.is_finite() {
-        let mut what = format!("the loss is {loss}");
-        if let Some(g) = &bad_grad {
-            what += &format!("; first non-finite tensor: {g}");
-        }
-        return Err(Error::NonFinite { step, what });
-    }
-    if let Some(g) = bad_grad {
-        return Err(Error::NonFinite {
-            step,
-            what: format!("non-finite {g}"),
-        });
-    }
+    check_finite(step, loss, bad_grad)?;
     let grad_norm = clip_grad_norm(s.grads, s.trainable, clip);
     s.opt.step(s.params, s.grads, lr)?;
     if let Some((n, i, v)) = first_non_finite(s.params) {
@@ -50,4 +38,24 @@ pub fn host_update(s: HostState<'_>, step: u64, loss: f64, lr: f64, clip: f64) -
     }
     s.ema.update(s.params)?;
     Ok(grad_norm)
+}
+
+/// The non-finite check before an update (host and GPU trainers): a non-finite `loss`, or
+/// `bad_grad` (the first non-finite gradient, described), stops step `step` with
+/// [`Error::NonFinite`] naming what went bad.
+pub fn check_finite(step: u64, loss: f64, bad_grad: Option<String>) -> Result<()> {
+    if !loss.is_finite() {
+        let mut what = format!("the loss is {loss}");
+        if let Some(g) = &bad_grad {
+            what += &format!("; first non-finite tensor: {g}");
+        }
+        return Err(Error::NonFinite { step, what });
+    }
+    match bad_grad {
+        Some(g) => Err(Error::NonFinite {
+            step,
+            what: format!("non-finite {g}"),
+        }),
+        None => Ok(()),
+    }
 }
