@@ -11,6 +11,8 @@
 //! reference. They are first estimates, written before the GPU ran these tests; if one is
 //! too tight, the failure message gives the measured error to set it from.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -27,6 +29,8 @@ use imdm_engine::train::gpu::{GpuTrainOptions, GpuTrainer};
 use imdm_engine::train::run::{RunConfig, RunDir, RUN_FORMAT};
 use imdm_engine::train::{data, CpuDit, Freeze, Objective, StepLog, TrainConfig, Trainer};
 use imdm_engine::Error;
+
+use common::first_init_loss;
 
 /// Relative L2 error ‖g_gpu − g_cpu‖ / ‖g_cpu‖ allowed for each parameter gradient tensor.
 const GRAD_REL_L2: f64 = 5e-2;
@@ -462,37 +466,6 @@ fn cli_trains_on_the_gpu_and_resumes_bit_identically() {
     );
 }
 
-/// The first logged loss of a one-step `--device cuda` run initialised from `file` as `algo`.
-fn first_gpu_loss(file: &Path, algo: &str, dir: &Path) -> f64 {
-    let d = dir.join(algo);
-    cli(&[
-        "--init",
-        file.to_str().unwrap(),
-        "--algo",
-        algo,
-        "--device",
-        "cuda",
-        "--data",
-        "synthetic",
-        "--batch",
-        "8",
-        "--steps",
-        "1",
-        "--log-every",
-        "1",
-        "--save-every",
-        "0",
-        "--eval-size",
-        "0",
-        "--quiet",
-        "--run-dir",
-        d.to_str().unwrap(),
-    ]);
-    let m = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
-    v["loss"].as_f64().unwrap()
-}
-
 /// Spec 2.6 on the GPU: an IMDM fine-tuned from an MDLM checkpoint (zero last eps-MLP layer,
 /// masks independent of the eps draws) starts at exactly the MDLM's loss.
 #[test]
@@ -506,8 +479,8 @@ fn init_from_mdlm_starts_at_the_mdlm_loss_on_the_gpu() {
     c.mask_index = 256;
     let file = tmp.path().join("mdlm.safetensors");
     imdm_engine::model::checkpoint::save(&file, &random_params(&c, 3)).unwrap();
-    let l_mdlm = first_gpu_loss(&file, "mdlm", tmp.path());
-    let l_imdm = first_gpu_loss(&file, "imdm", tmp.path());
+    let l_mdlm = first_init_loss(&file, "mdlm", "cuda", tmp.path());
+    let l_imdm = first_init_loss(&file, "imdm", "cuda", tmp.path());
     assert!(l_mdlm.is_finite() && l_mdlm > 0.0, "{l_mdlm}");
     assert_eq!(
         l_imdm.to_bits(),

@@ -4,11 +4,14 @@
 //! linear-softmax` (an analytic stand-in for the DiT) keeps these fast and independent of the
 //! CPU DiT.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::first_init_loss;
 use imdm_engine::model::{checkpoint, init::random_params, Algo, DitConfig, NoiseType, Preset};
 use safetensors::SafeTensors;
 
@@ -301,42 +304,6 @@ fn init_from_an_mdlm_checkpoint_grafts_the_eps_mlp() {
     assert!(e.fc1.weight.data.iter().any(|&x| x != 0.0));
 }
 
-/// The first logged loss of a one-step CPU-DiT run initialised from `file` as `algo`.
-fn first_loss(file: &Path, algo: &str, dir: &Path) -> f64 {
-    let d = dir.join(algo);
-    ok(&[
-        "--init",
-        file.to_str().unwrap(),
-        "--algo",
-        algo,
-        "--device",
-        "cpu",
-        "--data",
-        "synthetic",
-        "--batch",
-        "8",
-        "--micro-batch",
-        "4",
-        "--steps",
-        "1",
-        "--log-every",
-        "1",
-        "--save-every",
-        "0",
-        "--eval-size",
-        "0",
-        "--seed",
-        "3",
-        "--run-dir",
-        d.to_str().unwrap(),
-    ]);
-    let m = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
-    let line = m.lines().next().expect("one metrics line");
-    let v: serde_json::Value = serde_json::from_str(line).unwrap();
-    assert_eq!(v["step"], 1, "{line}");
-    v["loss"].as_f64().unwrap()
-}
-
 /// Spec 2.6: an IMDM initialised from a reference-format MDLM checkpoint computes exactly the
 /// MDLM (the grafted eps MLP ends in a zero layer), and its masks do not depend on the ε draws
 /// (separate streams), so its first loss equals the MDLM run's bit for bit. A checkpoint with
@@ -350,8 +317,8 @@ fn init_from_mdlm_starts_at_the_mdlm_loss() {
     let mdlm = random_params(&c, 1);
     let file = tmp.path().join("mdlm.safetensors");
     checkpoint::save(&file, &mdlm).unwrap();
-    let l_mdlm = first_loss(&file, "mdlm", tmp.path());
-    let l_imdm = first_loss(&file, "imdm", tmp.path());
+    let l_mdlm = first_init_loss(&file, "mdlm", "cpu", tmp.path());
+    let l_imdm = first_init_loss(&file, "imdm", "cpu", tmp.path());
     assert!(l_mdlm.is_finite() && l_mdlm > 0.0, "{l_mdlm}");
     assert_eq!(
         l_imdm.to_bits(),
@@ -379,7 +346,7 @@ fn init_from_mdlm_starts_at_the_mdlm_loss() {
         .any(|&x| x != 0.0));
     let file2 = tmp.path().join("imdm.safetensors");
     checkpoint::save(&file2, &imdm).unwrap();
-    let l_eps = first_loss(&file2, "imdm", &tmp.path().join("live"));
+    let l_eps = first_init_loss(&file2, "imdm", "cpu", &tmp.path().join("live"));
     assert_ne!(l_eps, l_mdlm);
 }
 

@@ -158,16 +158,20 @@ pub struct GpuDit {
     pub gemm: Gemm,
 }
 
-/// The modulation vectors `adaLN(c)` of one adaLN layer, split into `n` chunks of D.
+/// The host modulation vector `adaLN(c)` of one adaLN layer (N chunks of D), or None without
+/// adaLN or conditioning (the AR baseline).
+fn host_modulation(adaln: Option<&Linear>, cond: Option<&[f32]>) -> Option<Vec<f32>> {
+    Some(linear(cond?, adaln?))
+}
+
+/// Uploads a host modulation vector as its N chunks of D.
 fn modulation<const N: usize>(
     gpu: &Gpu,
-    adaln: Option<&Linear>,
-    cond: Option<&[f32]>,
+    host: Option<&[f32]>,
 ) -> Result<Option<[CudaSlice<f32>; N]>> {
-    let (Some(a), Some(c)) = (adaln, cond) else {
+    let Some(m) = host else {
         return Ok(None);
     };
-    let m = linear(c, a);
     let d = m.len() / N;
     let parts: Vec<CudaSlice<f32>> = (0..N)
         .map(|k| gpu.stream.clone_htod(&m[k * d..(k + 1) * d]))
@@ -196,10 +200,7 @@ impl GpuDit {
             .blocks
             .iter()
             .map(|b| {
-                let host_mod = match (&b.adaln, &cond) {
-                    (Some(a), Some(c)) => Some(linear(c, a)),
-                    _ => None,
-                };
+                let host_mod = host_modulation(b.adaln.as_ref(), cond.as_deref());
                 let folded = match fold {
                     true => Some(FoldedGates::new(gpu, b, host_mod.as_deref())?),
                     false => None,
@@ -211,7 +212,7 @@ impl GpuDit {
                     attn_out: upload_bf16(gpu, &b.attn_out)?,
                     mlp1: upload_bf16(gpu, &b.mlp_fc1)?,
                     mlp2: upload_bf16(gpu, &b.mlp_fc2)?,
-                    modulation: modulation::<6>(gpu, b.adaln.as_ref(), cond.as_deref())?,
+                    modulation: modulation::<6>(gpu, host_mod.as_deref())?,
                     folded,
                 })
             })
@@ -226,7 +227,10 @@ impl GpuDit {
             },
             blocks,
             final_norm: s.clone_htod(&f.norm.data)?,
-            final_modulation: modulation::<2>(gpu, f.adaln.as_ref(), cond.as_deref())?,
+            final_modulation: modulation::<2>(
+                gpu,
+                host_modulation(f.adaln.as_ref(), cond.as_deref()).as_deref(),
+            )?,
             final_linear: GpuLinear {
                 w: s.clone_htod(&to_bf16(&f.linear.weight.data))?,
                 b: Some(s.clone_htod(&f.linear.bias.as_ref().expect("final bias").data)?),
@@ -664,33 +668,33 @@ impl GpuDit {
                     1.0,
                     Epilogue::Bias(&f.mlp2_bias),
                 )?;
-                continue;
+            } else {
+                g.matmul(
+                    gpu,
+                    &mut a.mlp_out,
+                    &a.mlp_act,
+                    false,
+                    &blk.mlp2.w,
+                    true,
+                    (rows, d, hdim),
+                    0.0,
+                    Epilogue::Bias(b2),
+                )?;
+                rec(Op::Linear(LinSite::Mlp2(i)));
+                residual_fwd(
+                    gpu,
+                    &mut ws.h,
+                    &a.mlp_out,
+                    gate(5),
+                    rows,
+                    d,
+                    rows,
+                    opts.dropout,
+                    opts.seed,
+                    off + 1,
+                )?;
+                rec(Op::Residual(ResSite::Mlp(i), dropout_at(off + 1)));
             }
-            g.matmul(
-                gpu,
-                &mut a.mlp_out,
-                &a.mlp_act,
-                false,
-                &blk.mlp2.w,
-                true,
-                (rows, d, hdim),
-                0.0,
-                Epilogue::Bias(b2),
-            )?;
-            rec(Op::Linear(LinSite::Mlp2(i)));
-            residual_fwd(
-                gpu,
-                &mut ws.h,
-                &a.mlp_out,
-                gate(5),
-                rows,
-                d,
-                rows,
-                opts.dropout,
-                opts.seed,
-                off + 1,
-            )?;
-            rec(Op::Residual(ResSite::Mlp(i), dropout_at(off + 1)));
         }
         {
             let _r = nvtx::range("final layer");

@@ -59,3 +59,37 @@ pub fn write_raw(path: &Path, tensors: &[Raw], meta: Option<HashMap<String, Stri
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
+
+/// The first logged loss of a one-step `imdm-engine train` run on `device` initialised from
+/// `file` as `algo` (synthetic data, batch 8 in micro-batches of 4, seed 3), in `dir/algo`.
+pub fn first_init_loss(file: &Path, algo: &str, device: &str, dir: &Path) -> f64 {
+    let d = dir.join(algo);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_imdm-engine"))
+        .args(["train", "--init", file.to_str().unwrap(), "--algo", algo])
+        .args(["--device", device, "--data", "synthetic", "--batch", "8"])
+        .args(["--micro-batch", "4", "--steps", "1", "--log-every", "1"])
+        .args([
+            "--save-every",
+            "0",
+            "--eval-size",
+            "0",
+            "--seed",
+            "3",
+            "--quiet",
+        ])
+        .arg("--run-dir")
+        .arg(&d)
+        .output()
+        .expect("binary runs");
+    assert!(
+        o.status.success(),
+        "train --init {} --algo {algo} --device {device} failed: {}",
+        file.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let m = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+    let line = m.lines().next().expect("one metrics line");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["step"], 1, "{line}");
+    v["loss"].as_f64().unwrap()
+}
