@@ -30,6 +30,7 @@ pub mod data;
 pub mod diffusion;
 pub mod distill;
 pub mod error;
+pub mod eval;
 pub mod gpu;
 pub mod model;
 pub mod nvtx;
