@@ -9,7 +9,7 @@
 //     out[r,j]  = x[r,j] - lse[r]  (j != m),   out[r,m] = -1e6 - lse[r]
 //   carry-over (tok[r] != m): out[r,:] = -1e6, out[r,tok[r]] = 0, lse[r] = 0.
 // Identical to `dit_ref::subs_log_probs`. Deliberate difference from the reference code (which
-// runs this on bf16 logits in bf16): the softmax, lse and output are fp32 (architecture.md 6).
+// runs this on bf16 logits in bf16): the softmax, lse and output are fp32 (docs/reference.md 14.1).
 // Shapes and dtypes: x (rows, ld) bf16 (`subs_fwd_bf16`) or f32 (`subs_fwd_f32`); tok (rows)
 //   u32; out (rows, ld) f32 with the same stride; lse (rows) f32. mask_index < V, 2 <= V <= ld
 //   (checked by the launcher). The forward writes its logits with ld = V rounded up to 64, so

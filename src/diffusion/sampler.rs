@@ -17,7 +17,7 @@
 //! Eps: seeded rows use the reference's counter hash (`rng::seeded_eps`, spec 5.8), otherwise
 //! the caller's RNG; models without the eps MLP get `None` and ignore seeds.
 //!
-//! Deliberate deviations from the reference (spec 12 and below):
+//! Deliberate deviations from the reference (the quirks of spec 12; all deviations: spec 14):
 //! - **Quirk 8 fixed**: reset redraws come from the sampler's own counter-based stream keyed by
 //!   `SamplerConfig::seed` ([`SamplerStream`], purpose `ResetEps`), not from the unseeded
 //!   framework RNG. A run is therefore a function of (x_t, given_t, initial eps, seed), so

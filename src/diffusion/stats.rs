@@ -1,4 +1,4 @@
-//! Small statistical tests for samplers (architecture.md §4.6: chi-square on categorical draws,
+//! Small statistical tests for samplers (docs/testing.md 4: chi-square on categorical draws,
 //! binomial bounds on frequencies), computed properly rather than with rules of thumb: the
 //! chi-square survival function is the regularised upper incomplete gamma function
 //! Q(k/2, x/2), and normal critical values invert `erfc` by bisection.

@@ -1034,7 +1034,7 @@ mod tests {
         (o, st.clone_dtoh(&lse).unwrap())
     }
 
-    /// architecture.md's rule for attention: max |got - exact| <= 2 max |twin_bf16 - exact|,
+    /// The error-ratio rule of docs/testing.md 2: max |got - exact| <= 2 max |twin_bf16 - exact|,
     /// with an absolute floor.
     fn assert_twice(name: &str, got: &[f32], twin: &[f32], exact: &[f32], floor: f64) {
         let by_abs = Tol { abs: 1.0, rel: 0.0 };
@@ -1403,7 +1403,7 @@ mod tests {
     }
 
     /// The fast backward on one shape: (1) elementwise within [`fast_tol`] of the exact twin;
-    /// (2) architecture.md's rule for attention, per part (dq, dk, dv): max |got - exact| <=
+    /// (2) the error-ratio rule of docs/testing.md 2, per part (dq, dk, dv): max |got - exact| <=
     /// max(2 max |twin_r - exact|, floor), twin_r = the twin with the kernel's bf16 roundings of P
     /// and dS and a bf16 store; floor = 1e-3 max |exact| + FAST_FP max fp32_mag + 1e-7 (matters
     /// only where the rounded twin is exact, e.g. L = 1). Also the lse consistency check.

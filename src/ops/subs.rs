@@ -951,8 +951,8 @@ mod tests {
     /// Checks a GPU result against the f64 twin: exact zeros where the twin has them; the loss
     /// within 2e-6 of c (2 max|x| + ln V + 25), i.e. fp32 accuracy of lse and x[t]; the
     /// gradient's worst relative error (in units of c, floored at 3e-5 c) at most twice that of
-    /// the twin's own gradient rounded to bf16 (architecture.md section 4, item 2), plus 1e-5
-    /// for the fp32 softmax.
+    /// the twin's own gradient rounded to bf16 (the error-ratio rule of docs/testing.md 2),
+    /// plus 1e-5 for the fp32 softmax.
     fn check_xent(
         name: &str,
         c: &XentCase,

@@ -108,7 +108,7 @@ pub enum Event {
         log: StepLog,
         tok_per_s: f64,
         /// Model FLOPs utilisation, `6 · N · tok/s / peak` (N = all parameters, the
-        /// convention of peers.md), when the device's peak is known.
+        /// convention of docs/benchmarks.md), when the device's peak is known.
         mfu: Option<f64>,
         elapsed_s: f64,
         eta_s: f64,

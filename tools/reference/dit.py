@@ -1,9 +1,10 @@
 """Independent float64 PyTorch reference of the IMDM / MDLM DiT denoiser.
 
-Written from docs/imdm-spec.md only (sections 2.2, 2.3, 2.5, 3.2, 4.3); it is NOT derived from
-any other implementation. It exists to produce parity fixtures for the Rust CPU reference, so it
-favours literal, readable maths over speed: everything runs in float64 on the CPU, in eval mode
-(no dropout), bidirectional attention only (the causal mode of spec 2.4 is not modelled).
+Written from the reference description only (docs/reference.md 2.2, 2.3, 2.5, 3.2, 4.3); it is
+NOT derived from any other implementation. It exists to produce parity fixtures for the Rust CPU
+reference, so it favours literal, readable maths over speed: everything runs in float64 on the
+CPU, in eval mode (no dropout), bidirectional attention only (the causal mode of spec 2.4 is not
+modelled).
 
 Parameters are a plain dict `name -> tensor` keyed by the reference names of spec 2.5, without
 the `backbone.` prefix (a prefix, if present, is stripped). `cfg` is the engine's config object
