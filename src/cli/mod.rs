@@ -4,8 +4,8 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
+use crate::cuda::DeviceChoice;
 use crate::error::{Error, Result};
-use crate::gpu::DeviceChoice;
 use crate::model::{Algo, DitConfig, NoiseType, Preset};
 
 pub mod bench;

@@ -1,5 +1,5 @@
 //! `imdm-engine train`: MDLM / IMDM training on the CPU backend or the GPU (`--device cuda`:
-//! `train::GpuTrainer`, weights, optimizer and EMA resident on the device), into a resumable
+//! `cuda::GpuTrainer`, weights, optimizer and EMA resident on the device), into a resumable
 //! run directory. The flags resolve into a [`RunConfig`] written to `DIR/config.json`;
 //! `--resume` continues a run from its recorded configuration (on either device).
 
@@ -8,15 +8,15 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 
 use crate::cli::ConfigArgs;
+use crate::cuda::ops::attention::HEAD_DIMS;
+use crate::cuda::trainer::{GpuTrainOptions, GpuTrainer};
+use crate::cuda::{DeviceChoice, Gpu};
 use crate::data::shards::MANIFEST;
 use crate::data::Manifest;
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceChoice, Gpu};
 use crate::model::{checkpoint, Algo, DitConfig, DitParams};
-use crate::ops::attention::HEAD_DIMS;
 use crate::train::config::{DataSpec, Freeze, TokenDtype, TrainConfig};
 use crate::train::curves::{plot_runs, CURVES_FILE};
-use crate::train::gpu::{GpuTrainOptions, GpuTrainer};
 use crate::train::init::initial_params;
 use crate::train::run::{RunConfig, RunDir, RUN_FORMAT};
 use crate::train::{data, CpuDit, Event, LinearSoftmax, Objective, Trainer};

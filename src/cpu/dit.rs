@@ -146,7 +146,7 @@ fn attn_shape(c: &DitConfig, n: Dims) -> AttnShape {
 }
 
 /// Dropout stream offset of block `block`'s branch `branch` (0 attention, 1 MLP): the GPU
-/// forward's rule (`model::dit`: `opts.offset + 2·i`, `+ 1` for the MLP branch).
+/// forward's rule (`cuda::dit`: `opts.offset + 2·i`, `+ 1` for the MLP branch).
 pub(crate) fn dropout_offset(base: u64, block: usize, branch: u64) -> u64 {
     base.wrapping_add(2 * block as u64 + branch)
 }

@@ -379,7 +379,16 @@ fn dropout_factors_follow_the_philox_stream_and_the_gpu_twin() {
     let mut want = h0.clone();
     // The twin takes a (B, D) gate picked by row / rows_per_batch: the same gate for both rows.
     let gate2: Vec<f32> = gate.iter().chain(&gate).copied().collect();
-    crate::ops::residual::cpu::residual_fwd(&mut want, &br, Some(&gate2), d, len, p, seed, offset);
+    crate::cuda::ops::residual::cpu::residual_fwd(
+        &mut want,
+        &br,
+        Some(&gate2),
+        d,
+        len,
+        p,
+        seed,
+        offset,
+    );
     let (mut got, mut b) = (h0, br);
     let keep = dropout_factors::<f32>(seed, offset, p, rows * d);
     residual_fwd(&mut got, &mut b, Some(&gate), Some(&keep), d);

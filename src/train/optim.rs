@@ -115,7 +115,7 @@ impl AdamW {
 }
 
 /// The f32 scalars of one AdamW step (torch's, computed in f64 and rounded once), shared by
-/// [`AdamW::step`] and the GPU kernel's twin (`ops::adamw`), which passes them to the kernel.
+/// [`AdamW::step`] and the GPU kernel's twin (`cuda::ops::adamw`), which passes them to the kernel.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWCoeffs {
     /// `-(lr / (1 - beta1^t))`

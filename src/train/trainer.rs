@@ -13,7 +13,7 @@
 //! the order of floating-point sums, never the times, masks or ε.
 //!
 //! Device-resident objectives ([`crate::train::Resident`], the GPU trainer of
-//! [`crate::train::gpu`]) run the same loop with the weights, gradients, AdamW moments and EMA
+//! [`crate::cuda::trainer`]) run the same loop with the weights, gradients, AdamW moments and EMA
 //! on the device: `params`, `ema` and `opt` of the [`Trainer`] are then refreshed from the
 //! device ([`Trainer::sync_from`]) before each checkpoint and at the end of a run.
 

@@ -14,7 +14,7 @@
 //! (`db` of fc1 layers comes from the GELU backward's deterministic column sum instead.) The
 //! weight-gradient GEMM of a frozen tensor is skipped. The adaLN modulations are constant over
 //! rows (sigma = 0), so the LayerNorm and residual backward kernels reduce their gradients
-//! over all rows into one (1, D) vector per chunk ([`ModGrads`]); `model::cond` turns those
+//! over all rows into one (1, D) vector per chunk ([`ModGrads`]); `cuda::cond` turns those
 //! into the adaLN and sigma-map gradients once per optimizer step.
 //!
 //! Accumulation: every parameter gradient is `+=` (micro-batches accumulate; the caller zeroes
@@ -25,19 +25,19 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
+use crate::cuda::dit::{ForwardOpts, GpuDit, Workspace};
+use crate::cuda::nvtx;
+use crate::cuda::ops::attention::{attention_bwd, AttentionBwdWorkspace, AttentionShape};
+use crate::cuda::ops::embedding::{embedding_bwd, embedding_eps_bwd, EmbeddingBwdPlan};
+use crate::cuda::ops::gelu::{gelu_bwd, gelu_bwd_scratch_len, GeluKind};
+use crate::cuda::ops::gemm::{Epilogue, Gemm};
+use crate::cuda::ops::ln_modulate::{ln_modulate_bwd, ln_modulate_bwd_scratch_len};
+use crate::cuda::ops::residual::{residual_bwd, residual_bwd_scratch_len};
+use crate::cuda::param_tree::{LinearOf, ParamTree};
+use crate::cuda::tape::{LinSite, LnSite, Op, ResSite, Tape};
+use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
-use crate::model::dit::{ForwardOpts, GpuDit, Workspace};
-use crate::model::param_tree::{LinearOf, ParamTree};
 use crate::model::DitConfig;
-use crate::nvtx;
-use crate::ops::attention::{attention_bwd, AttentionBwdWorkspace, AttentionShape};
-use crate::ops::embedding::{embedding_bwd, embedding_eps_bwd, EmbeddingBwdPlan};
-use crate::ops::gelu::{gelu_bwd, gelu_bwd_scratch_len, GeluKind};
-use crate::ops::gemm::{Epilogue, Gemm};
-use crate::ops::ln_modulate::{ln_modulate_bwd, ln_modulate_bwd_scratch_len};
-use crate::ops::residual::{residual_bwd, residual_bwd_scratch_len};
-use crate::tape::{LinSite, LnSite, Op, ResSite, Tape};
 
 /// Gradients of the modulation vectors, each (1, D) f32, summed over all rows (and over the
 /// micro-batches of a step): per block (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
@@ -231,7 +231,7 @@ fn bias_grad(
 }
 
 /// `dX = dY W`: dY (rows, out) bf16, W (out, in) bf16, dX (rows, in) f32 or bf16.
-fn input_grad<T: crate::ops::gemm::GemmOut>(
+fn input_grad<T: crate::cuda::ops::gemm::GemmOut>(
     gpu: &Gpu,
     g: &Gemm,
     dx: &mut CudaSlice<T>,

@@ -8,7 +8,7 @@
 //! parameters, gradients and moments are per-tensor allocations. A table of (pointer, length)
 //! descriptors built once lets one launch cover all of them without copies into a flat buffer
 //! (torch's fused AdamW does the same with `multi_tensor_apply`). The tables hold raw device
-//! pointers, so building one is `unsafe`: the owner (`train::gpu`) keeps every buffer alive and
+//! pointers, so building one is `unsafe`: the owner (`cuda::trainer`) keeps every buffer alive and
 //! in place for as long as the table exists.
 //!
 //! The twin is not a re-implementation: it calls [`crate::train::optim::adamw_elements`] and
@@ -19,8 +19,8 @@
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
 use crate::train::optim::AdamWCoeffs;
 
 const MODULE: &str = "adamw";
@@ -434,7 +434,7 @@ pub mod cpu {
 mod tests {
     use super::cpu::HostTensor;
     use super::*;
-    use crate::gpu::gpu_for_tests;
+    use crate::cuda::gpu_for_tests;
     use crate::model::{init::random_params, DitConfig, DitParams};
     use crate::train::optim::{clip_coef, clip_grad_norm, global_norm, AdamW, AdamWConfig};
     use crate::train::Ema;

@@ -8,7 +8,7 @@
 //! (all tokens, masked or not, spec 4.6) and PPL = exp(NELBO).
 //!
 //! With the trainer's validation seed ([`VALIDATION_SEED`]) and a batch equal to the run's
-//! micro-batch, the draws are exactly those of [`Trainer::validate`](super::Trainer::validate)
+//! micro-batch, the draws are exactly those of [`Trainer::validate`](crate::train::Trainer::validate)
 //! on the same sequences, so the CPU numbers agree with the run's `val_nelbo` bit for bit.
 //!
 //! Differences from the reference that change no expectation: our random streams, and the

@@ -27,13 +27,13 @@ use half::bf16;
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::cuda::dit::{ForwardOpts, GpuDit, Keep, Workspace};
+use crate::cuda::ops::sample::{cpu as sample_cpu, sample_fwd_f32, SampleParams};
+use crate::cuda::Gpu;
 use crate::diffusion::schedule::alpha;
 use crate::diffusion::{Denoiser, NoiseRemoval, SampleOutput, SamplerConfig, SamplerKind};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
-use crate::model::dit::{ForwardOpts, GpuDit, Keep, Workspace};
 use crate::model::{DitConfig, DitParams, NoiseType};
-use crate::ops::sample::{cpu as sample_cpu, sample_fwd_f32, SampleParams};
 use crate::tensor::{Tensor, Tokens};
 
 /// A DiT uploaded to the GPU with a workspace for the last (batch, len) it ran at.
@@ -365,9 +365,9 @@ pub fn round_bf16(t: &Tensor) -> Tensor {
 mod tests {
     use super::*;
     use crate::cpu::CpuDenoiser;
+    use crate::cuda::gpu_for_tests;
     use crate::diffusion::generate;
     use crate::diffusion::toy::{toy_config, AllEqual, EpsToken, FixedMarginals};
-    use crate::gpu::gpu_for_tests;
     use crate::model::init::random_params;
     use crate::model::Algo;
     use rand::SeedableRng;

@@ -24,8 +24,8 @@ use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
+use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
 
 /// Output element types the GEMMs write.
 pub trait GemmOut: cudarc::driver::DeviceRepr {
@@ -556,7 +556,7 @@ pub mod cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::gpu_for_tests;
+    use crate::cuda::gpu_for_tests;
     use crate::model::dit_ref::{gelu_exact, gelu_tanh};
     use crate::testing::{assert_close, compare, Tol};
     use rand::{Rng, SeedableRng};

@@ -1,13 +1,13 @@
 //! The minimal autograd tape of the GPU DiT: the training forward (`GpuDit::forward_recorded`)
 //! appends one [`Op`] per op it launches, naming the site (which block, which layer) and the
-//! per-call constants the backward needs (dropout seed and offset); `model::dit_bwd::backward`
+//! per-call constants the backward needs (dropout seed and offset); `cuda::dit_bwd::backward`
 //! replays the backward launchers in reverse order. Only what DiT training and distillation need:
 //! there is no general graph, no tensor handles and no pointer arithmetic. Saved buffers are the
-//! typed fields of the training `Workspace` (`model::dit`), one [`BlockActs`] per block, and
+//! typed fields of the training `Workspace` (`cuda::dit`), one [`BlockActs`] per block, and
 //! every op's doc below lists the ones its backward reads, with shapes (rows = B·L).
 //!
 //! Gradients flow between ops through fixed registers of the backward scratch
-//! (`model::dit_bwd::BwdScratch`); each op's backward reads the gradient of its output from one
+//! (`cuda::dit_bwd::BwdScratch`); each op's backward reads the gradient of its output from one
 //! register and writes the gradient of its input into another (listed per op as `dY -> dX`):
 //!
 //! ```text
@@ -26,7 +26,7 @@
 //! backward checks the recorded tape against it before replaying, so a forward edited without
 //! its backward fails loudly instead of computing wrong gradients.
 //!
-//! [`BlockActs`]: crate::model::dit::BlockActs
+//! [`BlockActs`]: crate::cuda::dit::BlockActs
 
 use crate::error::{Error, Result};
 use crate::model::DitConfig;

@@ -8,14 +8,14 @@
 //! need to come back to the host, for the cache rule.
 //!
 //! Not on the GPU: nucleus filtering (it needs a sort of each row); the GPU driver
-//! (`model::gpu_denoiser`) falls back to the CPU posterior when it is on.
+//! (`cuda::denoiser`) falls back to the CPU posterior when it is on.
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use crate::cuda::Gpu;
 use crate::diffusion::SamplerKind;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
 use crate::model::NoiseType;
 
 const MODULE: &str = "sample";
@@ -371,14 +371,14 @@ pub mod cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::gpu_for_tests;
+    use crate::cuda::ops::subs;
     use crate::diffusion::posterior::{
         masked_weights, probs_from_log, sample_masked, temper, Outcome,
     };
     use crate::diffusion::schedule::alpha;
     use crate::diffusion::stats::{binomial_within, chi_square_gof};
     use crate::diffusion::{SamplerStream, StepAlphas, TokenFilter};
-    use crate::gpu::gpu_for_tests;
-    use crate::ops::subs;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 

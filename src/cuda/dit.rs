@@ -25,7 +25,7 @@
 //! `proj`/`mlp_out` round trip. The MLP's GELU epilogue skips saving its pre-activation.
 //!
 //! Training ([`GpuDit::forward_recorded`] on a [`Workspace::training`]) records every op on a
-//! [`Tape`] for `model::dit_bwd`, keeps every block's activations, also saves each LayerNorm's
+//! [`Tape`] for `cuda::dit_bwd`, keeps every block's activations, also saves each LayerNorm's
 //! f32 input (the residual stream before it: `ln1_x`, `ln2_x`), and writes no log-probs: the
 //! loss is the fused SUBS cross-entropy of `ops::subs`, whose gradient overwrites the logits.
 //! Every workspace stores the logits (and log-probs) with a padded row stride (`logits_ld`, V
@@ -34,20 +34,20 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
+use crate::cuda::nvtx;
+use crate::cuda::ops::attention::{attention_fwd, AttentionShape};
+use crate::cuda::ops::embedding::embedding_fwd;
+use crate::cuda::ops::gelu::{gelu_fwd, GeluKind};
+use crate::cuda::ops::gemm::{Epilogue, Gemm};
+use crate::cuda::ops::ln_modulate::{ln_modulate_fwd, LnModulateOut};
+use crate::cuda::ops::residual::residual_fwd;
+use crate::cuda::ops::subs::{subs_fwd_f32, SubsShape};
+use crate::cuda::tape::{Dropout, LinSite, LnSite, Op, ResSite, Tape};
+use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
 use crate::model::dit_ref::{cond_vector, linear};
 use crate::model::params::{DitParams, Linear};
 use crate::model::DitConfig;
-use crate::nvtx;
-use crate::ops::attention::{attention_fwd, AttentionShape};
-use crate::ops::embedding::embedding_fwd;
-use crate::ops::gelu::{gelu_fwd, GeluKind};
-use crate::ops::gemm::{Epilogue, Gemm};
-use crate::ops::ln_modulate::{ln_modulate_fwd, LnModulateOut};
-use crate::ops::residual::residual_fwd;
-use crate::ops::subs::{subs_fwd_f32, SubsShape};
-use crate::tape::{Dropout, LinSite, LnSite, Op, ResSite, Tape};
 use crate::tensor::Tensor;
 
 /// A linear layer on the GPU: bf16 weight (out, in) and bias in the epilogue's dtype.

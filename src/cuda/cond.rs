@@ -22,11 +22,11 @@ use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm as BlasGemm, GemmConfig, Gemv, GemvConfig};
 use cudarc::driver::CudaSlice;
 
+use crate::cuda::dit::GpuDit;
+use crate::cuda::dit_bwd::ModGrads;
+use crate::cuda::param_tree::{LinearOf, ParamTree};
+use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
-use crate::model::dit::GpuDit;
-use crate::model::dit_bwd::ModGrads;
-use crate::model::param_tree::{LinearOf, ParamTree};
 use crate::model::params::{Linear, TIME_FEATURES};
 use crate::model::DitConfig;
 

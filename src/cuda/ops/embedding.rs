@@ -5,8 +5,8 @@
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
 
 const MODULE: &str = "embedding";
 /// Must equal EMB_THREADS in the kernel.
@@ -473,8 +473,8 @@ pub mod cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::gpu_for_tests;
-    use crate::ops::grad_check::{assert_close_scaled, assert_grad, f64s, fd_grad};
+    use crate::cuda::gpu_for_tests;
+    use crate::cuda::ops::grad_check::{assert_close_scaled, assert_grad, f64s, fd_grad};
     use crate::testing::Tol;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;

@@ -9,9 +9,9 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use crate::cuda::ops::embedding::TokenId;
+use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
-use crate::ops::embedding::TokenId;
 
 const MODULE: &str = "subs";
 /// Must equal SUBS_THREADS in the kernel.
@@ -437,9 +437,9 @@ pub mod cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::gpu_for_tests;
+    use crate::cuda::gpu_for_tests;
+    use crate::cuda::ops::grad_check::{assert_bits_eq, assert_grad, f64s, fd_grad};
     use crate::model::dit_ref::subs_log_probs;
-    use crate::ops::grad_check::{assert_bits_eq, assert_grad, f64s, fd_grad};
     use crate::tensor::{Tensor, Tokens};
     use crate::testing::{assert_close, Tol};
     use rand::{Rng, SeedableRng};

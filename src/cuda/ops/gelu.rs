@@ -4,8 +4,8 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
 
 const MODULE: &str = "gelu";
 /// Must equal GELU_THREADS in the kernel.
@@ -317,8 +317,10 @@ pub mod cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::gpu_for_tests;
-    use crate::ops::grad_check::{assert_bits_eq, assert_close_scaled, assert_grad, f64s, fd_grad};
+    use crate::cuda::gpu_for_tests;
+    use crate::cuda::ops::grad_check::{
+        assert_bits_eq, assert_close_scaled, assert_grad, f64s, fd_grad,
+    };
     use crate::testing::{assert_close, Tol};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;

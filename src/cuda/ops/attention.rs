@@ -7,8 +7,8 @@ use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
 
 const MODULE: &str = "attention";
 /// Must equal ATT_BM (queries per CTA) and ATT_BN (keys per tile) in the kernel.
@@ -807,8 +807,8 @@ pub mod cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::gpu_for_tests;
-    use crate::ops::grad_check::{assert_bits_eq, assert_grad, f64s, fd_grad};
+    use crate::cuda::gpu_for_tests;
+    use crate::cuda::ops::grad_check::{assert_bits_eq, assert_grad, f64s, fd_grad};
     use crate::testing::{assert_close, compare, Tol};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;

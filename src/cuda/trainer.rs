@@ -5,7 +5,7 @@
 //!   runs): the f32 master weights, gradients, AdamW moments and EMA shadow live on the device
 //!   from [`Resident::load`] on; a step is: zero the gradients, per micro-batch the recorded
 //!   forward (`GpuDit::forward_recorded`), the fused SUBS loss (`ops::subs::subs_bwd_f32`) and
-//!   the tape backward (`model::dit_bwd`); then the conditioning gradients (`model::cond`),
+//!   the tape backward (`cuda::dit_bwd`); then the conditioning gradients (`cuda::cond`),
 //!   per-tensor sums of squares (non-finite check naming the tensor, global norm), one fused
 //!   AdamW launch writing the bf16/f32 working copies (`ops::adamw`), one EMA launch, and the
 //!   modulation refresh. The host state is written back only for checkpoints
@@ -15,7 +15,7 @@
 //!   and all gradients computed, the gradients downloaded and added into the host buffers. This
 //!   discards any resident state.
 //!
-//! Numerics are those of `model::dit` (bf16 GEMM operands, f32 accumulation and residual
+//! Numerics are those of `cuda::dit` (bf16 GEMM operands, f32 accumulation and residual
 //! stream, f32 logits and loss); the optimizer arithmetic is the CPU's bit for bit. With
 //! [`GpuTrainOptions::autotune`] off (the default) every cuBLASLt GEMM uses the heuristic's
 //! first algorithm, so two runs, or a run and its resumption in another process, are
@@ -25,18 +25,20 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::cpu::TrainOpts;
+use crate::cuda::cond::CondDevice;
+use crate::cuda::dit::{ForwardOpts, GpuDit, Workspace};
+use crate::cuda::dit_bwd::{backward, BwdScratch, ModGrads};
+use crate::cuda::ops::adamw::{
+    device_addr, AdamwParams, AdamwTable, AdamwTensor, EmaTable, EmaTensor,
+};
+use crate::cuda::ops::subs::{subs_bwd_f32, SubsShape};
+use crate::cuda::param_tree::{LinearOf, ParamTree};
+use crate::cuda::tape::Tape;
+use crate::cuda::Gpu;
 use crate::diffusion::LossBatch;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
-use crate::model::cond::CondDevice;
-use crate::model::dit::{ForwardOpts, GpuDit, Workspace};
-use crate::model::dit_bwd::{backward, BwdScratch, ModGrads};
-use crate::model::param_tree::{LinearOf, ParamTree};
 use crate::model::params::{Linear, TIME_FEATURES};
 use crate::model::{DitConfig, DitParams};
-use crate::ops::adamw::{device_addr, AdamwParams, AdamwTable, AdamwTensor, EmaTable, EmaTensor};
-use crate::ops::subs::{subs_bwd_f32, SubsShape};
-use crate::tape::Tape;
 use crate::tensor::Tensor;
 use crate::train::objective::{Objective, Resident};
 use crate::train::optim::{clip_coef, AdamW, AdamWCoeffs, AdamWConfig, Moments};
