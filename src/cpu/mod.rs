@@ -55,13 +55,6 @@ pub mod loss;
 mod pool;
 mod weights;
 
-#[cfg(test)]
-mod fd;
-#[cfg(test)]
-mod tests_layers;
-#[cfg(test)]
-mod tests_model;
-
 pub use denoiser::CpuDenoiser;
 pub use pool::{free_cached_buffers, Buf};
 

@@ -476,9 +476,7 @@ impl GpuDit {
         mut tape: Option<&mut Tape>,
     ) -> Result<()> {
         let c = &self.config;
-        let (batch, len, d) = (ws.batch, ws.len, c.hidden);
-        let rows = batch * len;
-        let g = &self.gemm;
+        let (batch, len) = (ws.batch, ws.len);
         if tape.is_some() && !ws.training {
             return Err(Error::Shape(
                 "a recording (training) forward needs a Workspace::training".into(),
@@ -499,56 +497,7 @@ impl GpuDit {
                 t.push(op);
             }
         };
-        {
-            let _r = nvtx::range("embedding");
-            if let (Some((fc1, fc2)), Some(eps)) = (&self.eps_mlp, &ws.eps) {
-                let (hid, act, out) = (
-                    ws.eps_hidden.as_mut().expect("IMDM workspace"),
-                    ws.eps_act.as_mut().expect("IMDM workspace"),
-                    ws.eps_out.as_mut().expect("IMDM workspace"),
-                );
-                let bias = fc1.b.as_ref().expect("eps MLP bias");
-                g.matmul(
-                    gpu,
-                    hid,
-                    eps,
-                    false,
-                    &fc1.w,
-                    true,
-                    (rows, fc1.out, fc1.inp),
-                    0.0,
-                    Epilogue::Bias(bias),
-                )?;
-                rec(Op::Linear(LinSite::EpsFc1));
-                gelu_fwd(gpu, GeluKind::Exact, act, None, hid, None, rows, fc1.out)?;
-                rec(Op::GeluExact);
-                g.matmul(
-                    gpu,
-                    out,
-                    act,
-                    false,
-                    &fc2.w,
-                    true,
-                    (rows, fc2.out, fc2.inp),
-                    0.0,
-                    Epilogue::None,
-                )?;
-                rec(Op::Linear(LinSite::EpsFc2));
-            }
-            embedding_fwd(
-                gpu,
-                &mut ws.h,
-                &self.embedding,
-                &ws.tokens,
-                ws.eps_out.as_ref(),
-                c.mask_index,
-                rows,
-                d,
-            )?;
-            rec(Op::Embedding {
-                eps: self.eps_mlp.is_some() && ws.eps.is_some(),
-            });
-        }
+        self.embed(gpu, ws, &mut rec)?;
         let shape = AttentionShape {
             batch,
             len,
@@ -557,222 +506,288 @@ impl GpuDit {
             causal: c.causal,
             softcap: c.softcap as f32,
         };
-        let n_acts = ws.blocks.len();
         for (i, blk) in self.blocks.iter().enumerate() {
-            let _r = nvtx::range(&format!("block {i}"));
-            let a = &mut ws.blocks[i % n_acts];
-            let m = blk.modulation.as_ref();
-            let pair = |k: usize| m.map(|m| (&m[k], &m[k + 1]));
-            let gate = |k: usize| m.map(|m| &m[k]);
-            let off = opts.offset + 2 * i as u64;
-            let dropout_at = |offset: u64| Dropout {
-                p: opts.dropout,
-                seed: opts.seed,
-                offset,
-            };
-            if let Some(x) = a.ln1_x.as_mut() {
-                gpu.stream.memcpy_dtod(&ws.h, x)?;
-            }
-            ln_modulate_fwd(gpu, &mut a.ln1, &ws.h, &blk.norm1, pair(0), rows, d, rows)?;
-            rec(Op::LnModulate(LnSite::Block1(i)));
-            g.matmul(
-                gpu,
-                &mut a.qkv,
-                &a.ln1.y,
-                false,
-                &blk.qkv.w,
-                true,
-                (rows, 3 * d, d),
-                0.0,
-                Epilogue::None,
-            )?;
-            rec(Op::Linear(LinSite::Qkv(i)));
-            attention_fwd(gpu, &mut a.attn, &mut a.lse, &a.qkv, &shape)?;
-            rec(Op::Attention(i));
-            let folded = blk.folded.as_ref().filter(|_| inference);
-            if let Some(f) = folded {
-                // h += o (diag(gate_msa) W_out)^T
-                g.matmul(
-                    gpu,
-                    &mut ws.h,
-                    &a.attn,
-                    false,
-                    &f.attn_out,
-                    true,
-                    (rows, d, d),
-                    1.0,
-                    Epilogue::None,
-                )?;
-            } else {
-                g.matmul(
-                    gpu,
-                    &mut a.proj,
-                    &a.attn,
-                    false,
-                    &blk.attn_out.w,
-                    true,
-                    (rows, d, d),
-                    0.0,
-                    Epilogue::None,
-                )?;
-                rec(Op::Linear(LinSite::Out(i)));
-                residual_fwd(
-                    gpu,
-                    &mut ws.h,
-                    &a.proj,
-                    gate(2),
-                    rows,
-                    d,
-                    rows,
-                    opts.dropout,
-                    opts.seed,
-                    off,
-                )?;
-                rec(Op::Residual(ResSite::Attn(i), dropout_at(off)));
-            }
-            if let Some(x) = a.ln2_x.as_mut() {
-                gpu.stream.memcpy_dtod(&ws.h, x)?;
-            }
-            ln_modulate_fwd(gpu, &mut a.ln2, &ws.h, &blk.norm2, pair(3), rows, d, rows)?;
-            rec(Op::LnModulate(LnSite::Block2(i)));
-            let (b1, b2) = (
-                blk.mlp1.b.as_ref().expect("mlp bias"),
-                blk.mlp2.b.as_ref().expect("mlp bias"),
-            );
-            let hdim = blk.mlp1.out;
-            g.matmul(
-                gpu,
-                &mut a.mlp_act,
-                &a.ln2.y,
-                false,
-                &blk.mlp1.w,
-                true,
-                (rows, hdim, d),
-                0.0,
-                Epilogue::GeluBias {
-                    bias: b1,
-                    aux: (!inference).then_some(&mut a.mlp_pre),
-                },
-            )?;
-            rec(Op::Linear(LinSite::Mlp1(i)));
-            if let Some(f) = folded {
-                // h += gelu(.) (diag(gate_mlp) W_2)^T + gate_mlp ∘ b_2
-                g.matmul(
-                    gpu,
-                    &mut ws.h,
-                    &a.mlp_act,
-                    false,
-                    &f.mlp2,
-                    true,
-                    (rows, d, hdim),
-                    1.0,
-                    Epilogue::Bias(&f.mlp2_bias),
-                )?;
-            } else {
-                g.matmul(
-                    gpu,
-                    &mut a.mlp_out,
-                    &a.mlp_act,
-                    false,
-                    &blk.mlp2.w,
-                    true,
-                    (rows, d, hdim),
-                    0.0,
-                    Epilogue::Bias(b2),
-                )?;
-                rec(Op::Linear(LinSite::Mlp2(i)));
-                residual_fwd(
-                    gpu,
-                    &mut ws.h,
-                    &a.mlp_out,
-                    gate(5),
-                    rows,
-                    d,
-                    rows,
-                    opts.dropout,
-                    opts.seed,
-                    off + 1,
-                )?;
-                rec(Op::Residual(ResSite::Mlp(i), dropout_at(off + 1)));
-            }
+            self.block(gpu, ws, i, blk, &shape, opts, inference, &mut rec)?;
         }
-        {
-            let _r = nvtx::range("final layer");
-            let fm = self.final_modulation.as_ref().map(|m| (&m[0], &m[1]));
-            ln_modulate_fwd(
+        self.final_layer(gpu, ws, &mut rec)?;
+        if opts.subs {
+            self.subs(gpu, ws)?;
+        }
+        Ok(())
+    }
+
+    /// The input layer: the eps MLP (IMDM, when eps is loaded) and the embedding into `ws.h`.
+    fn embed(&self, gpu: &Gpu, ws: &mut Workspace, rec: &mut dyn FnMut(Op)) -> Result<()> {
+        let c = &self.config;
+        let (rows, d) = (ws.batch * ws.len, c.hidden);
+        let g = &self.gemm;
+        let _r = nvtx::range("embedding");
+        if let (Some((fc1, fc2)), Some(eps)) = (&self.eps_mlp, &ws.eps) {
+            let (hid, act, out) = (
+                ws.eps_hidden.as_mut().expect("IMDM workspace"),
+                ws.eps_act.as_mut().expect("IMDM workspace"),
+                ws.eps_out.as_mut().expect("IMDM workspace"),
+            );
+            let bias = fc1.b.as_ref().expect("eps MLP bias");
+            g.matmul(
                 gpu,
-                &mut ws.final_ln,
-                &ws.h,
-                &self.final_norm,
-                fm,
-                rows,
-                d,
-                rows,
-            )?;
-            rec(Op::LnModulate(LnSite::Final));
-            let fl = &self.final_linear;
-            let bias = fl.b.as_ref().expect("final bias");
-            g.matmul_ld(
-                gpu,
-                &mut ws.logits,
-                &ws.final_ln.y,
+                hid,
+                eps,
                 false,
-                &fl.w,
+                &fc1.w,
                 true,
-                (rows, fl.out, d),
-                ws.logits_ld,
+                (rows, fc1.out, fc1.inp),
                 0.0,
                 Epilogue::Bias(bias),
             )?;
-            rec(Op::Linear(LinSite::Final));
-        }
-        if opts.subs {
-            let _r = nvtx::range("subs");
-            let shape = SubsShape {
-                rows,
-                vocab: c.vocab_size,
-                ld: ws.logits_ld,
-                mask_index: c.mask_index,
-            };
-            subs_fwd_f32(
+            rec(Op::Linear(LinSite::EpsFc1));
+            gelu_fwd(gpu, GeluKind::Exact, act, None, hid, None, rows, fc1.out)?;
+            rec(Op::GeluExact);
+            g.matmul(
                 gpu,
-                &mut ws.log_probs,
-                &mut ws.lse,
-                &ws.logits,
-                &ws.tokens,
-                shape,
+                out,
+                act,
+                false,
+                &fc2.w,
+                true,
+                (rows, fc2.out, fc2.inp),
+                0.0,
+                Epilogue::None,
             )?;
+            rec(Op::Linear(LinSite::EpsFc2));
         }
+        embedding_fwd(
+            gpu,
+            &mut ws.h,
+            &self.embedding,
+            &ws.tokens,
+            ws.eps_out.as_ref(),
+            c.mask_index,
+            rows,
+            d,
+        )?;
+        rec(Op::Embedding {
+            eps: self.eps_mlp.is_some() && ws.eps.is_some(),
+        });
+        Ok(())
+    }
+
+    /// Block `i`: LayerNorm, attention and its residual, LayerNorm, MLP and its residual, on
+    /// `ws.h` in place. `inference` selects the folded gates (no tape, no dropout).
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        gpu: &Gpu,
+        ws: &mut Workspace,
+        i: usize,
+        blk: &GpuBlock,
+        shape: &AttentionShape,
+        opts: ForwardOpts,
+        inference: bool,
+        rec: &mut dyn FnMut(Op),
+    ) -> Result<()> {
+        let d = self.config.hidden;
+        let rows = ws.batch * ws.len;
+        let g = &self.gemm;
+        let _r = nvtx::range(&format!("block {i}"));
+        let n_acts = ws.blocks.len();
+        let a = &mut ws.blocks[i % n_acts];
+        let m = blk.modulation.as_ref();
+        let pair = |k: usize| m.map(|m| (&m[k], &m[k + 1]));
+        let gate = |k: usize| m.map(|m| &m[k]);
+        let off = opts.offset + 2 * i as u64;
+        let dropout_at = |offset: u64| Dropout {
+            p: opts.dropout,
+            seed: opts.seed,
+            offset,
+        };
+        if let Some(x) = a.ln1_x.as_mut() {
+            gpu.stream.memcpy_dtod(&ws.h, x)?;
+        }
+        ln_modulate_fwd(gpu, &mut a.ln1, &ws.h, &blk.norm1, pair(0), rows, d, rows)?;
+        rec(Op::LnModulate(LnSite::Block1(i)));
+        g.matmul(
+            gpu,
+            &mut a.qkv,
+            &a.ln1.y,
+            false,
+            &blk.qkv.w,
+            true,
+            (rows, 3 * d, d),
+            0.0,
+            Epilogue::None,
+        )?;
+        rec(Op::Linear(LinSite::Qkv(i)));
+        attention_fwd(gpu, &mut a.attn, &mut a.lse, &a.qkv, &shape)?;
+        rec(Op::Attention(i));
+        let folded = blk.folded.as_ref().filter(|_| inference);
+        if let Some(f) = folded {
+            // h += o (diag(gate_msa) W_out)^T
+            g.matmul(
+                gpu,
+                &mut ws.h,
+                &a.attn,
+                false,
+                &f.attn_out,
+                true,
+                (rows, d, d),
+                1.0,
+                Epilogue::None,
+            )?;
+        } else {
+            g.matmul(
+                gpu,
+                &mut a.proj,
+                &a.attn,
+                false,
+                &blk.attn_out.w,
+                true,
+                (rows, d, d),
+                0.0,
+                Epilogue::None,
+            )?;
+            rec(Op::Linear(LinSite::Out(i)));
+            residual_fwd(
+                gpu,
+                &mut ws.h,
+                &a.proj,
+                gate(2),
+                rows,
+                d,
+                rows,
+                opts.dropout,
+                opts.seed,
+                off,
+            )?;
+            rec(Op::Residual(ResSite::Attn(i), dropout_at(off)));
+        }
+        if let Some(x) = a.ln2_x.as_mut() {
+            gpu.stream.memcpy_dtod(&ws.h, x)?;
+        }
+        ln_modulate_fwd(gpu, &mut a.ln2, &ws.h, &blk.norm2, pair(3), rows, d, rows)?;
+        rec(Op::LnModulate(LnSite::Block2(i)));
+        let (b1, b2) = (
+            blk.mlp1.b.as_ref().expect("mlp bias"),
+            blk.mlp2.b.as_ref().expect("mlp bias"),
+        );
+        let hdim = blk.mlp1.out;
+        g.matmul(
+            gpu,
+            &mut a.mlp_act,
+            &a.ln2.y,
+            false,
+            &blk.mlp1.w,
+            true,
+            (rows, hdim, d),
+            0.0,
+            Epilogue::GeluBias {
+                bias: b1,
+                aux: (!inference).then_some(&mut a.mlp_pre),
+            },
+        )?;
+        rec(Op::Linear(LinSite::Mlp1(i)));
+        if let Some(f) = folded {
+            // h += gelu(.) (diag(gate_mlp) W_2)^T + gate_mlp ∘ b_2
+            g.matmul(
+                gpu,
+                &mut ws.h,
+                &a.mlp_act,
+                false,
+                &f.mlp2,
+                true,
+                (rows, d, hdim),
+                1.0,
+                Epilogue::Bias(&f.mlp2_bias),
+            )?;
+        } else {
+            g.matmul(
+                gpu,
+                &mut a.mlp_out,
+                &a.mlp_act,
+                false,
+                &blk.mlp2.w,
+                true,
+                (rows, d, hdim),
+                0.0,
+                Epilogue::Bias(b2),
+            )?;
+            rec(Op::Linear(LinSite::Mlp2(i)));
+            residual_fwd(
+                gpu,
+                &mut ws.h,
+                &a.mlp_out,
+                gate(5),
+                rows,
+                d,
+                rows,
+                opts.dropout,
+                opts.seed,
+                off + 1,
+            )?;
+            rec(Op::Residual(ResSite::Mlp(i), dropout_at(off + 1)));
+        }
+        Ok(())
+    }
+
+    /// The output layer: the final (modulated) LayerNorm and the logits GEMM into `ws.logits`.
+    fn final_layer(&self, gpu: &Gpu, ws: &mut Workspace, rec: &mut dyn FnMut(Op)) -> Result<()> {
+        let d = self.config.hidden;
+        let rows = ws.batch * ws.len;
+        let g = &self.gemm;
+        let _r = nvtx::range("final layer");
+        let fm = self.final_modulation.as_ref().map(|m| (&m[0], &m[1]));
+        ln_modulate_fwd(
+            gpu,
+            &mut ws.final_ln,
+            &ws.h,
+            &self.final_norm,
+            fm,
+            rows,
+            d,
+            rows,
+        )?;
+        rec(Op::LnModulate(LnSite::Final));
+        let fl = &self.final_linear;
+        let bias = fl.b.as_ref().expect("final bias");
+        g.matmul_ld(
+            gpu,
+            &mut ws.logits,
+            &ws.final_ln.y,
+            false,
+            &fl.w,
+            true,
+            (rows, fl.out, d),
+            ws.logits_ld,
+            0.0,
+            Epilogue::Bias(bias),
+        )?;
+        rec(Op::Linear(LinSite::Final));
+        Ok(())
+    }
+
+    /// SUBS log-probabilities (and their lse) from `ws.logits` (inference only).
+    fn subs(&self, gpu: &Gpu, ws: &mut Workspace) -> Result<()> {
+        let c = &self.config;
+        let rows = ws.batch * ws.len;
+        let _r = nvtx::range("subs");
+        let shape = SubsShape {
+            rows,
+            vocab: c.vocab_size,
+            ld: ws.logits_ld,
+            mask_index: c.mask_index,
+        };
+        subs_fwd_f32(
+            gpu,
+            &mut ws.log_probs,
+            &mut ws.lse,
+            &ws.logits,
+            &ws.tokens,
+            shape,
+        )?;
         Ok(())
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::fold_rows;
-
-    /// The folding identity the inference forward relies on:
-    /// `g ∘ (x W^T + b) = x (diag(g) W)^T + g ∘ b`, and no gate leaves W unchanged.
-    #[test]
-    fn folded_gate_equals_gated_output() {
-        let (out, inp) = (5, 7);
-        let w: Vec<f32> = (0..out * inp)
-            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0)
-            .collect();
-        let g: Vec<f32> = (0..out).map(|i| 0.5 - i as f32 * 0.3).collect();
-        let b: Vec<f32> = (0..out).map(|i| i as f32 * 0.25 - 0.4).collect();
-        let x: Vec<f32> = (0..inp).map(|i| (i as f32 * 0.7).sin()).collect();
-        let wf = fold_rows(&w, Some(&g), inp);
-        for r in 0..out {
-            let dot =
-                |m: &[f32]| -> f64 { (0..inp).map(|k| m[r * inp + k] as f64 * x[k] as f64).sum() };
-            let gated = g[r] as f64 * (dot(&w) + b[r] as f64);
-            let folded = dot(&wf) + (g[r] * b[r]) as f64;
-            assert!(
-                (gated - folded).abs() < 1e-5,
-                "row {r}: {gated} vs {folded}"
-            );
-        }
-        assert_eq!(fold_rows(&w, None, inp), w);
-    }
-}
+#[path = "dit_tests.rs"]
+mod tests;

@@ -34,7 +34,7 @@ use crate::cuda::ops::gemm::{Epilogue, Gemm};
 use crate::cuda::ops::ln_modulate::{ln_modulate_bwd, ln_modulate_bwd_scratch_len};
 use crate::cuda::ops::residual::{residual_bwd, residual_bwd_scratch_len};
 use crate::cuda::param_tree::{LinearOf, ParamTree};
-use crate::cuda::tape::{LinSite, LnSite, Op, ResSite, Tape};
+use crate::cuda::tape::{Dropout, LinSite, LnSite, Op, ResSite, Tape};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
 use crate::model::DitConfig;
@@ -275,7 +275,7 @@ pub fn backward(
     opts: ForwardOpts,
     sc: &mut BwdScratch,
     grads: &mut ParamTree<CudaSlice<f32>>,
-    mut dmods: Option<&mut ModGrads>,
+    dmods: Option<&mut ModGrads>,
     frozen: &ParamTree<bool>,
 ) -> Result<()> {
     let c = &model.config;
@@ -297,329 +297,434 @@ pub fn backward(
             "backward: modulation gradients are needed exactly when the model has adaLN".into(),
         ));
     }
-    let (rows, d, h, v) = (ws.batch * ws.len, c.hidden, c.mlp_hidden(), c.vocab_size);
-    let ld = ws.logits_ld;
-    let g = &model.gemm;
-    let s = &gpu.stream;
-    let shape = attention_shape(c, ws.batch, ws.len);
+    let rows = ws.batch * ws.len;
     // The LayerNorm backward adds into dh; nothing has written it yet in this backward.
-    s.memset_zeros(&mut sc.dh)?;
+    gpu.stream.memset_zeros(&mut sc.dh)?;
+    let mut cx = Bwd {
+        gpu,
+        model,
+        ws,
+        frozen,
+        rows,
+        sc,
+        grads,
+        dmods,
+    };
     for op in tape.ops().iter().rev() {
         match *op {
-            Op::Linear(LinSite::Final) => {
-                let _r = nvtx::range("bwd logits");
-                // SAFETY: the fused loss wrote a bf16 gradient into the first half of each f32
-                // row; the view covers exactly the buffer's bytes (rows * ld f32).
-                let dl = unsafe { ws.logits.transmute::<bf16>(rows * 2 * ld) }
-                    .ok_or_else(|| Error::Shape("backward: logits view".into()))?;
-                let fl = &model.final_linear;
-                let gl = &mut grads.final_linear;
-                if !frozen.final_linear.w {
-                    g.matmul_strided(
-                        gpu,
-                        &mut gl.w,
-                        &dl,
-                        2 * ld,
-                        true,
-                        &ws.final_ln.y,
-                        d,
-                        false,
-                        (v, d, rows),
-                        d,
-                        1.0,
-                        Epilogue::None,
-                    )?;
-                }
-                if !frozen_bias(&frozen.final_linear) {
-                    g.matmul_strided(
-                        gpu,
-                        bias_of(gl, "output_layer.linear")?,
-                        &sc.ones,
-                        rows,
-                        false,
-                        &dl,
-                        2 * ld,
-                        false,
-                        (1, v, rows),
-                        v,
-                        1.0,
-                        Epilogue::None,
-                    )?;
-                }
-                g.matmul_strided(
-                    gpu,
-                    &mut sc.dln,
-                    &dl,
-                    2 * ld,
-                    false,
-                    &fl.w,
-                    d,
-                    false,
-                    (rows, d, v),
-                    d,
-                    0.0,
-                    Epilogue::None,
-                )?;
-            }
-            Op::LnModulate(site) => {
-                let _r = nvtx::range("bwd layernorm");
-                let (lno, x, weight, gw, scale, dm) = match site {
-                    LnSite::Final => (
-                        &ws.final_ln,
-                        &ws.h,
-                        &model.final_norm,
-                        &mut grads.final_norm,
-                        model.final_modulation.as_ref().map(|m| &m[1]),
-                        dmods.as_deref_mut().map(|m| {
-                            let [a, b] = &mut m.final_layer;
-                            (a, b)
-                        }),
-                    ),
-                    LnSite::Block1(i) | LnSite::Block2(i) => {
-                        let first = matches!(site, LnSite::Block1(_));
-                        let a = &ws.blocks[i];
-                        let blk = &model.blocks[i];
-                        let k = if first { 0 } else { 3 };
-                        let saved = if first { &a.ln1_x } else { &a.ln2_x };
-                        let x = saved.as_ref().ok_or_else(|| {
-                            Error::Shape("backward: LayerNorm input not saved".into())
-                        })?;
-                        let gb = &mut grads.blocks[i];
-                        (
-                            if first { &a.ln1 } else { &a.ln2 },
-                            x,
-                            if first { &blk.norm1 } else { &blk.norm2 },
-                            if first { &mut gb.norm1 } else { &mut gb.norm2 },
-                            blk.modulation.as_ref().map(|m| &m[k + 1]),
-                            dmods.as_deref_mut().map(|m| {
-                                let [a0, a1, _, a3, a4, _] = &mut m.blocks[i];
-                                if first {
-                                    (a0, a1)
-                                } else {
-                                    (a3, a4)
-                                }
-                            }),
-                        )
-                    }
-                };
-                let dm = if scale.is_some() { dm } else { None };
-                ln_modulate_bwd(
-                    gpu,
-                    &mut sc.dh,
-                    gw,
-                    dm,
-                    &mut sc.red,
-                    &lno.mean,
-                    &lno.rstd,
-                    &sc.dln,
-                    x,
-                    weight,
-                    scale,
-                    rows,
-                    d,
-                    rows,
-                )?;
-            }
-            Op::Residual(site, drop) => {
-                let _r = nvtx::range("bwd residual");
-                let (i, branch, k) = match site {
-                    ResSite::Attn(i) => (i, &ws.blocks[i].proj, 2),
-                    ResSite::Mlp(i) => (i, &ws.blocks[i].mlp_out, 5),
-                };
-                let gate = model.blocks[i].modulation.as_ref().map(|m| &m[k]);
-                let dgate = match (dmods.as_deref_mut(), gate) {
-                    (Some(m), Some(_)) => Some((&mut m.blocks[i][k], &mut sc.red)),
-                    _ => None,
-                };
-                residual_bwd(
-                    gpu,
-                    &mut sc.dbranch,
-                    dgate,
-                    &sc.dh,
-                    branch,
-                    gate,
-                    rows,
-                    d,
-                    rows,
-                    drop.p,
-                    drop.seed,
-                    drop.offset,
-                )?;
-            }
-            Op::Linear(LinSite::Mlp2(i)) => {
-                let _r = nvtx::range("bwd mlp2");
-                let (a, gb, fz) = (&ws.blocks[i], &mut grads.blocks[i], &frozen.blocks[i]);
-                weight_grad(
-                    gpu,
-                    g,
-                    &mut gb.mlp2.w,
-                    fz.mlp2.w,
-                    &sc.dbranch,
-                    &a.mlp_act,
-                    (rows, d, h),
-                )?;
-                bias_grad(
-                    gpu,
-                    g,
-                    bias_of(&mut gb.mlp2, "mlp.2")?,
-                    frozen_bias(&fz.mlp2),
-                    &sc.ones,
-                    &sc.dbranch,
-                    (rows, d),
-                )?;
-                input_grad(
-                    gpu,
-                    g,
-                    &mut sc.dact,
-                    &sc.dbranch,
-                    &model.blocks[i].mlp2.w,
-                    (rows, d, h),
-                )?;
-            }
-            Op::Linear(LinSite::Mlp1(i)) => {
-                let _r = nvtx::range("bwd mlp1");
-                let (a, gb, fz) = (&ws.blocks[i], &mut grads.blocks[i], &frozen.blocks[i]);
-                // The GELU-tanh epilogue first: dpre = dact ⊙ GELU'(pre), d b1 += Σ dpre.
-                gelu_bwd(
-                    gpu,
-                    GeluKind::Tanh,
-                    &mut sc.dpre,
-                    Some((bias_of(&mut gb.mlp1, "mlp.0")?, &mut sc.red)),
-                    &sc.dact,
-                    &a.mlp_pre,
-                    None,
-                    rows,
-                    h,
-                )?;
-                weight_grad(
-                    gpu,
-                    g,
-                    &mut gb.mlp1.w,
-                    fz.mlp1.w,
-                    &sc.dpre,
-                    &a.ln2.y,
-                    (rows, h, d),
-                )?;
-                input_grad(
-                    gpu,
-                    g,
-                    &mut sc.dln,
-                    &sc.dpre,
-                    &model.blocks[i].mlp1.w,
-                    (rows, h, d),
-                )?;
-            }
-            Op::Linear(LinSite::Out(i)) => {
-                let _r = nvtx::range("bwd attn out");
-                let (a, gb, fz) = (&ws.blocks[i], &mut grads.blocks[i], &frozen.blocks[i]);
-                weight_grad(
-                    gpu,
-                    g,
-                    &mut gb.out.w,
-                    fz.out.w,
-                    &sc.dbranch,
-                    &a.attn,
-                    (rows, d, d),
-                )?;
-                input_grad(
-                    gpu,
-                    g,
-                    &mut sc.dattn,
-                    &sc.dbranch,
-                    &model.blocks[i].attn_out.w,
-                    (rows, d, d),
-                )?;
-            }
-            Op::Attention(i) => {
-                let _r = nvtx::range("bwd attention");
-                let a = &ws.blocks[i];
-                attention_bwd(
-                    gpu,
-                    &mut sc.dqkv,
-                    &mut sc.attn,
-                    &a.lse,
-                    &a.attn,
-                    &a.qkv,
-                    &sc.dattn,
-                    &shape,
-                )?;
-            }
-            Op::Linear(LinSite::Qkv(i)) => {
-                let _r = nvtx::range("bwd qkv");
-                let (a, gb, fz) = (&ws.blocks[i], &mut grads.blocks[i], &frozen.blocks[i]);
-                weight_grad(
-                    gpu,
-                    g,
-                    &mut gb.qkv.w,
-                    fz.qkv.w,
-                    &sc.dqkv,
-                    &a.ln1.y,
-                    (rows, 3 * d, d),
-                )?;
-                input_grad(
-                    gpu,
-                    g,
-                    &mut sc.dln,
-                    &sc.dqkv,
-                    &model.blocks[i].qkv.w,
-                    (rows, 3 * d, d),
-                )?;
-            }
-            Op::Embedding { eps } => {
-                let _r = nvtx::range("bwd embedding");
-                if !frozen.embedding {
-                    embedding_bwd(gpu, &mut grads.embedding, &mut sc.emb, &sc.dh, rows, d)?;
-                }
-                if eps && eps_trainable(frozen) {
-                    let e = sc.eps.as_mut().ok_or_else(|| {
-                        Error::Shape("backward: IMDM forward without eps registers".into())
-                    })?;
-                    embedding_eps_bwd(gpu, &mut e.deps, &sc.dh, &ws.tokens, c.mask_index, rows, d)?;
-                }
-            }
+            Op::Linear(LinSite::Final) => bwd_logits(&mut cx)?,
+            Op::LnModulate(site) => bwd_layer_norm(&mut cx, site)?,
+            Op::Residual(site, drop) => bwd_residual(&mut cx, site, drop)?,
+            Op::Linear(LinSite::Mlp2(i)) => bwd_mlp2(&mut cx, i)?,
+            Op::Linear(LinSite::Mlp1(i)) => bwd_mlp1(&mut cx, i)?,
+            Op::Linear(LinSite::Out(i)) => bwd_attn_out(&mut cx, i)?,
+            Op::Attention(i) => bwd_attention(&mut cx, i)?,
+            Op::Linear(LinSite::Qkv(i)) => bwd_qkv(&mut cx, i)?,
+            Op::Embedding { eps } => bwd_embedding(&mut cx, eps)?,
             Op::Linear(LinSite::EpsFc2) | Op::GeluExact | Op::Linear(LinSite::EpsFc1) => {
-                if !eps_trainable(frozen) {
-                    continue;
-                }
-                let _r = nvtx::range("bwd eps mlp");
-                let (Some((fc1, fc2)), Some(e), Some([g1, g2]), Some(x), Some(hid), Some(act)) = (
-                    model.eps_mlp.as_ref(),
-                    sc.eps.as_mut(),
-                    grads.eps_mlp.as_mut(),
-                    ws.eps.as_ref(),
-                    ws.eps_hidden.as_ref(),
-                    ws.eps_act.as_ref(),
-                ) else {
-                    return Err(Error::Shape("backward: eps MLP buffers missing".into()));
-                };
-                let [f1, f2] = frozen.eps_mlp.as_ref().expect("eps_trainable checked");
-                let n4 = fc1.out;
-                match *op {
-                    Op::Linear(LinSite::EpsFc2) => {
-                        weight_grad(gpu, g, &mut g2.w, f2.w, &e.deps, act, (rows, d, n4))?;
-                        input_grad(gpu, g, &mut e.dact, &e.deps, &fc2.w, (rows, d, n4))?;
-                    }
-                    Op::GeluExact => {
-                        gelu_bwd(
-                            gpu,
-                            GeluKind::Exact,
-                            &mut e.dpre,
-                            Some((bias_of(g1, "imdm_mlp.0")?, &mut sc.red)),
-                            &e.dact,
-                            hid,
-                            None,
-                            rows,
-                            n4,
-                        )?;
-                    }
-                    _ => {
-                        weight_grad(gpu, g, &mut g1.w, f1.w, &e.dpre, x, (rows, n4, fc1.inp))?;
-                    }
-                }
+                bwd_eps_mlp(&mut cx, op)?
             }
         }
     }
-    sc.emb_loaded = false;
+    cx.sc.emb_loaded = false;
+    Ok(())
+}
+
+/// What every op's backward reads and writes: the forward's model, workspace and frozen flags,
+/// and the scratch, parameter and modulation gradients it adds into.
+struct Bwd<'a> {
+    gpu: &'a Gpu,
+    model: &'a GpuDit,
+    ws: &'a Workspace,
+    frozen: &'a ParamTree<bool>,
+    rows: usize,
+    sc: &'a mut BwdScratch,
+    grads: &'a mut ParamTree<CudaSlice<f32>>,
+    dmods: Option<&'a mut ModGrads>,
+}
+
+/// The output layer's GEMM: d W, d b (unless frozen) and d ln_final from the bf16 loss
+/// gradient over `ws.logits`.
+fn bwd_logits(cx: &mut Bwd) -> Result<()> {
+    let (gpu, model, ws, frozen) = (cx.gpu, cx.model, cx.ws, cx.frozen);
+    let (c, g) = (&model.config, &model.gemm);
+    let (rows, d, v, ld) = (cx.rows, c.hidden, c.vocab_size, ws.logits_ld);
+    let Bwd { sc, grads, .. } = cx;
+    let _r = nvtx::range("bwd logits");
+    // SAFETY: the fused loss wrote a bf16 gradient into the first half of each f32
+    // row; the view covers exactly the buffer's bytes (rows * ld f32).
+    let dl = unsafe { ws.logits.transmute::<bf16>(rows * 2 * ld) }
+        .ok_or_else(|| Error::Shape("backward: logits view".into()))?;
+    let fl = &model.final_linear;
+    let gl = &mut grads.final_linear;
+    if !frozen.final_linear.w {
+        g.matmul_strided(
+            gpu,
+            &mut gl.w,
+            &dl,
+            2 * ld,
+            true,
+            &ws.final_ln.y,
+            d,
+            false,
+            (v, d, rows),
+            d,
+            1.0,
+            Epilogue::None,
+        )?;
+    }
+    if !frozen_bias(&frozen.final_linear) {
+        g.matmul_strided(
+            gpu,
+            bias_of(gl, "output_layer.linear")?,
+            &sc.ones,
+            rows,
+            false,
+            &dl,
+            2 * ld,
+            false,
+            (1, v, rows),
+            v,
+            1.0,
+            Epilogue::None,
+        )?;
+    }
+    g.matmul_strided(
+        gpu,
+        &mut sc.dln,
+        &dl,
+        2 * ld,
+        false,
+        &fl.w,
+        d,
+        false,
+        (rows, d, v),
+        d,
+        0.0,
+        Epilogue::None,
+    )?;
+    Ok(())
+}
+
+/// A (modulated) LayerNorm: adds into dh, d weight and the shift/scale gradients.
+fn bwd_layer_norm(cx: &mut Bwd, site: LnSite) -> Result<()> {
+    let (gpu, model, ws) = (cx.gpu, cx.model, cx.ws);
+    let c = &model.config;
+    let (rows, d) = (cx.rows, c.hidden);
+    let Bwd {
+        sc, grads, dmods, ..
+    } = cx;
+    let _r = nvtx::range("bwd layernorm");
+    let (lno, x, weight, gw, scale, dm) = match site {
+        LnSite::Final => (
+            &ws.final_ln,
+            &ws.h,
+            &model.final_norm,
+            &mut grads.final_norm,
+            model.final_modulation.as_ref().map(|m| &m[1]),
+            dmods.as_deref_mut().map(|m| {
+                let [a, b] = &mut m.final_layer;
+                (a, b)
+            }),
+        ),
+        LnSite::Block1(i) | LnSite::Block2(i) => {
+            let first = matches!(site, LnSite::Block1(_));
+            let a = &ws.blocks[i];
+            let blk = &model.blocks[i];
+            let k = if first { 0 } else { 3 };
+            let saved = if first { &a.ln1_x } else { &a.ln2_x };
+            let x = saved
+                .as_ref()
+                .ok_or_else(|| Error::Shape("backward: LayerNorm input not saved".into()))?;
+            let gb = &mut grads.blocks[i];
+            (
+                if first { &a.ln1 } else { &a.ln2 },
+                x,
+                if first { &blk.norm1 } else { &blk.norm2 },
+                if first { &mut gb.norm1 } else { &mut gb.norm2 },
+                blk.modulation.as_ref().map(|m| &m[k + 1]),
+                dmods.as_deref_mut().map(|m| {
+                    let [a0, a1, _, a3, a4, _] = &mut m.blocks[i];
+                    if first {
+                        (a0, a1)
+                    } else {
+                        (a3, a4)
+                    }
+                }),
+            )
+        }
+    };
+    let dm = if scale.is_some() { dm } else { None };
+    ln_modulate_bwd(
+        gpu,
+        &mut sc.dh,
+        gw,
+        dm,
+        &mut sc.red,
+        &lno.mean,
+        &lno.rstd,
+        &sc.dln,
+        x,
+        weight,
+        scale,
+        rows,
+        d,
+        rows,
+    )?;
+    Ok(())
+}
+
+/// A gated residual branch: d branch, and d gate when modulated.
+fn bwd_residual(cx: &mut Bwd, site: ResSite, drop: Dropout) -> Result<()> {
+    let (gpu, model, ws) = (cx.gpu, cx.model, cx.ws);
+    let c = &model.config;
+    let (rows, d) = (cx.rows, c.hidden);
+    let Bwd { sc, dmods, .. } = cx;
+    let _r = nvtx::range("bwd residual");
+    let (i, branch, k) = match site {
+        ResSite::Attn(i) => (i, &ws.blocks[i].proj, 2),
+        ResSite::Mlp(i) => (i, &ws.blocks[i].mlp_out, 5),
+    };
+    let gate = model.blocks[i].modulation.as_ref().map(|m| &m[k]);
+    let dgate = match (dmods.as_deref_mut(), gate) {
+        (Some(m), Some(_)) => Some((&mut m.blocks[i][k], &mut sc.red)),
+        _ => None,
+    };
+    residual_bwd(
+        gpu,
+        &mut sc.dbranch,
+        dgate,
+        &sc.dh,
+        branch,
+        gate,
+        rows,
+        d,
+        rows,
+        drop.p,
+        drop.seed,
+        drop.offset,
+    )?;
+    Ok(())
+}
+
+/// The second MLP linear of block `i`.
+fn bwd_mlp2(cx: &mut Bwd, i: usize) -> Result<()> {
+    let (gpu, model, ws, frozen) = (cx.gpu, cx.model, cx.ws, cx.frozen);
+    let (c, g) = (&model.config, &model.gemm);
+    let (rows, d, h) = (cx.rows, c.hidden, c.mlp_hidden());
+    let Bwd { sc, grads, .. } = cx;
+    let _r = nvtx::range("bwd mlp2");
+    let (a, gb, fz) = (&ws.blocks[i], &mut grads.blocks[i], &frozen.blocks[i]);
+    weight_grad(
+        gpu,
+        g,
+        &mut gb.mlp2.w,
+        fz.mlp2.w,
+        &sc.dbranch,
+        &a.mlp_act,
+        (rows, d, h),
+    )?;
+    bias_grad(
+        gpu,
+        g,
+        bias_of(&mut gb.mlp2, "mlp.2")?,
+        frozen_bias(&fz.mlp2),
+        &sc.ones,
+        &sc.dbranch,
+        (rows, d),
+    )?;
+    input_grad(
+        gpu,
+        g,
+        &mut sc.dact,
+        &sc.dbranch,
+        &model.blocks[i].mlp2.w,
+        (rows, d, h),
+    )?;
+    Ok(())
+}
+
+/// The first MLP linear of block `i` with its GELU-tanh epilogue.
+fn bwd_mlp1(cx: &mut Bwd, i: usize) -> Result<()> {
+    let (gpu, model, ws, frozen) = (cx.gpu, cx.model, cx.ws, cx.frozen);
+    let (c, g) = (&model.config, &model.gemm);
+    let (rows, d, h) = (cx.rows, c.hidden, c.mlp_hidden());
+    let Bwd { sc, grads, .. } = cx;
+    let _r = nvtx::range("bwd mlp1");
+    let (a, gb, fz) = (&ws.blocks[i], &mut grads.blocks[i], &frozen.blocks[i]);
+    // The GELU-tanh epilogue first: dpre = dact ⊙ GELU'(pre), d b1 += Σ dpre.
+    gelu_bwd(
+        gpu,
+        GeluKind::Tanh,
+        &mut sc.dpre,
+        Some((bias_of(&mut gb.mlp1, "mlp.0")?, &mut sc.red)),
+        &sc.dact,
+        &a.mlp_pre,
+        None,
+        rows,
+        h,
+    )?;
+    weight_grad(
+        gpu,
+        g,
+        &mut gb.mlp1.w,
+        fz.mlp1.w,
+        &sc.dpre,
+        &a.ln2.y,
+        (rows, h, d),
+    )?;
+    input_grad(
+        gpu,
+        g,
+        &mut sc.dln,
+        &sc.dpre,
+        &model.blocks[i].mlp1.w,
+        (rows, h, d),
+    )?;
+    Ok(())
+}
+
+/// The attention output projection of block `i`.
+fn bwd_attn_out(cx: &mut Bwd, i: usize) -> Result<()> {
+    let (gpu, model, ws, frozen) = (cx.gpu, cx.model, cx.ws, cx.frozen);
+    let (c, g) = (&model.config, &model.gemm);
+    let (rows, d) = (cx.rows, c.hidden);
+    let Bwd { sc, grads, .. } = cx;
+    let _r = nvtx::range("bwd attn out");
+    let (a, gb, fz) = (&ws.blocks[i], &mut grads.blocks[i], &frozen.blocks[i]);
+    weight_grad(
+        gpu,
+        g,
+        &mut gb.out.w,
+        fz.out.w,
+        &sc.dbranch,
+        &a.attn,
+        (rows, d, d),
+    )?;
+    input_grad(
+        gpu,
+        g,
+        &mut sc.dattn,
+        &sc.dbranch,
+        &model.blocks[i].attn_out.w,
+        (rows, d, d),
+    )?;
+    Ok(())
+}
+
+/// The attention of block `i`.
+fn bwd_attention(cx: &mut Bwd, i: usize) -> Result<()> {
+    let (gpu, model, ws) = (cx.gpu, cx.model, cx.ws);
+    let c = &model.config;
+    let Bwd { sc, .. } = cx;
+    let shape = attention_shape(c, ws.batch, ws.len);
+    let _r = nvtx::range("bwd attention");
+    let a = &ws.blocks[i];
+    attention_bwd(
+        gpu,
+        &mut sc.dqkv,
+        &mut sc.attn,
+        &a.lse,
+        &a.attn,
+        &a.qkv,
+        &sc.dattn,
+        &shape,
+    )?;
+    Ok(())
+}
+
+/// The qkv projection of block `i`.
+fn bwd_qkv(cx: &mut Bwd, i: usize) -> Result<()> {
+    let (gpu, model, ws, frozen) = (cx.gpu, cx.model, cx.ws, cx.frozen);
+    let (c, g) = (&model.config, &model.gemm);
+    let (rows, d) = (cx.rows, c.hidden);
+    let Bwd { sc, grads, .. } = cx;
+    let _r = nvtx::range("bwd qkv");
+    let (a, gb, fz) = (&ws.blocks[i], &mut grads.blocks[i], &frozen.blocks[i]);
+    weight_grad(
+        gpu,
+        g,
+        &mut gb.qkv.w,
+        fz.qkv.w,
+        &sc.dqkv,
+        &a.ln1.y,
+        (rows, 3 * d, d),
+    )?;
+    input_grad(
+        gpu,
+        g,
+        &mut sc.dln,
+        &sc.dqkv,
+        &model.blocks[i].qkv.w,
+        (rows, 3 * d, d),
+    )?;
+    Ok(())
+}
+
+/// The embedding (and the eps input gradient at masked positions).
+fn bwd_embedding(cx: &mut Bwd, eps: bool) -> Result<()> {
+    let (gpu, model, ws, frozen) = (cx.gpu, cx.model, cx.ws, cx.frozen);
+    let c = &model.config;
+    let (rows, d) = (cx.rows, c.hidden);
+    let Bwd { sc, grads, .. } = cx;
+    let _r = nvtx::range("bwd embedding");
+    if !frozen.embedding {
+        embedding_bwd(gpu, &mut grads.embedding, &mut sc.emb, &sc.dh, rows, d)?;
+    }
+    if eps && eps_trainable(frozen) {
+        let e = sc
+            .eps
+            .as_mut()
+            .ok_or_else(|| Error::Shape("backward: IMDM forward without eps registers".into()))?;
+        embedding_eps_bwd(gpu, &mut e.deps, &sc.dh, &ws.tokens, c.mask_index, rows, d)?;
+    }
+    Ok(())
+}
+
+/// One op of the eps MLP (IMDM); skipped when none of its tensors trains.
+fn bwd_eps_mlp(cx: &mut Bwd, op: &Op) -> Result<()> {
+    let (gpu, model, ws, frozen) = (cx.gpu, cx.model, cx.ws, cx.frozen);
+    let (c, g) = (&model.config, &model.gemm);
+    let (rows, d) = (cx.rows, c.hidden);
+    let Bwd { sc, grads, .. } = cx;
+    if !eps_trainable(frozen) {
+        return Ok(());
+    }
+    let _r = nvtx::range("bwd eps mlp");
+    let (Some((fc1, fc2)), Some(e), Some([g1, g2]), Some(x), Some(hid), Some(act)) = (
+        model.eps_mlp.as_ref(),
+        sc.eps.as_mut(),
+        grads.eps_mlp.as_mut(),
+        ws.eps.as_ref(),
+        ws.eps_hidden.as_ref(),
+        ws.eps_act.as_ref(),
+    ) else {
+        return Err(Error::Shape("backward: eps MLP buffers missing".into()));
+    };
+    let [f1, f2] = frozen.eps_mlp.as_ref().expect("eps_trainable checked");
+    let n4 = fc1.out;
+    match op {
+        Op::Linear(LinSite::EpsFc2) => {
+            weight_grad(gpu, g, &mut g2.w, f2.w, &e.deps, act, (rows, d, n4))?;
+            input_grad(gpu, g, &mut e.dact, &e.deps, &fc2.w, (rows, d, n4))?;
+        }
+        Op::GeluExact => {
+            gelu_bwd(
+                gpu,
+                GeluKind::Exact,
+                &mut e.dpre,
+                Some((bias_of(g1, "imdm_mlp.0")?, &mut sc.red)),
+                &e.dact,
+                hid,
+                None,
+                rows,
+                n4,
+            )?;
+        }
+        _ => {
+            weight_grad(gpu, g, &mut g1.w, f1.w, &e.dpre, x, (rows, n4, fc1.inp))?;
+        }
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@ pub mod denoiser;
 pub mod device;
 pub mod dit;
 pub mod dit_bwd;
+pub mod kernel_defines;
 pub mod nvtx;
 pub mod ops;
 pub mod param_tree;

@@ -393,50 +393,6 @@ fn download_linear(
     })
 }
 
-/// Checks a loss batch against the model before anything is uploaded (the CPU backend's rules:
-/// ids in the vocabulary, targets never the mask and equal to the input where it is not
-/// masked, weights and eps of the right size, a positive norm). Returns (batch, len).
-fn check_batch(c: &DitConfig, b: &LossBatch) -> Result<(usize, usize)> {
-    let (bsz, len) = (b.xt.batch, b.xt.len);
-    let rows = bsz * len;
-    if rows == 0 || b.xt.ids.len() != rows || b.x0.ids.len() != rows || b.weight.len() != rows {
-        return Err(Error::Shape(format!(
-            "loss batch {bsz}x{len}: {} inputs, {} targets, {} weights",
-            b.xt.ids.len(),
-            b.x0.ids.len(),
-            b.weight.len()
-        )));
-    }
-    if !(b.norm.is_finite() && b.norm > 0.0) {
-        return Err(Error::Config(format!(
-            "loss norm must be finite and positive, got {}",
-            b.norm
-        )));
-    }
-    let mask = c.mask_index as u32;
-    for (i, (&t, &x)) in b.xt.ids.iter().zip(&b.x0.ids).enumerate() {
-        if t as usize >= c.vocab_size || x as usize >= c.vocab_size || x == mask {
-            return Err(Error::Shape(format!(
-                "loss batch: input {t} / target {x} at flat index {i} is outside the vocabulary \
-                 of {} or the target is the mask token",
-                c.vocab_size
-            )));
-        }
-        if t != mask && t != x {
-            return Err(Error::Shape(format!(
-                "x0: target {x} differs from the unmasked input {t} at flat index {i}"
-            )));
-        }
-    }
-    if c.has_eps_mlp() {
-        let e = b
-            .eps
-            .ok_or_else(|| Error::Shape("IMDM loss batch without eps".into()))?;
-        e.expect_shape("eps", &[bsz, len, c.noise_dim])?;
-    }
-    Ok((bsz, len))
-}
-
 impl GpuTrainer {
     /// A trainer on `gpu`; the model arrives with the first [`Resident::load`] or
     /// [`Objective::loss_and_grad`] call.
@@ -535,7 +491,7 @@ impl GpuTrainer {
             .as_ref()
             .map(|k| k.model.config.clone())
             .ok_or_else(|| Error::Config("GPU trainer: no weights loaded".into()))?;
-        let (batch, len) = check_batch(&c, b)?;
+        let (batch, len) = b.check(&c)?;
         self.slot(&c, batch, len)?;
         let (gpu, core, slot) = (
             &self.gpu,
@@ -580,7 +536,7 @@ impl GpuTrainer {
         }
         .ok_or_else(|| Error::Config("GPU trainer: no evaluation weights".into()))?;
         let c = model.config.clone();
-        let (batch, len) = check_batch(&c, b)?;
+        let (batch, len) = b.check(&c)?;
         self.slot(&c, batch, len)?;
         let model = if use_core {
             &self.core.as_ref().expect("checked").model
@@ -804,57 +760,5 @@ pub fn device_memory_used() -> Result<u64> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{Algo, DitConfig};
-    use crate::tensor::Tokens;
-
-    #[test]
-    fn batches_are_checked_like_the_cpu_backend() {
-        let mut c = DitConfig::minimini();
-        c.vocab_size = 7;
-        c.mask_index = 6;
-        c.algo = Algo::Mdlm;
-        let xt = Tokens {
-            batch: 1,
-            len: 3,
-            ids: vec![6, 2, 3],
-        };
-        let x0 = Tokens {
-            batch: 1,
-            len: 3,
-            ids: vec![1, 2, 3],
-        };
-        let w = [1.0f32, 0.0, 0.0];
-        let ok = LossBatch {
-            xt: &xt,
-            x0: &x0,
-            eps: None,
-            weight: &w,
-            norm: 3.0,
-        };
-        assert_eq!(check_batch(&c, &ok).unwrap(), (1, 3));
-        let bad_x0 = Tokens {
-            ids: vec![1, 4, 3],
-            ..x0.clone()
-        };
-        let e = check_batch(&c, &LossBatch { x0: &bad_x0, ..ok }).unwrap_err();
-        assert!(e.to_string().contains("differs"), "{e}");
-        let e = check_batch(&c, &LossBatch { norm: 0.0, ..ok }).unwrap_err();
-        assert!(e.to_string().contains("norm"), "{e}");
-        c.algo = Algo::Imdm;
-        let e = check_batch(&c, &ok).unwrap_err();
-        assert!(e.to_string().contains("eps"), "{e}");
-    }
-
-    #[test]
-    fn out_of_memory_errors_name_the_allocation() {
-        let e = oom(
-            Error::Cuda("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into()),
-            || "a micro-batch of 512 sequences".into(),
-        );
-        assert!(e.to_string().contains("micro-batch of 512"), "{e}");
-        let other = oom(Error::Config("x".into()), || unreachable!());
-        assert_eq!(other.to_string(), "configuration: x");
-    }
-}
+#[path = "trainer_tests.rs"]
+mod tests;

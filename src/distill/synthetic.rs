@@ -41,8 +41,9 @@ use crate::error::{Error, Result};
 use crate::model::init::init_params;
 use crate::model::{Algo, DitConfig, DitParams, NoiseType};
 use crate::tensor::Tokens;
-use crate::train::data::{DataSource, SyntheticSource};
+use crate::train::data::SyntheticSource;
 use crate::train::optim::LrSchedule;
+use crate::train::source::DataSource;
 use crate::train::{CpuDit, Objective};
 
 /// Where each round's couplings come from.

@@ -17,13 +17,14 @@ pub mod objective;
 pub mod optim;
 pub mod run;
 pub mod shard_source;
+pub mod source;
 pub mod trainer;
 pub mod update;
 
 pub use config::{DataSpec, Freeze, TokenDtype, TrainConfig};
-pub use data::DataSource;
 pub use ema::Ema;
 pub use objective::{CpuDit, LinearSoftmax, Objective, Resident};
 pub use optim::{AdamW, AdamWConfig, LrSchedule};
 pub use run::{RunConfig, RunDir};
+pub use source::DataSource;
 pub use trainer::{Event, StepLog, Trainer, ValLog};

@@ -31,11 +31,11 @@ use crate::error::{Error, Result};
 use crate::model::{DitConfig, DitParams};
 use crate::tensor::Tokens;
 use crate::train::config::TrainConfig;
-use crate::train::data::DataSource;
 use crate::train::ema::Ema;
 use crate::train::objective::Objective;
 use crate::train::optim::{zero, AdamW, AdamWConfig, LrSchedule};
 use crate::train::run::{RngState, RunDir, TrainState, RUN_FORMAT};
+use crate::train::source::DataSource;
 use crate::train::update::{host_update, HostState};
 
 /// Purposes of the random streams (keys mixed with the seed).

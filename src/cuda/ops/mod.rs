@@ -6,8 +6,6 @@ pub mod attention;
 pub mod embedding;
 pub mod gelu;
 pub mod gemm;
-#[cfg(test)]
-pub(crate) mod grad_check;
 pub mod ln_modulate;
 pub mod residual;
 pub mod sample;

@@ -7,7 +7,6 @@ use std::path::Path;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::cpu::fd::assert_grad;
 use crate::cpu::{log_probs, loss_and_grad, CpuDenoiser, TrainOpts};
 use crate::diffusion::{Denoiser, LossBatch};
 use crate::model::init::random_params;
@@ -15,6 +14,7 @@ use crate::model::{checkpoint, dit_ref, Algo, DitConfig, DitParams, NoiseType};
 use crate::rng::seeded_eps;
 use crate::stio::{view_to_f32, view_to_ids, StFile};
 use crate::tensor::{Tensor, Tokens};
+use crate::testing::grad::assert_grad;
 use crate::testing::{assert_close, Tol};
 use crate::Error;
 
@@ -180,8 +180,10 @@ fn check_grads_against_fd(c: DitConfig, opts: TrainOpts, tag: &str) {
             &format!("{tag}: {name} entries {idx:?}"),
             &got,
             &want,
-            1e-8,
-            1e-5,
+            Tol {
+                abs: 1e-8,
+                rel: 1e-5,
+            },
         );
     }
 }
@@ -389,7 +391,15 @@ fn two_half_batches_accumulate_to_the_full_batch() {
         (l_a + l_b - l_full).abs() < 1e-12 * l_full,
         "{l_a} + {l_b} != {l_full}"
     );
-    assert_grad("accumulated grads", &flat(&acc), &flat(&full), 1e-7, 1e-6);
+    assert_grad(
+        "accumulated grads",
+        &flat(&acc),
+        &flat(&full),
+        Tol {
+            abs: 1e-7,
+            rel: 1e-6,
+        },
+    );
 }
 
 #[test]
@@ -431,8 +441,10 @@ fn f32_is_deterministic_across_runs_and_thread_counts_and_close_to_f64() {
         "f32 grads vs f64",
         &flat(&g1),
         &flat(&g64),
-        1e-4 * scale,
-        1e-3,
+        Tol {
+            abs: 1e-4 * scale,
+            rel: 1e-3,
+        },
     );
 }
 

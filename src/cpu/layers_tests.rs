@@ -4,18 +4,21 @@
 //! against `dit_ref`.
 
 use crate::cpu::attention::*;
-use crate::cpu::fd::{assert_grad, dot, fd_grad, rand_vec};
 use crate::cpu::layers::*;
 use crate::cpu::loss::{subs_ce_in_place, subs_log_probs};
 use crate::model::dit_ref;
 use crate::rng::dropout_keep;
+use crate::testing::grad::{assert_grad, dot, fd_grad};
+use crate::testing::inputs::rand_vec;
 use crate::testing::{assert_close, Tol};
 
 /// Step of the layer FDs: the f64 truncation error h² f'''/6 is ~1e-11 and the roundoff
 /// ~1e-16/h ~ 1e-11, both far below the tolerances.
 const H: f64 = 1e-5;
-const ABS: f64 = 1e-8;
-const REL: f64 = 1e-6;
+const TOL: Tol = Tol {
+    abs: 1e-8,
+    rel: 1e-6,
+};
 
 fn sub(a: &[f64], b: f64) -> Vec<f64> {
     a.iter().map(|x| x - b).collect()
@@ -42,23 +45,20 @@ fn linear_backward_matches_fd() {
     assert_grad(
         "linear dx",
         &dx,
-        &fd_grad(&x, H, |x| f(x, &w, &b)),
-        ABS,
-        REL,
+        &fd_grad(|x| f(x, &w, &b), &x, H, None),
+        TOL,
     );
     assert_grad(
         "linear dW",
         &sub(&dw, 0.5),
-        &fd_grad(&w, H, |w| f(&x, w, &b)),
-        ABS,
-        REL,
+        &fd_grad(|w| f(&x, w, &b), &w, H, None),
+        TOL,
     );
     assert_grad(
         "linear db",
         &sub(&db, 0.5),
-        &fd_grad(&b, H, |b| f(&x, &w, b)),
-        ABS,
-        REL,
+        &fd_grad(|b| f(&x, &w, b), &b, H, None),
+        TOL,
     );
 }
 
@@ -87,21 +87,15 @@ fn ln_modulate_backward_matches_fd() {
         let dmods = modulated.then_some((&mut dsh[..], &mut dsc[..]));
         ln_mod_bwd(&r, &saved, &w, mods, &mut dx, &mut dw, dmods);
         let tag = if modulated { "modulated" } else { "plain" };
-        let want = fd_grad(&x, H, |x| f(x, &w, &shift, &scale));
-        assert_grad(
-            &format!("ln {tag} dx (+=)"),
-            &sub(&dx, 0.25),
-            &want,
-            ABS,
-            REL,
-        );
-        let want = fd_grad(&w, H, |w| f(&x, w, &shift, &scale));
-        assert_grad(&format!("ln {tag} dw"), &sub(&dw, 0.5), &want, ABS, REL);
+        let want = fd_grad(|x| f(x, &w, &shift, &scale), &x, H, None);
+        assert_grad(&format!("ln {tag} dx (+=)"), &sub(&dx, 0.25), &want, TOL);
+        let want = fd_grad(|w| f(&x, w, &shift, &scale), &w, H, None);
+        assert_grad(&format!("ln {tag} dw"), &sub(&dw, 0.5), &want, TOL);
         if modulated {
-            let want = fd_grad(&shift, H, |s| f(&x, &w, s, &scale));
-            assert_grad("ln dshift", &sub(&dsh, 0.5), &want, ABS, REL);
-            let want = fd_grad(&scale, H, |s| f(&x, &w, &shift, s));
-            assert_grad("ln dscale", &sub(&dsc, 0.5), &want, ABS, REL);
+            let want = fd_grad(|s| f(&x, &w, s, &scale), &shift, H, None);
+            assert_grad("ln dshift", &sub(&dsh, 0.5), &want, TOL);
+            let want = fd_grad(|s| f(&x, &w, &shift, s), &scale, H, None);
+            assert_grad("ln dscale", &sub(&dsc, 0.5), &want, TOL);
         }
     }
 }
@@ -121,12 +115,20 @@ fn activation_grads_match_fd_and_forwards_match_dit_ref() {
             .iter()
             .map(|&x| (f(x + H) - f(x - H)) / (2.0 * H))
             .collect();
-        assert_grad(&format!("{name}'"), &got, &want, ABS, REL);
+        assert_grad(&format!("{name}'"), &got, &want, TOL);
         // map_bwd multiplies the incoming gradient by f'(x).
         let mut d = vec![2.0; xs.len()];
         map_bwd(&xs, &mut d, g);
         let twice: Vec<f64> = got.iter().map(|v| 2.0 * v).collect();
-        assert_grad(&format!("{name} map_bwd"), &d, &twice, 0.0, 1e-15);
+        assert_grad(
+            &format!("{name} map_bwd"),
+            &d,
+            &twice,
+            Tol {
+                abs: 0.0,
+                rel: 1e-15,
+            },
+        );
     }
     for &x in &xs {
         assert!(
@@ -208,7 +210,7 @@ fn rope_backward_matches_fd() {
     };
     let mut g = r.clone();
     rope_apply(&mut g, &rope, len, heads, true);
-    assert_grad("rope", &g, &fd_grad(&x, H, f), ABS, REL);
+    assert_grad("rope", &g, &fd_grad(f, &x, H, None), TOL);
     // Position 0 is the identity; the v part is never touched.
     let mut y = x.clone();
     rope_apply(&mut y, &rope, len, heads, false);
@@ -279,8 +281,10 @@ fn attention_forward_matches_naive_and_backward_matches_fd() {
             &format!("attention fwd {tag}"),
             &out,
             &naive_attention(&qkv, &s),
-            1e-14,
-            1e-12,
+            Tol {
+                abs: 1e-14,
+                rel: 1e-12,
+            },
         );
         let f = |x: &[f64]| {
             let mut o = vec![0.0; rows * d];
@@ -292,9 +296,8 @@ fn attention_forward_matches_naive_and_backward_matches_fd() {
         assert_grad(
             &format!("attention dqkv {tag}"),
             &dqkv,
-            &fd_grad(&qkv, H, f),
-            ABS,
-            REL,
+            &fd_grad(f, &qkv, H, None),
+            TOL,
         );
     }
 }
@@ -323,21 +326,14 @@ fn residual_backward_matches_fd() {
         assert_grad(
             &format!("residual dh {tag}"),
             &r,
-            &fd_grad(&h, H, |x| f(x, &br, &gate)),
-            ABS,
-            REL,
+            &fd_grad(|x| f(x, &br, &gate), &h, H, None),
+            TOL,
         );
-        let want = fd_grad(&br, H, |x| f(&h, x, &gate));
-        assert_grad(&format!("residual dbranch {tag}"), &dbr, &want, ABS, REL);
+        let want = fd_grad(|x| f(&h, x, &gate), &br, H, None);
+        assert_grad(&format!("residual dbranch {tag}"), &dbr, &want, TOL);
         if gated {
-            let want = fd_grad(&gate, H, |x| f(&h, &br, x));
-            assert_grad(
-                &format!("residual dgate {tag}"),
-                &sub(&dg, 0.5),
-                &want,
-                ABS,
-                REL,
-            );
+            let want = fd_grad(|x| f(&h, &br, x), &gate, H, None);
+            assert_grad(&format!("residual dgate {tag}"), &sub(&dg, 0.5), &want, TOL);
         }
     }
 }
@@ -420,7 +416,7 @@ fn subs_cross_entropy_matches_explicit_loss_and_fd() {
     let mut g = logits.clone();
     let loss = subs_ce_in_place(&mut g, &xt, &x0, &w, norm, mask, v);
     assert!((loss - want).abs() < 1e-13, "loss {loss} want {want}");
-    assert_grad("subs dlogits", &g, &fd_grad(&logits, H, loss_of), ABS, REL);
+    assert_grad("subs dlogits", &g, &fd_grad(loss_of, &logits, H, None), TOL);
     for r in 0..xt.len() {
         assert_eq!(
             g[r * v + mask],
@@ -480,8 +476,7 @@ fn embedding_backward_matches_fd() {
     assert_grad(
         "embedding (repeated id 4)",
         &sub(&g, 0.5),
-        &fd_grad(&table, H, f),
-        ABS,
-        REL,
+        &fd_grad(f, &table, H, None),
+        TOL,
     );
 }

@@ -1,5 +1,12 @@
-//! Comparison helpers shared by unit and integration tests: a named tolerance
-//! `|got - want| <= abs + rel * |want|` and a failure message with the worst index.
+//! The one home of test helpers. Here: the comparison shared by unit and integration tests, a
+//! named tolerance `|got - want| <= abs + rel * |want|` with a failure message naming the worst
+//! index. For unit tests only: [`grad`] (finite differences and gradient checks) and [`inputs`]
+//! (seeded inputs). Integration tests share theirs in `tests/common`.
+
+#[cfg(test)]
+pub mod grad;
+#[cfg(test)]
+pub mod inputs;
 
 /// Absolute and relative tolerance (architecture.md section 4).
 #[derive(Clone, Copy, Debug)]

@@ -1,11 +1,17 @@
-//! Test helpers for the backward kernels (test builds only): f64 central finite differences of
-//! a twin's forward, and comparisons whose tolerance follows the size of what was summed.
+//! Gradient checks for every backward (test builds only): f64 central finite differences of a
+//! forward, the comparison of an analytic gradient with them, and comparisons whose tolerance
+//! follows the size of what was summed.
 
 use crate::testing::Tol;
 
 /// Central differences `(f(x + h e_i) - f(x - h e_i)) / 2h` for every i (or only the indices in
 /// `only`, the others left 0), in f64.
-pub fn fd_grad(f: impl Fn(&[f64]) -> f64, x: &[f64], h: f64, only: Option<&[usize]>) -> Vec<f64> {
+pub fn fd_grad(
+    mut f: impl FnMut(&[f64]) -> f64,
+    x: &[f64],
+    h: f64,
+    only: Option<&[usize]>,
+) -> Vec<f64> {
     let mut g = vec![0f64; x.len()];
     let mut xp = x.to_vec();
     let all: Vec<usize> = (0..x.len()).collect();
@@ -26,32 +32,41 @@ pub fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&a| a as f64).collect()
 }
 
-/// `got` (an analytic gradient, f64 or widened f32) against finite differences `want`, under
-/// `tol`; the message names the worst index (see [`crate::testing::assert_close`]).
+/// `got` (an analytic gradient, f64 or widened f32) against finite differences `want`: panics
+/// with name, max abs and rel error and the worst index (got/want) unless every
+/// `|got − want| <= tol.abs + tol.rel·|want|` (see [`crate::testing::assert_close`]).
 pub fn assert_grad(name: &str, got: &[f64], want: &[f64], tol: Tol) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    let mut worst = (0usize, 0f64);
+    assert_eq!(got.len(), want.len(), "{name}: length mismatch");
+    let (abs, rel) = (tol.abs, tol.rel);
+    let (mut max_abs, mut max_rel, mut worst, mut worst_ratio) = (0f64, 0f64, 0usize, -1f64);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let ratio = if g.is_nan() || w.is_nan() {
-            f64::INFINITY
+        let err = if g.is_finite() && w.is_finite() {
+            (g - w).abs()
         } else {
-            (g - w).abs() / (tol.abs + tol.rel * w.abs())
+            f64::INFINITY
         };
-        if ratio > worst.1 {
-            worst = (i, ratio);
+        max_abs = max_abs.max(err);
+        max_rel = max_rel.max(err / w.abs().max(1e-300));
+        let ratio = err / (abs + rel * w.abs());
+        if ratio > worst_ratio {
+            worst_ratio = ratio;
+            worst = i;
         }
     }
-    let i = worst.0;
     assert!(
-        worst.1 <= 1.0,
-        "{name}: analytic vs finite differences: worst at index {i}: got {:e} want {:e} \
-         (tolerance abs {:e} + rel {:e}, ratio {:.2})",
-        got[i],
-        want[i],
-        tol.abs,
-        tol.rel,
-        worst.1
+        worst_ratio <= 1.0,
+        "{name}: analytic vs finite differences: max abs err {max_abs:.3e}, max rel err \
+         {max_rel:.3e}; worst at index {worst}: got {:.9e} want {:.9e} (tolerance abs {abs:e} + \
+         rel {rel:e})",
+        got[worst],
+        want[worst]
     );
+}
+
+/// `Σ r ⊙ y`: projecting an output onto fixed weights `r` turns a vector op into a scalar
+/// whose gradient with respect to the output is exactly `r`.
+pub fn dot(r: &[f64], y: &[f64]) -> f64 {
+    r.iter().zip(y).map(|(a, b)| a * b).sum()
 }
 
 /// For sums computed in f32 in some fixed order: `|got - want| <= rel * scale[i] + 1e-30`, where
