@@ -1,10 +1,15 @@
-//! Compiles every `kernels/*.cu` to PTX with nvcc and embeds it (`$OUT_DIR/kernels.rs`).
+//! Compiles every `kernels/*.cu` and `kernels/dev/*.cu` (kernels kept only to check others) to
+//! PTX with nvcc and embeds it (`$OUT_DIR/kernels.rs`); a module is named by its file stem.
 //!
 //! nvcc is looked up in this order: `$NVCC`, `$CUDA_HOME/bin/nvcc`, the repo-local toolchain
 //! that `scripts/setup-cuda.sh` installs (`.cuda/nvidia/cu13/bin/nvcc`), then `PATH`. The target
 //! is `$IMDM_CUDA_ARCH` (default `sm_90a`, H100/H200). Only kernels whose PTX is older than their
-//! source (or than `kernels/common.cuh`) are recompiled. Without nvcc the crate still builds,
+//! source (or than any `kernels/*.cuh`) are recompiled. Without nvcc the crate still builds,
 //! with a warning, and the GPU backend reports `Error::NoKernels` at run time.
+//!
+//! Whether or not nvcc exists, the integer `#define`s and `static_assert(sizeof(T) == N)` of the
+//! kernel sources are written to `$OUT_DIR/kernel_defines.rs`, so tests can assert that every
+//! constant the launchers mirror (block sizes, params-struct sizes) equals the kernel's.
 
 use std::env;
 use std::fs;
@@ -39,6 +44,46 @@ fn mtime(p: &Path) -> SystemTime {
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
+/// `(file, name, value)` of every `#define NAME <integer>` and `(file, type, bytes)` of every
+/// `static_assert(sizeof(T) == N` in the kernel sources.
+fn kernel_defines(files: &[PathBuf]) -> String {
+    let int = |t: &str| -> Option<u64> {
+        let t = t.trim_end_matches(['u', 'U']);
+        match t.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16).ok(),
+            None => t.parse().ok(),
+        }
+    };
+    let (mut defines, mut sizes) = (String::new(), String::new());
+    for f in files {
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        for line in fs::read_to_string(f).unwrap_or_default().lines() {
+            let mut w = line.split_whitespace();
+            if let (Some("#define"), Some(k), Some(v)) = (w.next(), w.next(), w.next()) {
+                if let Some(v) = int(v) {
+                    defines.push_str(&format!("    ({name:?}, {k:?}, {v}),\n"));
+                }
+            }
+            if let Some(rest) = line.trim().strip_prefix("static_assert(sizeof(") {
+                let (ty, rest) = rest.split_once(')').unwrap_or(("", ""));
+                let n = rest
+                    .trim_start_matches([' ', '='])
+                    .split([',', ' ', ')'])
+                    .next();
+                if let Some(n) = n.and_then(int) {
+                    sizes.push_str(&format!("    ({name:?}, {ty:?}, {n}),\n"));
+                }
+            }
+        }
+    }
+    format!(
+        "/// (file, name, value) of every integer `#define` in kernels/.\n\
+         pub const DEFINES: &[(&str, &str, u64)] = &[\n{defines}];\n\
+         /// (file, type, bytes) of every `static_assert(sizeof(T) == N)` in kernels/.\n\
+         pub const SIZES: &[(&str, &str, u64)] = &[\n{sizes}];\n"
+    )
+}
+
 fn main() {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
@@ -55,12 +100,42 @@ fn main() {
     }
     println!("cargo:rerun-if-changed=.cuda/.installed");
 
-    let mut sources: Vec<PathBuf> = fs::read_dir(&kdir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    sources.retain(|p| p.extension().is_some_and(|e| e == "cu"));
+    let list = |dir: &Path| -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let has_ext = |p: &Path, ext: &str| p.extension().is_some_and(|e| e == ext);
+    let mut sources: Vec<PathBuf> = list(&kdir)
+        .into_iter()
+        .chain(list(&kdir.join("dev")))
+        .filter(|p| has_ext(p, "cu"))
+        .collect();
     sources.sort();
-    let header_time = mtime(&kdir.join("common.cuh"));
+    let header_time = list(&kdir)
+        .iter()
+        .filter(|p| has_ext(p, "cuh"))
+        .map(|p| mtime(p))
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    {
+        let mut stems: Vec<_> = sources.iter().map(|p| p.file_stem().unwrap()).collect();
+        stems.sort();
+        let n = stems.len();
+        stems.dedup();
+        assert_eq!(
+            n,
+            stems.len(),
+            "two kernel files share a module name (file stem)"
+        );
+    }
+
+    let headers: Vec<PathBuf> = list(&kdir)
+        .into_iter()
+        .filter(|p| has_ext(p, "cuh"))
+        .collect();
+    let all: Vec<PathBuf> = headers.iter().chain(&sources).cloned().collect();
+    fs::write(out.join("kernel_defines.rs"), kernel_defines(&all)).unwrap();
 
     let nvcc = find_nvcc(&root);
     let arch = env::var("IMDM_CUDA_ARCH").unwrap_or_else(|_| "sm_90a".to_string());
@@ -115,7 +190,8 @@ fn main() {
     }
 
     let mut code = String::from(
-        "/// (module name, PTX source) for every kernels/*.cu, compiled by build.rs.\n\
+        "/// (module name, PTX source) for every kernels/*.cu and kernels/dev/*.cu, compiled by \
+         build.rs.\n\
          pub const PTX: &[(&str, &str)] = &[\n",
     );
     for (stem, ptx) in &entries {

@@ -2,7 +2,7 @@
 //! `imdm-engine bench kernels`). Needs a GPU; prints why not otherwise.
 
 fn main() {
-    match imdm_engine::gpu::Gpu::new(0) {
+    match imdm_engine::cuda::Gpu::new(0) {
         Ok(gpu) => {
             println!("device: {}", gpu.name());
             match imdm_engine::bench::kernels(&gpu) {

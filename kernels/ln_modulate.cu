@@ -15,8 +15,7 @@
 //   once and never re-read; the output pass loads weight/scale/shift as float4 and stores four
 //   bf16 (8 bytes) per lane. The per-lane summation order is the generic path's, so both paths
 //   give bit-identical results.
-//   Registers (ptxas -v, CUDA 13.0, sm_90a): 79, no spills: 3 blocks of 8 warps per SM, each
-//   lane with up to 12 independent 16-byte loads in flight.
+//   Each lane keeps up to LN_MAX_VEC independent 16-byte loads in flight.
 //   Generic path (other D): lanes stride the row (float4 loads when D % 4 == 0), re-reading it
 //   from L1/L2 for each pass, and write scalars.
 // Accumulation rule: outputs are written (=), never accumulated.

@@ -3,7 +3,7 @@
 # and packs them into .gpu/bundle.tar.gz (ignored by git) for the GPU machine, which has no Rust.
 # There, `bash scripts/gpu-run.sh` runs them with IMDM_REQUIRE_GPU=1 (a skip is a failure).
 #
-# Which test binaries travel: the library's unit tests (every src/ops/* kernel test) and every
+# Which test binaries travel: the library's unit tests (every src/cuda/ops/* kernel test) and every
 # integration test named tests/gpu_*.rs. The CPU-only suites run in CI and need no GPU.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -10,13 +10,19 @@
 //!   `dit_ref` the CPU reference forward that everything else is measured against. `dit_ref`
 //!   itself is checked against an independent PyTorch implementation (`tools/reference/`)
 //!   through committed fixtures (`tests/fixtures/`).
-//! - [`gpu`]: the CUDA context on cudarc (dynamic loading), the PTX that `build.rs` compiles
-//!   from `kernels/*.cu`, kernel lookup, and the `--device cpu|cuda|auto` choice.
-//! - [`ops`]: one module per kernel file: its only launcher, its CPU twin, its tests.
+//! - [`cpu`] and [`cuda`]: the two backends of one model. [`cuda`] holds the device context
+//!   (cudarc, dynamic loading; the PTX that `build.rs` compiles from `kernels/*.cu`, kernel
+//!   lookup, the `--device cpu|cuda|auto` choice), the tape, the GPU DiT forward and backward,
+//!   the denoiser, the trainer, and `cuda::ops`: one module per kernel file, its only launcher
+//!   and its CPU twin, with its tests in a file of their own beside it.
+//! - [`optim_coeffs`]: the element-wise AdamW and EMA arithmetic both backends run.
 //! - [`rng`]: the reference's counter-hash seeded noise (spec 5.8), bit-exact.
 //! - [`stio`] and [`tensor`]: safetensors helpers and plain host tensors.
-//! - [`diffusion`]: schedule, forward noising and the NELBO batch; [`train`]: the training
-//!   loop, AdamW, EMA, data sources and resumable run directories.
+//! - [`diffusion`]: schedule, forward noising, the NELBO batch and the samplers; [`train`]: the
+//!   backend-free training loop, AdamW, EMA, data sources and resumable run directories;
+//!   [`eval`]: held-out NELBO/PPL and the judge interface; [`distill`]: IM-ReDi and the
+//!   synthetic experiment.
+//! - [`testing`]: the one home of test helpers (tolerances, finite differences, seeded inputs).
 //! - [`data`]: tokenizers, corpus reading, token shards with a manifest, the batch loader.
 //! - [`cli`]: the `imdm-engine` subcommands; `main.rs` only parses and reports errors.
 //!
@@ -26,19 +32,17 @@
 pub mod bench;
 pub mod cli;
 pub mod cpu;
+pub mod cuda;
 pub mod data;
 pub mod diffusion;
 pub mod distill;
 pub mod error;
 pub mod eval;
-pub mod gpu;
 pub mod model;
-pub mod nvtx;
-pub mod ops;
+pub mod optim_coeffs;
 pub mod plot;
 pub mod rng;
 pub mod stio;
-pub mod tape;
 pub mod tensor;
 pub mod testing;
 pub mod train;

@@ -1,4 +1,4 @@
-//! Host tensors: contiguous row-major f32 with a shape. Device buffers live in `gpu.rs`.
+//! Host tensors: contiguous row-major f32 with a shape. Device buffers live in `cuda::device`.
 
 use crate::error::{Error, Result};
 

@@ -1,31 +1,11 @@
 //! `imdm-engine sample` end to end on the CPU: the JSONL shape, reproducibility, prefix and
 //! infill positions, every sampler option, and errors that name the bad flag.
 
+mod common;
+
+use common::cli::{fails, ok};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_imdm-engine"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(!o.status.success(), "{args:?} should fail");
-    String::from_utf8(o.stderr).unwrap()
-}
 
 /// minimini: V = 50001, mask 50000, IMDM.
 const V: u64 = 50001;

@@ -2,8 +2,8 @@
 //! and off), within bf16 tolerance on logits and log-probs. Skips without a GPU unless
 //! IMDM_REQUIRE_GPU=1.
 
-use imdm_engine::gpu::gpu_for_tests;
-use imdm_engine::model::dit::{ForwardOpts, GpuDit, Keep, Workspace};
+use imdm_engine::cuda::dit::{ForwardOpts, GpuDit, Keep, Workspace};
+use imdm_engine::cuda::gpu_for_tests;
 use imdm_engine::model::init::random_params;
 use imdm_engine::model::{dit_ref, Algo, DitConfig};
 use imdm_engine::rng::seeded_eps;

@@ -1,4 +1,4 @@
-//! GPU training (`train::gpu::GpuTrainer`) against the CPU backend: the loss and every
+//! GPU training (`cuda::trainer::GpuTrainer`) against the CPU backend: the loss and every
 //! parameter gradient of the GPU DiT vs `cpu::loss_and_grad::<f64>` (tiny and synthetic
 //! presets, IMDM and MDLM, softcap on and off, dropout on the shared Philox stream), 20
 //! training steps tracking the CPU trainer's loss curve, bit-identical repeated and resumed
@@ -20,12 +20,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use imdm_engine::cpu::{self, TrainOpts};
+use imdm_engine::cuda::gpu_for_tests;
+use imdm_engine::cuda::trainer::{GpuTrainOptions, GpuTrainer};
 use imdm_engine::diffusion::noising::nelbo_batch;
-use imdm_engine::gpu::gpu_for_tests;
 use imdm_engine::model::init::{init_params, random_params};
 use imdm_engine::model::{Algo, DitConfig, DitParams};
 use imdm_engine::tensor::Tokens;
-use imdm_engine::train::gpu::{GpuTrainOptions, GpuTrainer};
 use imdm_engine::train::run::{RunConfig, RunDir, RUN_FORMAT};
 use imdm_engine::train::{data, CpuDit, Freeze, Objective, StepLog, TrainConfig, Trainer};
 use imdm_engine::Error;

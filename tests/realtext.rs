@@ -4,9 +4,12 @@
 //! one across an epoch boundary, `eval ppl` equal to the run's own validation, `sample
 //! --decode`, `plot`, and the errors when model and shards do not fit.
 
+mod common;
+
+use common::cli::{bin, fails, ok};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use imdm_engine::data::TokenizerKind;
@@ -14,30 +17,6 @@ use imdm_engine::data::{prepare, Conventions, PrepareOptions, SplitRule, Tokeniz
 use imdm_engine::diffusion::metrics::mean_unigram_entropy;
 use imdm_engine::tensor::Tokens;
 use safetensors::SafeTensors;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_imdm-engine"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(!o.status.success(), "{args:?} should fail");
-    String::from_utf8(o.stderr).unwrap()
-}
 
 fn prepare_fixtures(out: &Path, length: usize, heldout: &[&str]) {
     prepare(&PrepareOptions {

@@ -502,33 +502,11 @@ fn resume_refuses_a_configuration_that_changes_the_trajectory() {
     assert_eq!(RunDir::open(tmp.path()).unwrap().1.train.steps, 6);
 }
 
-/// Whether `src/cpu` is implemented yet (its stubs panic with `todo!`).
-fn cpu_dit_available() -> bool {
-    let mut m = model(Algo::Mdlm);
-    m.length = 2;
-    let p = init_params(&m, 0);
-    let x = imdm_engine::tensor::Tokens {
-        batch: 1,
-        len: 2,
-        ids: vec![0, 16],
-    };
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let ok = std::panic::catch_unwind(|| imdm_engine::cpu::log_probs::<f32>(&p, &x, None)).is_ok();
-    std::panic::set_hook(hook);
-    ok
-}
-
 /// The same guarantees with the real objective, the CPU DiT: the loss decreases, a rerun is
-/// bit-identical, and a resumed run equals the uninterrupted one. Skipped (visibly) while
-/// `src/cpu` is still a stub.
+/// bit-identical, and a resumed run equals the uninterrupted one.
 #[test]
 fn cpu_dit_trains_reproducibly_and_resumes_bit_for_bit() {
     use imdm_engine::train::CpuDit;
-    if !cpu_dit_available() {
-        eprintln!("skipped: the CPU DiT (src/cpu) is not implemented yet");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let m = model(Algo::Imdm);
     let cfg = train_cfg(40);

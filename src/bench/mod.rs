@@ -11,21 +11,21 @@ use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::error::Result;
-use crate::gpu::Gpu;
-use crate::model::dit::{ForwardOpts, GpuDit, Keep, Workspace};
-use crate::model::init::random_params;
-use crate::model::{Algo, DitConfig, Preset};
-use crate::ops::attention::{
+use crate::cuda::dit::{ForwardOpts, GpuDit, Keep, Workspace};
+use crate::cuda::ops::attention::{
     self, attention_bwd, attention_bwd_reference, attention_fwd, AttentionBwdWorkspace,
     AttentionShape,
 };
-use crate::ops::embedding::embedding_fwd;
-use crate::ops::gelu::{gelu_fwd, GeluKind};
-use crate::ops::gemm::{self, Epilogue, Gemm};
-use crate::ops::ln_modulate::{ln_modulate_fwd, LnModulateOut};
-use crate::ops::residual::residual_fwd;
-use crate::ops::subs::{subs_fwd_f32, SubsShape};
+use crate::cuda::ops::embedding::embedding_fwd;
+use crate::cuda::ops::gelu::{gelu_fwd, GeluKind};
+use crate::cuda::ops::gemm::{self, Epilogue, Gemm};
+use crate::cuda::ops::ln_modulate::{ln_modulate_fwd, LnModulateOut};
+use crate::cuda::ops::residual::residual_fwd;
+use crate::cuda::ops::subs::{subs_fwd_f32, SubsShape};
+use crate::cuda::Gpu;
+use crate::error::Result;
+use crate::model::init::random_params;
+use crate::model::{Algo, DitConfig, Preset};
 use crate::rng::seeded_eps;
 use timing::{Row, Timer};
 

@@ -15,14 +15,14 @@ use rand_chacha::ChaCha8Rng;
 
 use super::timing::Timer;
 use super::Shape;
+use crate::cuda::denoiser::GpuDenoiser;
+use crate::cuda::dit::{ForwardOpts, GpuDit, Keep, Workspace};
+use crate::cuda::ops::sample::{sample_fwd_f32, SampleParams};
+use crate::cuda::Gpu;
 use crate::diffusion::{SamplerConfig, SamplerKind};
 use crate::error::Result;
-use crate::gpu::Gpu;
-use crate::model::dit::{ForwardOpts, GpuDit, Keep, Workspace};
-use crate::model::gpu_denoiser::GpuDenoiser;
 use crate::model::init::random_params;
 use crate::model::{Algo, DitConfig, Preset};
-use crate::ops::sample::{sample_fwd_f32, SampleParams};
 use crate::rng::seeded_eps;
 use crate::tensor::Tokens;
 

@@ -6,8 +6,8 @@
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 
+use crate::cuda::Gpu;
 use crate::error::Result;
-use crate::gpu::Gpu;
 
 /// H100 SXM dense bf16 tensor-core peak (TFLOP/s, datasheet).
 pub const PEAK_TFLOPS: f64 = 989.0;

@@ -21,14 +21,14 @@ use rand_chacha::ChaCha8Rng;
 use super::timing::PEAK_TFLOPS;
 use super::Shape;
 use crate::cpu::TrainOpts;
+use crate::cuda::trainer::{device_memory_used, GpuTrainOptions, GpuTrainer};
+use crate::cuda::Gpu;
 use crate::diffusion::noising::{micro_batch, nelbo_batch, NoisedBatch};
 use crate::diffusion::schedule::antithetic_times;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
 use crate::model::init::init_params;
 use crate::model::{Algo, DitConfig, Preset};
 use crate::tensor::Tokens;
-use crate::train::gpu::{device_memory_used, GpuTrainOptions, GpuTrainer};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::{Ema, Resident};
 

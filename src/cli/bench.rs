@@ -5,8 +5,8 @@ use clap::{Args, Subcommand};
 use std::path::PathBuf;
 
 use crate::bench::{self, timing, Shape};
+use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
 use crate::model::{Algo, Preset};
 
 #[derive(Args, Debug)]

@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use clap::Args;
 
+use crate::cuda::trainer::{GpuTrainOptions, GpuTrainer};
+use crate::cuda::{Backend, DeviceChoice};
 use crate::distill::synthetic::{run as run_experiment, table, Engine, Progress, SyntheticConfig};
 use crate::error::{Error, Result};
-use crate::gpu::{Backend, DeviceChoice};
-use crate::train::gpu::{GpuTrainOptions, GpuTrainer};
 use crate::train::CpuDit;
 
 pub const LONG_ABOUT: &str = "\
@@ -149,7 +149,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     // The GPU attention kernels cover head dims 32/64/96/128; the CPU demo's 64/4 = 16 runs on
     // the CPU under `auto` (and is refused under `cuda`).
     let hd = cfg.model(crate::model::Algo::Imdm).head_dim();
-    let gpu_ok = crate::ops::attention::HEAD_DIMS.contains(&hd);
+    let gpu_ok = crate::cuda::ops::attention::HEAD_DIMS.contains(&hd);
     let choice = match (a.device.device, gpu_ok) {
         (DeviceChoice::Cuda, false) => {
             return Err(Error::Config(format!(

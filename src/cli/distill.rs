@@ -7,6 +7,9 @@ use std::time::Instant;
 use clap::{Args, Subcommand};
 
 use crate::cpu::CpuDenoiser;
+use crate::cuda::denoiser::GpuDenoiser;
+use crate::cuda::trainer::{GpuTrainOptions, GpuTrainer};
+use crate::cuda::Backend;
 use crate::diffusion::Denoiser;
 use crate::distill::redi::{
     generate_couplings, ot_couplings, train_on_couplings, DatagenConfig, RediTrainConfig,
@@ -14,11 +17,8 @@ use crate::distill::redi::{
 use crate::distill::synthetic::Coupling;
 use crate::distill::Couplings;
 use crate::error::{Error, Result};
-use crate::gpu::Backend;
 use crate::model::checkpoint;
-use crate::model::gpu_denoiser::GpuDenoiser;
 use crate::train::data;
-use crate::train::gpu::{GpuTrainOptions, GpuTrainer};
 use crate::train::{CpuDit, Objective};
 
 /// Flags of `imdm-engine distill`.

@@ -1,5 +1,5 @@
 //! `imdm-engine eval ppl`: held-out NELBO and perplexity of a checkpoint on prepared shards
-//! (spec 8.1); see `train::eval` for the protocol.
+//! (spec 8.1); see `eval::ppl` for the protocol.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,13 +8,13 @@ use clap::{Args, Subcommand};
 
 use crate::cli::{check_out_path, ConfigArgs, DeviceArgs};
 use crate::cpu::CpuDenoiser;
+use crate::cuda::denoiser::GpuDenoiser;
+use crate::cuda::Backend;
 use crate::data::VALID;
 use crate::diffusion::Denoiser;
 use crate::error::{Error, Result};
-use crate::gpu::Backend;
+use crate::eval::ppl::{heldout_ppl, PplOptions};
 use crate::model::checkpoint;
-use crate::model::gpu_denoiser::GpuDenoiser;
-use crate::train::eval::{heldout_ppl, PplOptions};
 use crate::train::trainer::VALIDATION_SEED;
 
 #[derive(Args, Debug)]

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use crate::cli::{check_out_path, ConfigArgs, DeviceArgs};
+use crate::cuda::{Backend, DeviceChoice};
 use crate::error::{Error, Result};
-use crate::gpu::{Backend, DeviceChoice};
 use crate::model::{checkpoint, dit_ref};
 use crate::rng::seeded_eps;
 use crate::stio::{view_to_f32, view_to_ids, write_atomic, OutTensor, StFile};

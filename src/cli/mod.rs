@@ -4,8 +4,8 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
+use crate::cuda::DeviceChoice;
 use crate::error::{Error, Result};
-use crate::gpu::DeviceChoice;
 use crate::model::{Algo, DitConfig, NoiseType, Preset};
 
 pub mod bench;
@@ -23,10 +23,10 @@ pub mod train;
 
 /// Masked diffusion language models (MDLM, IMDM) with hand-written CUDA kernels.
 ///
-/// Implemented so far: model initialisation, checkpoint inspection, the CPU reference forward,
-/// the GPU probe, data preparation (text to token shards), CPU training, sampling (CPU, and GPU
-/// through the fused step kernel) and the synthetic experiment (`demo`). GPU training arrives
-/// with its own issue.
+/// Model initialisation and inspection, the reference forward pass, data preparation (text to
+/// token shards), training, evaluation, sampling, distillation and the synthetic experiment
+/// (`demo`); training, evaluation, sampling, distillation and the demo run on the CPU or the GPU
+/// (`--device cpu|cuda|auto`).
 #[derive(Parser, Debug)]
 #[command(name = "imdm-engine", version, about, long_about)]
 pub struct Cli {
@@ -51,7 +51,7 @@ pub enum Command {
     Probe(probe::ProbeArgs),
     /// GPU benchmarks: kernels, whole forward, sampler steps.
     Bench(bench::BenchArgs),
-    /// Train MDLM or IMDM (NELBO) into a resumable run directory (CPU for now).
+    /// Train MDLM or IMDM (NELBO) into a resumable run directory.
     #[command(long_about = train::LONG_ABOUT)]
     Train(Box<train::TrainArgs>),
     /// Text data: tokenize a corpus into token shards, inspect prepared shards.
@@ -110,6 +110,15 @@ impl ConfigArgs {
             return Ok(None);
         };
         let mut c = DitConfig::preset(p);
+        self.apply(&mut c);
+        c.validate()?;
+        Ok(Some(c))
+    }
+
+    /// Applies the model flags that were given on top of `c` (a preset, or a configuration
+    /// recorded in a file); the one place these overrides are interpreted. `--vocab` moves the
+    /// mask to the last id unless `--mask-index` is given too.
+    pub fn apply(&self, c: &mut DitConfig) {
         if let Some(v) = self.vocab {
             c.vocab_size = v;
             c.mask_index = v.saturating_sub(1);
@@ -132,9 +141,9 @@ impl ConfigArgs {
         if let Some(l) = self.length {
             c.length = l;
         }
-        c.causal = self.ar;
-        c.validate()?;
-        Ok(Some(c))
+        if self.ar {
+            c.causal = true;
+        }
     }
 }
 

@@ -5,9 +5,9 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::cuda::ops::ln_modulate;
+use crate::cuda::{Gpu, ARCH, PTX};
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, ARCH, PTX};
-use crate::ops::ln_modulate;
 use crate::testing::{compare, Tol};
 
 #[derive(Args, Debug)]

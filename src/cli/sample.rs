@@ -25,13 +25,13 @@ use std::time::Instant;
 
 use crate::cli::{check_out_path, ConfigArgs, DeviceArgs};
 use crate::cpu::CpuDenoiser;
+use crate::cuda::denoiser::GpuDenoiser;
+use crate::cuda::Backend;
 use crate::data::shards::MANIFEST;
 use crate::data::{Conventions, Manifest, Tokenizer, TokenizerKind};
 use crate::diffusion::metrics::mean_unigram_entropy;
 use crate::diffusion::{generate, NoiseRemoval, SampleOutput, SamplerConfig, SamplerKind};
 use crate::error::{Error, Result};
-use crate::gpu::Backend;
-use crate::model::gpu_denoiser::GpuDenoiser;
 use crate::model::{checkpoint, Algo, DitConfig};
 use crate::tensor::Tokens;
 

@@ -1,5 +1,5 @@
 //! `imdm-engine train`: MDLM / IMDM training on the CPU backend or the GPU (`--device cuda`:
-//! `train::GpuTrainer`, weights, optimizer and EMA resident on the device), into a resumable
+//! `cuda::GpuTrainer`, weights, optimizer and EMA resident on the device), into a resumable
 //! run directory. The flags resolve into a [`RunConfig`] written to `DIR/config.json`;
 //! `--resume` continues a run from its recorded configuration (on either device).
 
@@ -8,15 +8,15 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 
 use crate::cli::ConfigArgs;
+use crate::cuda::ops::attention::HEAD_DIMS;
+use crate::cuda::trainer::{GpuTrainOptions, GpuTrainer};
+use crate::cuda::{DeviceChoice, Gpu};
 use crate::data::shards::MANIFEST;
 use crate::data::Manifest;
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceChoice, Gpu};
-use crate::model::{checkpoint, Algo, DitConfig, DitParams};
-use crate::ops::attention::HEAD_DIMS;
+use crate::model::{checkpoint, DitConfig, DitParams};
 use crate::train::config::{DataSpec, Freeze, TokenDtype, TrainConfig};
 use crate::train::curves::{plot_runs, CURVES_FILE};
-use crate::train::gpu::{GpuTrainOptions, GpuTrainer};
 use crate::train::init::initial_params;
 use crate::train::run::{RunConfig, RunDir, RUN_FORMAT};
 use crate::train::{data, CpuDit, Event, LinearSoftmax, Objective, Trainer};
@@ -309,33 +309,12 @@ fn resolve_model(a: &TrainArgs) -> Result<DitConfig> {
         m.mask_index = man.mask_index as usize;
         m.length = man.length;
     }
-    if let Some(v) = c.vocab {
-        m.vocab_size = v;
-        m.mask_index = v.saturating_sub(1);
-    }
-    if let Some(x) = c.mask_index {
-        m.mask_index = x;
-    }
-    if let Some(x) = c.algo {
-        m.algo = x;
-    }
-    if let Some(x) = c.noise_type {
-        m.noise_type = x;
-    }
-    if let Some(x) = c.softcap {
-        m.softcap = x;
-    }
-    if let Some(x) = c.length {
-        m.length = x;
-    }
+    c.apply(&mut m);
     if let Some(h) = a.hidden {
         if c.noise_dim.is_none() && m.noise_dim == m.hidden {
             m.noise_dim = h;
         }
         m.hidden = h;
-    }
-    if let Some(x) = c.noise_dim {
-        m.noise_dim = x;
     }
     if let Some(x) = a.heads {
         m.heads = x;
@@ -507,12 +486,6 @@ fn resolve_resume(a: &TrainArgs, dir: &Path, rec: &RunConfig) -> Result<TrainCon
     Ok(t)
 }
 
-/// The CLI spelling of an algorithm.
-fn algo_name(a: Algo) -> String {
-    a.to_possible_value()
-        .map_or_else(|| format!("{a:?}"), |v| v.get_name().to_string())
-}
-
 fn hms(s: f64) -> String {
     let s = s.max(0.0).round() as u64;
     match (s / 3600, s / 60 % 60, s % 60) {
@@ -590,7 +563,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 println!(
                     "training {} {} ({} parameters, L {}) on {description} into {} ({})",
                     model.preset,
-                    algo_name(model.algo),
+                    model.algo.name(),
                     t.params.count(),
                     model.length,
                     dir.display(),
@@ -631,7 +604,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "done: {} steps of {} {}; last loss {}; {}; checkpoint {}",
         trainer.step,
         model.preset,
-        algo_name(model.algo),
+        model.algo.name(),
         trainer
             .state()
             .last_loss

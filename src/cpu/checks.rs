@@ -1,7 +1,6 @@
-//! Validation of what a caller hands the CPU backend: tokens, eps and a loss batch against the
-//! model's configuration, with messages that name the tensor and the expected and actual shape.
+//! Validation of what a caller hands the CPU backend: tokens and eps against the model's
+//! configuration (a loss batch has its own [`LossBatch::check`](crate::diffusion::LossBatch::check)), with messages that name the tensor and the expected and actual shape.
 
-use crate::diffusion::LossBatch;
 use crate::error::{Error, Result};
 use crate::model::DitConfig;
 use crate::tensor::{Tensor, Tokens};
@@ -56,49 +55,4 @@ pub(super) fn check_inputs(c: &DitConfig, xt: &Tokens, eps: Option<&Tensor>) -> 
         m: c.mlp_hidden(),
         v: c.vocab_size,
     })
-}
-
-/// Checks the loss batch beyond shapes: targets equal inputs at unmasked rows (SUBS carry-over)
-/// and are never the mask token.
-pub(super) fn check_batch(c: &DitConfig, b: &LossBatch, rows: usize) -> Result<()> {
-    let (xt, x0) = (b.xt, b.x0);
-    if (x0.batch, x0.len) != (xt.batch, xt.len) || x0.ids.len() != rows {
-        return Err(Error::Shape(format!(
-            "x0: expected shape [{}, {}] like xt, got [{}, {}] with {} ids",
-            xt.batch,
-            xt.len,
-            x0.batch,
-            x0.len,
-            x0.ids.len()
-        )));
-    }
-    if b.weight.len() != rows {
-        return Err(Error::Shape(format!(
-            "weight: expected B·L = {rows} entries, got {}",
-            b.weight.len()
-        )));
-    }
-    if !(b.norm.is_finite() && b.norm > 0.0) {
-        return Err(Error::Config(format!(
-            "loss norm must be finite and positive, got {}",
-            b.norm
-        )));
-    }
-    let mask = c.mask_index as u32;
-    for (i, (&t, &x)) in xt.ids.iter().zip(&x0.ids).enumerate() {
-        if x == mask || x as usize >= c.vocab_size {
-            return Err(Error::Shape(format!(
-                "x0: target {x} at flat index {i} is the mask token or outside the vocabulary \
-                 of {}",
-                c.vocab_size
-            )));
-        }
-        if t != mask && t != x {
-            return Err(Error::Shape(format!(
-                "x0: target {x} differs from the unmasked input {t} at flat index {i} (SUBS \
-                 carries unmasked tokens over, so x0 must equal xt there)"
-            )));
-        }
-    }
-    Ok(())
 }

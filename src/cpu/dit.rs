@@ -14,7 +14,7 @@
 //! ```
 
 use crate::cpu::attention::{attention_bwd, attention_fwd, rope_apply, AttnSaved, AttnShape, Rope};
-use crate::cpu::checks::{check_batch, check_inputs, Dims};
+use crate::cpu::checks::{check_inputs, Dims};
 use crate::cpu::layers::*;
 use crate::cpu::loss::{subs_ce_in_place, subs_log_probs};
 use crate::cpu::weights::{
@@ -146,7 +146,7 @@ fn attn_shape(c: &DitConfig, n: Dims) -> AttnShape {
 }
 
 /// Dropout stream offset of block `block`'s branch `branch` (0 attention, 1 MLP): the GPU
-/// forward's rule (`model::dit`: `opts.offset + 2·i`, `+ 1` for the MLP branch).
+/// forward's rule (`cuda::dit`: `opts.offset + 2·i`, `+ 1` for the MLP branch).
 pub(crate) fn dropout_offset(base: u64, block: usize, branch: u64) -> u64 {
     base.wrapping_add(2 * block as u64 + branch)
 }
@@ -492,7 +492,7 @@ pub(super) fn loss_and_grad<T: Real>(
     let w = Weights::<T>::view(p)?;
     check_shapes(grads, &expected_shapes(c), "grads")?;
     let n = check_inputs(c, batch.xt, batch.eps)?;
-    check_batch(c, batch, n.rows)?;
+    batch.check(c)?;
     let p_drop = c.dropout as f32;
     let dropout = opts
         .dropout
@@ -532,3 +532,7 @@ pub(super) fn log_probs<T: Real>(
     w.recycle();
     Tensor::from_vec(&[n.batch, n.len, n.v], lp)
 }
+
+#[cfg(test)]
+#[path = "dit_tests.rs"]
+mod tests;

@@ -4,7 +4,7 @@
 //! quarter of a training step, erff made the eps-MLP GELU ten times dearer than the tanh one.
 //! These are plain mul/add/div/min/max (no `mul_add`: the baseline x86-64 target has no FMA and
 //! it would become a libm call), so LLVM vectorises the loops. Accuracy (tested against f64 in
-//! `tests_layers`): a few ulp. The f64 instantiation keeps the library functions.
+//! `layers_tests`): a few ulp. The f64 instantiation keeps the library functions.
 
 use crate::cpu::Real;
 

@@ -377,3 +377,7 @@ pub fn embedding_bwd<T: Real>(dh: &[T], ids: &[u32], d: usize, dtable: &mut [T])
         row.iter_mut().zip(g).for_each(|(a, &v)| *a += v);
     }
 }
+
+#[cfg(test)]
+#[path = "layers_tests.rs"]
+mod tests;

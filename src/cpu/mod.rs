@@ -30,7 +30,7 @@
 //!
 //! Conventions: the conditioning vector is constant (sigma = 0, spec 4.2), so each adaLN
 //! modulation is one vector broadcast over all rows, and its gradient is a sum over rows that
-//! flows on into `sigma_map`. Dropout follows the GPU forward (`model::dit`): block i's
+//! flows on into `sigma_map`. Dropout follows the GPU forward (`cuda::dit`): block i's
 //! attention branch uses stream offset `offset + 2i`, its MLP branch `offset + 2i + 1`, and
 //! element (row r, column j) of a branch is Philox index `r·D + j` ([`crate::rng::dropout_keep`]).
 
@@ -54,13 +54,6 @@ pub mod layers;
 pub mod loss;
 mod pool;
 mod weights;
-
-#[cfg(test)]
-mod fd;
-#[cfg(test)]
-mod tests_layers;
-#[cfg(test)]
-mod tests_model;
 
 pub use denoiser::CpuDenoiser;
 pub use pool::{free_cached_buffers, Buf};

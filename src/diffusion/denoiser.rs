@@ -5,7 +5,7 @@
 //!   with different `xt`, `ε` and `w`, so one batch type serves them all.
 //! - [`Denoiser`]: SUBS log-probabilities for a noisy batch; the samplers see nothing else.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::DitConfig;
 use crate::tensor::{Tensor, Tokens};
 
@@ -27,6 +27,77 @@ pub struct LossBatch<'a> {
     pub norm: f64,
 }
 
+impl LossBatch<'_> {
+    /// Checks the batch against the model, the one check both backends run before computing:
+    /// a non-empty (B, L) input with ids in the vocabulary, targets of the same shape that are
+    /// never the mask token and equal the input where it is not masked (SUBS carries unmasked
+    /// tokens over), B·L weights, a finite positive norm, and eps of shape (B, L, noise_dim)
+    /// when the model has the eps MLP. Returns (B, L).
+    pub fn check(&self, c: &DitConfig) -> Result<(usize, usize)> {
+        let (xt, x0) = (self.xt, self.x0);
+        let (bsz, len) = (xt.batch, xt.len);
+        let rows = bsz * len;
+        if rows == 0 || xt.ids.len() != rows {
+            return Err(Error::Shape(format!(
+                "xt: expected a non-empty (B, L) = ({bsz}, {len}) with B·L ids, got {}",
+                xt.ids.len()
+            )));
+        }
+        if (x0.batch, x0.len) != (bsz, len) || x0.ids.len() != rows {
+            return Err(Error::Shape(format!(
+                "x0: expected shape [{bsz}, {len}] like xt, got [{}, {}] with {} ids",
+                x0.batch,
+                x0.len,
+                x0.ids.len()
+            )));
+        }
+        if self.weight.len() != rows {
+            return Err(Error::Shape(format!(
+                "weight: expected B·L = {rows} entries, got {}",
+                self.weight.len()
+            )));
+        }
+        if !(self.norm.is_finite() && self.norm > 0.0) {
+            return Err(Error::Config(format!(
+                "loss norm must be finite and positive, got {}",
+                self.norm
+            )));
+        }
+        let mask = c.mask_index as u32;
+        for (i, (&t, &x)) in xt.ids.iter().zip(&x0.ids).enumerate() {
+            if t as usize >= c.vocab_size {
+                return Err(Error::Shape(format!(
+                    "xt: id {t} at flat index {i} is outside the vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
+            if x == mask || x as usize >= c.vocab_size {
+                return Err(Error::Shape(format!(
+                    "x0: target {x} at flat index {i} is the mask token or outside the \
+                     vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
+            if t != mask && t != x {
+                return Err(Error::Shape(format!(
+                    "x0: target {x} differs from the unmasked input {t} at flat index {i} (SUBS \
+                     carries unmasked tokens over, so x0 must equal xt there)"
+                )));
+            }
+        }
+        if c.has_eps_mlp() {
+            let e = self.eps.ok_or_else(|| {
+                Error::Shape(format!(
+                    "eps: the IMDM loss needs eps of shape [{bsz}, {len}, {}], got none",
+                    c.noise_dim
+                ))
+            })?;
+            e.expect_shape("eps", &[bsz, len, c.noise_dim])?;
+        }
+        Ok((bsz, len))
+    }
+}
+
 /// A DiT in evaluation mode (no dropout) as the samplers see it.
 pub trait Denoiser {
     fn config(&self) -> &DitConfig;
@@ -34,3 +105,7 @@ pub trait Denoiser {
     /// used as given.
     fn log_probs(&mut self, xt: &Tokens, eps: Option<&Tensor>) -> Result<Tensor>;
 }
+
+#[cfg(test)]
+#[path = "denoiser_tests.rs"]
+mod tests;

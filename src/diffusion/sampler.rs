@@ -175,7 +175,7 @@ fn unseeded_eps<R: Rng + ?Sized>(
     Tensor::from_vec(&shape, data).expect("sizes agree")
 }
 
-/// The driver's input checks, shared with the GPU driver (`model::gpu_denoiser`): x_t's shape
+/// The driver's input checks, shared with the GPU driver (`cuda::denoiser`): x_t's shape
 /// and ids, the stream's position limit and `given_t` (one per row, in (0, 1] for rows with
 /// masked positions). Returns the per-row `given_t` (default 1).
 pub fn check_inputs(

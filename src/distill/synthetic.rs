@@ -25,6 +25,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::cpu::{CpuDenoiser, TrainOpts};
+use crate::cuda::denoiser::GpuDenoiser;
+use crate::cuda::trainer::GpuTrainer;
 use crate::diffusion::noising::nelbo_batch;
 use crate::diffusion::schedule::antithetic_times;
 use crate::diffusion::Denoiser;
@@ -36,13 +38,12 @@ use crate::distill::redi::{
 };
 use crate::distill::Couplings;
 use crate::error::{Error, Result};
-use crate::model::gpu_denoiser::GpuDenoiser;
 use crate::model::init::init_params;
 use crate::model::{Algo, DitConfig, DitParams, NoiseType};
 use crate::tensor::Tokens;
-use crate::train::data::{DataSource, SyntheticSource};
-use crate::train::gpu::GpuTrainer;
+use crate::train::data::SyntheticSource;
 use crate::train::optim::LrSchedule;
+use crate::train::source::DataSource;
 use crate::train::{CpuDit, Objective};
 
 /// Where each round's couplings come from.
@@ -195,7 +196,7 @@ impl SyntheticConfig {
 }
 
 /// Where the experiment computes: the CPU backend, or the GPU (training through
-/// `train::gpu::GpuTrainer`, sampling through `model::gpu_denoiser::GpuDenoiser`).
+/// `cuda::trainer::GpuTrainer`, sampling through `cuda::denoiser::GpuDenoiser`).
 pub enum Engine {
     Cpu(CpuDit),
     Cuda(Box<GpuTrainer>),

@@ -15,6 +15,16 @@ pub enum Algo {
     Imdm,
 }
 
+impl Algo {
+    /// The spelling of the CLI flag, the JSON record and messages: "mdlm" or "imdm".
+    pub fn name(self) -> &'static str {
+        match self {
+            Algo::Mdlm => "mdlm",
+            Algo::Imdm => "imdm",
+        }
+    }
+}
+
 /// Distribution of the eps vector at masked positions (spec 3.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

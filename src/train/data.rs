@@ -15,7 +15,7 @@
 //!
 //! `position()` counts sequences consumed; a run directory records it and `seek` restores it.
 //! A source with a richer position (the shard loader's epoch, seed and data fingerprint) also
-//! reports it through [`DataSource::loader_position`]; the checkpoint stores it and a resume
+//! reports it through [`DataSource::loader_position`](crate::train::DataSource::loader_position); the checkpoint stores it and a resume
 //! restores it, refusing other data.
 
 use std::fs::File;
@@ -26,48 +26,15 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::data::LoaderPosition;
 use crate::error::{Error, Result};
 use crate::model::DitConfig;
 use crate::tensor::Tokens;
 use crate::train::config::{DataSpec, TokenDtype};
+use crate::train::source::DataSource;
 
 /// Seed of the synthetic validation set: fixed, so validation numbers of runs with different
 /// training seeds compare.
 pub const SYNTHETIC_VAL_SEED: u64 = 0x5EED_0000_0000_7A1D;
-
-/// A resumable stream of clean sequences.
-pub trait DataSource {
-    /// Sequence length L.
-    fn seq_len(&self) -> usize;
-    /// The next `batch` sequences as (B, L) ids.
-    fn next_batch(&mut self, batch: usize) -> Result<Tokens>;
-    /// Sequences consumed so far.
-    fn position(&self) -> u64;
-    /// Continue as if `pos` sequences had been consumed.
-    fn seek(&mut self, pos: u64) -> Result<()>;
-    /// One line for logs: what the source is.
-    fn describe(&self) -> String;
-    /// Announces the batch size every later `next_batch` will ask for (the trainer calls it
-    /// once, before the first batch), so a source with fixed batches can check it early.
-    fn set_batch_size(&mut self, _batch: usize) -> Result<()> {
-        Ok(())
-    }
-    /// The loader's full position, for sources that read prepared shards; `None` otherwise.
-    fn loader_position(&self) -> Option<LoaderPosition> {
-        None
-    }
-    /// Restores [`DataSource::loader_position`] (after `seek`); refuses a position taken on
-    /// other data or with other settings.
-    fn restore_loader(&mut self, p: &LoaderPosition) -> Result<()> {
-        Err(Error::Config(format!(
-            "the checkpoint records a shard-loader position (data {}), but this data source \
-             ({}) has none",
-            p.fingerprint,
-            self.describe()
-        )))
-    }
-}
 
 /// Spec 1.3's synthetic-align data (see the module doc).
 #[derive(Clone, Debug)]

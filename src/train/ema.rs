@@ -10,6 +10,8 @@
 use crate::error::{Error, Result};
 use crate::model::DitParams;
 
+pub use crate::optim_coeffs::ema_elements;
+
 /// EMA state: decay, number of updates so far, shadow weights.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Ema {
@@ -53,15 +55,6 @@ impl Ema {
             ema_elements(&mut s.data, &p.data, omd);
         }
         Ok(())
-    }
-}
-
-/// `s ← s − omd·(s − p)` element by element in f32 (`omd` = 1 − decay_n), the update
-/// [`Ema::update`] applies and the GPU kernel (`kernels/adamw.cu`, `ema_f32`) reproduces bit
-/// for bit.
-pub fn ema_elements(s: &mut [f32], p: &[f32], omd: f32) {
-    for (s, &p) in s.iter_mut().zip(p) {
-        *s -= omd * (*s - p);
     }
 }
 

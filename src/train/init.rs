@@ -13,13 +13,6 @@ use crate::stio::StFile;
 /// Name of the eps MLP's first weight (present in every IMDM checkpoint).
 const EPS_MLP_FIRST: &str = "vocab_embed.imdm_mlp.0.weight";
 
-fn algo_name(a: Algo) -> &'static str {
-    match a {
-        Algo::Mdlm => "mdlm",
-        Algo::Imdm => "imdm",
-    }
-}
-
 /// Weights for a run of `target`: `init_params(target, seed)` without a file, else the file's
 /// tensors (an MDLM file into an IMDM target gets the initialised eps MLP added). The file's
 /// sizes must match `target`; settings that do not change shapes (length, dropout, softcap,
@@ -87,8 +80,8 @@ pub fn initial_params(
             format!(
                 "tensor {extra} has no place in the chosen configuration (algo {}); choose \
                  --algo {}",
-                algo_name(target.algo),
-                algo_name(file_algo)
+                target.algo.name(),
+                file_algo.name()
             ),
         ));
     }

@@ -24,7 +24,7 @@ use crate::data::{Check, Loader, LoaderOptions, LoaderPosition, Manifest, ShardS
 use crate::error::{Error, Result};
 use crate::model::DitConfig;
 use crate::tensor::Tokens;
-use crate::train::data::DataSource;
+use crate::train::source::DataSource;
 
 /// Prepared token shards as a training source (see the module doc).
 pub struct ShardSource {

@@ -13,7 +13,7 @@
 //! the order of floating-point sums, never the times, masks or ε.
 //!
 //! Device-resident objectives ([`crate::train::Resident`], the GPU trainer of
-//! [`crate::train::gpu`]) run the same loop with the weights, gradients, AdamW moments and EMA
+//! [`crate::cuda::trainer`]) run the same loop with the weights, gradients, AdamW moments and EMA
 //! on the device: `params`, `ema` and `opt` of the [`Trainer`] are then refreshed from the
 //! device ([`Trainer::sync_from`]) before each checkpoint and at the end of a run.
 
@@ -31,11 +31,11 @@ use crate::error::{Error, Result};
 use crate::model::{DitConfig, DitParams};
 use crate::tensor::Tokens;
 use crate::train::config::TrainConfig;
-use crate::train::data::DataSource;
 use crate::train::ema::Ema;
 use crate::train::objective::Objective;
 use crate::train::optim::{zero, AdamW, AdamWConfig, LrSchedule};
 use crate::train::run::{RngState, RunDir, TrainState, RUN_FORMAT};
+use crate::train::source::DataSource;
 use crate::train::update::{host_update, HostState};
 
 /// Purposes of the random streams (keys mixed with the seed).

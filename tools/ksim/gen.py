@@ -1,9 +1,26 @@
 # kernels/X.cu -> X_sim.cpp: the asm helpers replaced by shim.h's simulations, dynamic shared
-# memory declarations pointed at the simulated block's buffer. Usage: gen.py in.cu out.cpp.
+# memory declarations pointed at the simulated block's buffer. Usage: gen.py in.cu [in2.cu ...]
+# out.cpp: several inputs become one translation unit, each kernels/*.cuh they include other than
+# common.cuh (attention_common.cuh) pasted in once, at its first include, so its helpers are
+# replaced too.
 # Kernels without asm (ln_modulate, subs, sample) need only the shared-memory rewrite; their
 # intrinsics (__ldlu, __stcs, __expf, __d*_rn, ...) are plain functions in shim.h.
-import re, sys
-src = open(sys.argv[1]).read()
+import os, re, sys
+*inputs, output = sys.argv[1:]
+pasted = set()
+kdir = os.path.join(os.path.dirname(os.path.abspath(__file__)), '../../kernels')
+def expand(path):
+    def inc(m):
+        if m.group(1) == 'common.cuh':
+            return m.group(0)
+        h = os.path.normpath(os.path.join(kdir, m.group(1)))
+        if h in pasted:
+            return ''
+        pasted.add(h)
+        return expand(h)
+    src = open(path).read().replace('#pragma once\n', '')
+    return re.sub(r'(?m)^#include "([\w./]+\.cuh)"', inc, src)
+src = '\n'.join(expand(p) for p in inputs)
 def replace_fn(s, name, body_sig):
     m = re.search(r'(template <int N>\s*)?__device__ __forceinline__ [^\n]*\b' + name + r'\(', s)
     assert m, name
@@ -16,7 +33,7 @@ def replace_fn(s, name, body_sig):
             if depth == 0: break
         j += 1
     return s[:m.start()] + body_sig + s[j + 1:]
-R = {  # attention.cu's helpers
+R = {  # attention_common.cuh's helpers
  'att_smem_u32': 'inline uint32_t att_smem_u32(const void* p) { return sim_smem_u32(p); }',
  'att_cp_async16': 'inline void att_cp_async16(uint32_t d, const void* s, bool v) { sim_cp_async16(d, s, v); }',
  'att_cp_async_commit': 'inline void att_cp_async_commit() { sim_cp_async_commit(); }',
@@ -42,5 +59,5 @@ src, n2 = re.subn(r'(?m)^\s*extern __shared__ (?:__align__\(\d+\) )?([\w ]+?) (\
 src, n3 = re.subn(r'if \(vec && d <= IMDM_WARP \* 4 \* LN_MAX_VEC\)',
                   'if (vec && d <= IMDM_WARP * 4 * LN_MAX_VEC && !sim_ln_generic)', src)
 assert 'asm' not in re.sub(r'//[^\n]*', '', src), 'asm left'
-open(sys.argv[2], 'w').write('#include "shim.h"\n' + src)
-print(sys.argv[1].split('/')[-1] + ':', 'replaced', done, 'helpers,', n + n2, 'shared declarations' + (', fast-path switch' if n3 else ''))
+open(output, 'w').write('#include "shim.h"\n' + src)
+print(' + '.join(p.split('/')[-1] for p in inputs) + ':', 'replaced', done, 'helpers,', n + n2, 'shared declarations' + (', fast-path switch' if n3 else ''))

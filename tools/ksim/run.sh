@@ -3,7 +3,8 @@
 # barrier placement on a machine without a GPU: the attention forward + tensor-core backward
 # (harness.cpp), and ln_modulate_fwd_bf16, subs_fwd_{f32,bf16}, sample_fwd_f32 (harness_ops.cpp).
 #
-# How: gen.py copies each kernels/*.cu with its inline-PTX helpers (cp.async, ldmatrix,
+# How: gen.py copies each kernels/*.cu (attention: attention_fwd.cu + attention_bwd.cu with
+# attention_common.cuh, one translation unit) with its inline-PTX helpers (cp.async, ldmatrix,
 # mma.sync m16n8k16, ex2/rcp) replaced by shim.h's simulations, written from the PTX ISA's
 # fragment definitions, and its dynamic shared memory pointed at the simulated block's buffer;
 # plain intrinsics (__expf, rsqrtf, __ldlu, __stcs, __d*_rn, shuffles, atomicAdd) are shim.h
@@ -35,7 +36,7 @@ touch "$out/fake/cuda_bf16.h"
 cp "$here/shim.h" "$here/harness.cpp" "$here/harness_ops.cpp" "$out/"
 flags=(-std=c++20 -O1 -g -fsanitize=address -ffp-contract=off -Wno-unknown-pragmas -I "$out/fake" -I "$root/kernels")
 if [ "$what" != ops ]; then
-  python3 "$here/gen.py" "$root/kernels/attention.cu" "$out/attention_sim.cpp"
+  python3 "$here/gen.py" "$root/kernels/attention_fwd.cu" "$root/kernels/attention_bwd.cu" "$out/attention_sim.cpp"
   g++ "${flags[@]}" -o "$out/harness" "$out/harness.cpp" -lpthread
   "$out/harness" lazy "$hd"
   "$out/harness" eager "$hd"

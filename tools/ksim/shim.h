@@ -189,7 +189,7 @@ inline T __shfl_xor_sync(uint32_t mask, T v, int o) {
     return all[(threadIdx.x % 32) ^ o];
 }
 
-// ---- replacements of the asm helpers of attention.cu ----
+// ---- replacements of the asm helpers of attention_common.cuh ----
 inline uint32_t sim_smem_u32(const void* p) {
     return (uint32_t)((const unsigned char*)p - sim::smem());
 }

@@ -1,0 +1,793 @@
+//! The GPU DiT forward, built from our kernels (`ops::*`) and cuBLASLt GEMMs (`ops::gemm`).
+//!
+//! Weights: an f32 master copy stays on the host (`DitParams`); the GPU holds bf16 copies of
+//! the matrices and f32 LayerNorm weights. Time conditioning is constant (sigma = 0, spec 4.2),
+//! so every adaLN modulation vector is computed once per weight upload on the host and stored as
+//! (1, D) rows: the per-token adaLN GEMMs of the reference disappear.
+//!
+//! Per block, with rows = B·L (buffers in [`BlockActs`], kept per block for the backward):
+//! ```text
+//! a1   = LN1(h)·(1+scale_msa)+shift_msa          ln_modulate   (rows, D)  bf16
+//! qkv  = a1 W_qkv^T                              gemm          (rows, 3D) bf16
+//! o    = attention(rotary(q), rotary(k), v)      attention     (rows, D)  bf16, lse (B,H,L)
+//! proj = o W_out^T                               gemm          (rows, D)  bf16
+//! h   += gate_msa · dropout(proj)                residual      (rows, D)  f32
+//! a2   = LN2(h)·(1+scale_mlp)+shift_mlp          ln_modulate
+//! m1   = gelu_tanh(a2 W1^T + b1), pre saved      gemm (GELU epilogue)  (rows, 4D) bf16
+//! m2   = m1 W2^T + b2                            gemm (bias epilogue)  (rows, D)  bf16
+//! h   += gate_mlp · dropout(m2)                  residual
+//! ```
+//! then `y = LN(h)·(1+scale)+shift`, `logits = y W^T + b` (f32), SUBS log-softmax (f32).
+//!
+//! Inference ([`GpuDit::upload_inference`]): the gates are constant too, so each gated
+//! residual `h += g ∘ (x W^T + b)` becomes one GEMM accumulating into the f32 stream,
+//! `h += x (diag(g) W)^T + g ∘ b` (beta = 1, [`FoldedGates`]): no residual kernel and no bf16
+//! `proj`/`mlp_out` round trip. The MLP's GELU epilogue skips saving its pre-activation.
+//!
+//! Training ([`GpuDit::forward_recorded`] on a [`Workspace::training`]) records every op on a
+//! [`Tape`] for `cuda::dit_bwd`, keeps every block's activations, also saves each LayerNorm's
+//! f32 input (the residual stream before it: `ln1_x`, `ln2_x`), and writes no log-probs: the
+//! loss is the fused SUBS cross-entropy of `ops::subs`, whose gradient overwrites the logits.
+//! Every workspace stores the logits (and log-probs) with a padded row stride (`logits_ld`, V
+//! rounded up to 64).
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+
+use crate::cuda::nvtx;
+use crate::cuda::ops::attention::{attention_fwd, AttentionShape};
+use crate::cuda::ops::embedding::embedding_fwd;
+use crate::cuda::ops::gelu::{gelu_fwd, GeluKind};
+use crate::cuda::ops::gemm::{Epilogue, Gemm};
+use crate::cuda::ops::ln_modulate::{ln_modulate_fwd, LnModulateOut};
+use crate::cuda::ops::residual::residual_fwd;
+use crate::cuda::ops::subs::{subs_fwd_f32, SubsShape};
+use crate::cuda::tape::{Dropout, LinSite, LnSite, Op, ResSite, Tape};
+use crate::cuda::Gpu;
+use crate::error::{Error, Result};
+use crate::model::dit_ref::{cond_vector, linear};
+use crate::model::params::{DitParams, Linear};
+use crate::model::DitConfig;
+use crate::tensor::Tensor;
+
+/// A linear layer on the GPU: bf16 weight (out, in) and bias in the epilogue's dtype.
+pub struct GpuLinear<B> {
+    pub w: CudaSlice<bf16>,
+    pub b: Option<CudaSlice<B>>,
+    pub out: usize,
+    pub inp: usize,
+}
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+fn upload_bf16(gpu: &Gpu, l: &Linear) -> Result<GpuLinear<bf16>> {
+    Ok(GpuLinear {
+        w: gpu.stream.clone_htod(&to_bf16(&l.weight.data))?,
+        b: match &l.bias {
+            Some(b) => Some(gpu.stream.clone_htod(&to_bf16(&b.data))?),
+            None => None,
+        },
+        out: l.out_dim(),
+        inp: l.in_dim(),
+    })
+}
+
+/// One block's weights and its precomputed modulation vectors (each (1, D) f32).
+pub struct GpuBlock {
+    pub norm1: CudaSlice<f32>,
+    pub norm2: CudaSlice<f32>,
+    pub qkv: GpuLinear<bf16>,
+    pub attn_out: GpuLinear<bf16>,
+    pub mlp1: GpuLinear<bf16>,
+    pub mlp2: GpuLinear<bf16>,
+    /// shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp; None for the AR baseline.
+    pub modulation: Option<[CudaSlice<f32>; 6]>,
+    /// The gated output layers with the gates folded in ([`GpuDit::upload_inference`] only).
+    pub folded: Option<FoldedGates>,
+}
+
+/// A block's two gated output layers with their (constant) adaLN gates folded into the weights,
+/// for forwards without dropout or tape: `g ∘ (x W^T + b) = x (diag(g) W)^T + g ∘ b`. The
+/// folded weights are rounded to bf16 once (instead of rounding each GEMM output to bf16 before
+/// the gate), which keeps the result within the forward's bf16 tolerance of `dit_ref`.
+pub struct FoldedGates {
+    /// diag(gate_msa) · W_out, (D, D) bf16
+    pub attn_out: CudaSlice<bf16>,
+    /// diag(gate_mlp) · W_2, (D, 4D) bf16
+    pub mlp2: CudaSlice<bf16>,
+    /// gate_mlp ∘ b_2, (D) f32
+    pub mlp2_bias: CudaSlice<f32>,
+}
+
+/// `diag(g) · W` for W stored (out, in) row-major: row r scaled by g[r] (f32 products, as the
+/// upload then rounds to bf16). No gate (`None`, the AR baseline) leaves W as it is.
+pub fn fold_rows(w: &[f32], g: Option<&[f32]>, inp: usize) -> Vec<f32> {
+    match g {
+        None => w.to_vec(),
+        Some(g) => w
+            .chunks_exact(inp)
+            .zip(g)
+            .flat_map(|(row, &gr)| row.iter().map(move |&x| x * gr))
+            .collect(),
+    }
+}
+
+impl FoldedGates {
+    /// From a block's host weights and its host modulation (6 chunks of D, or none).
+    fn new(gpu: &Gpu, b: &crate::model::params::Block, m: Option<&[f32]>) -> Result<Self> {
+        let d = b.attn_out.out_dim();
+        let gate = |k: usize| m.map(|m| &m[k * d..(k + 1) * d]);
+        let (w_o, w_2) = (&b.attn_out, &b.mlp_fc2);
+        let bias = w_2.bias.as_ref().expect("mlp bias");
+        let b2: Vec<f32> = match gate(5) {
+            Some(g) => bias.data.iter().zip(g).map(|(&x, &gi)| x * gi).collect(),
+            None => bias.data.clone(),
+        };
+        let s = &gpu.stream;
+        Ok(FoldedGates {
+            attn_out: s.clone_htod(&to_bf16(&fold_rows(
+                &w_o.weight.data,
+                gate(2),
+                w_o.in_dim(),
+            )))?,
+            mlp2: s.clone_htod(&to_bf16(&fold_rows(
+                &w_2.weight.data,
+                gate(5),
+                w_2.in_dim(),
+            )))?,
+            mlp2_bias: s.clone_htod(&b2)?,
+        })
+    }
+}
+
+/// The whole model on the GPU.
+pub struct GpuDit {
+    pub config: DitConfig,
+    /// (V, D) f32
+    pub embedding: CudaSlice<f32>,
+    /// IMDM eps MLP: nd -> 4D (bias) -> D.
+    pub eps_mlp: Option<(GpuLinear<bf16>, GpuLinear<bf16>)>,
+    pub blocks: Vec<GpuBlock>,
+    pub final_norm: CudaSlice<f32>,
+    /// Final (shift, scale), each (1, D).
+    pub final_modulation: Option<[CudaSlice<f32>; 2]>,
+    /// D -> V with an f32 bias (the logits are f32).
+    pub final_linear: GpuLinear<f32>,
+    pub gemm: Gemm,
+}
+
+/// The host modulation vector `adaLN(c)` of one adaLN layer (N chunks of D), or None without
+/// adaLN or conditioning (the AR baseline).
+fn host_modulation(adaln: Option<&Linear>, cond: Option<&[f32]>) -> Option<Vec<f32>> {
+    Some(linear(cond?, adaln?))
+}
+
+/// Uploads a host modulation vector as its N chunks of D.
+fn modulation<const N: usize>(
+    gpu: &Gpu,
+    host: Option<&[f32]>,
+) -> Result<Option<[CudaSlice<f32>; N]>> {
+    let Some(m) = host else {
+        return Ok(None);
+    };
+    let d = m.len() / N;
+    let parts: Vec<CudaSlice<f32>> = (0..N)
+        .map(|k| gpu.stream.clone_htod(&m[k * d..(k + 1) * d]))
+        .collect::<std::result::Result<_, _>>()?;
+    Ok(Some(parts.try_into().ok().expect("N parts")))
+}
+
+impl GpuDit {
+    /// Uploads `p` (bf16 matrices, f32 norms, precomputed modulations), for training or any
+    /// forward.
+    pub fn upload(gpu: &Gpu, p: &DitParams) -> Result<Self> {
+        Self::upload_with(gpu, p, false)
+    }
+
+    /// [`GpuDit::upload`] plus the gate-folded output layers ([`FoldedGates`]) that forwards
+    /// without dropout or tape use. For fixed weights (sampling, evaluation, benchmarks): the
+    /// folded copies do not follow later in-place weight updates.
+    pub fn upload_inference(gpu: &Gpu, p: &DitParams) -> Result<Self> {
+        Self::upload_with(gpu, p, true)
+    }
+
+    fn upload_with(gpu: &Gpu, p: &DitParams, fold: bool) -> Result<Self> {
+        let s = &gpu.stream;
+        let cond = cond_vector(p, 0.0);
+        let blocks = p
+            .blocks
+            .iter()
+            .map(|b| {
+                let host_mod = host_modulation(b.adaln.as_ref(), cond.as_deref());
+                let folded = match fold {
+                    true => Some(FoldedGates::new(gpu, b, host_mod.as_deref())?),
+                    false => None,
+                };
+                Ok(GpuBlock {
+                    norm1: s.clone_htod(&b.norm1.data)?,
+                    norm2: s.clone_htod(&b.norm2.data)?,
+                    qkv: upload_bf16(gpu, &b.attn_qkv)?,
+                    attn_out: upload_bf16(gpu, &b.attn_out)?,
+                    mlp1: upload_bf16(gpu, &b.mlp_fc1)?,
+                    mlp2: upload_bf16(gpu, &b.mlp_fc2)?,
+                    modulation: modulation::<6>(gpu, host_mod.as_deref())?,
+                    folded,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let f = &p.final_layer;
+        Ok(GpuDit {
+            config: p.config.clone(),
+            embedding: s.clone_htod(&p.embedding.data)?,
+            eps_mlp: match &p.eps_mlp {
+                Some(e) => Some((upload_bf16(gpu, &e.fc1)?, upload_bf16(gpu, &e.fc2)?)),
+                None => None,
+            },
+            blocks,
+            final_norm: s.clone_htod(&f.norm.data)?,
+            final_modulation: modulation::<2>(
+                gpu,
+                host_modulation(f.adaln.as_ref(), cond.as_deref()).as_deref(),
+            )?,
+            final_linear: GpuLinear {
+                w: s.clone_htod(&to_bf16(&f.linear.weight.data))?,
+                b: Some(s.clone_htod(&f.linear.bias.as_ref().expect("final bias").data)?),
+                out: f.linear.out_dim(),
+                inp: f.linear.in_dim(),
+            },
+            gemm: Gemm::new(gpu)?,
+        })
+    }
+}
+
+/// Activations of one block (kept per block for the backward, or shared in inference).
+pub struct BlockActs {
+    pub ln1: LnModulateOut,
+    /// (rows, 3D)
+    pub qkv: CudaSlice<bf16>,
+    /// (rows, D)
+    pub attn: CudaSlice<bf16>,
+    /// (B, H, L)
+    pub lse: CudaSlice<f32>,
+    /// (rows, D): attention projection, then reused for the MLP output
+    pub proj: CudaSlice<bf16>,
+    pub ln2: LnModulateOut,
+    /// (rows, 4D) pre-activation and GELU output
+    pub mlp_pre: CudaSlice<bf16>,
+    pub mlp_act: CudaSlice<bf16>,
+    /// (rows, D)
+    pub mlp_out: CudaSlice<bf16>,
+    /// Training only: (rows, D) f32 copies of the residual stream entering LN1 (the block
+    /// input) and LN2, the inputs the LayerNorm backward needs.
+    pub ln1_x: Option<CudaSlice<f32>>,
+    pub ln2_x: Option<CudaSlice<f32>>,
+}
+
+impl BlockActs {
+    fn new(gpu: &Gpu, c: &DitConfig, batch: usize, len: usize, saved: bool) -> Result<Self> {
+        let (rows, d, s) = (batch * len, c.hidden, &gpu.stream);
+        let x = || -> Result<Option<CudaSlice<f32>>> {
+            Ok(if saved {
+                Some(s.alloc_zeros(rows * d)?)
+            } else {
+                None
+            })
+        };
+        Ok(BlockActs {
+            ln1: LnModulateOut::new(gpu, rows, d)?,
+            qkv: s.alloc_zeros(rows * 3 * d)?,
+            attn: s.alloc_zeros(rows * d)?,
+            lse: s.alloc_zeros(batch * c.heads * len)?,
+            proj: s.alloc_zeros(rows * d)?,
+            ln2: LnModulateOut::new(gpu, rows, d)?,
+            mlp_pre: s.alloc_zeros(rows * c.mlp_hidden())?,
+            mlp_act: s.alloc_zeros(rows * c.mlp_hidden())?,
+            mlp_out: s.alloc_zeros(rows * d)?,
+            ln1_x: x()?,
+            ln2_x: x()?,
+        })
+    }
+}
+
+/// Whether activations are kept per block (training) or one set is reused (inference).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    All,
+    None,
+}
+
+/// Every buffer of one forward at a fixed (batch, len).
+pub struct Workspace {
+    pub batch: usize,
+    pub len: usize,
+    /// (rows) token ids
+    pub tokens: CudaSlice<u32>,
+    /// (rows, nd) bf16 eps, and the eps-MLP hidden/output (IMDM only)
+    pub eps: Option<CudaSlice<bf16>>,
+    pub eps_hidden: Option<CudaSlice<bf16>>,
+    pub eps_act: Option<CudaSlice<bf16>>,
+    pub eps_out: Option<CudaSlice<bf16>>,
+    /// (rows, D) f32 residual stream
+    pub h: CudaSlice<f32>,
+    pub blocks: Vec<BlockActs>,
+    pub final_ln: LnModulateOut,
+    /// (rows, logits_ld) f32; columns V..logits_ld are padding
+    pub logits: CudaSlice<f32>,
+    /// Row stride of `logits` and `log_probs`: V rounded up to 64
+    pub logits_ld: usize,
+    /// V: the real columns of each logits row
+    pub vocab: usize,
+    /// (rows, logits_ld) f32 SUBS log-probs (columns V.. are padding, never written) and (rows)
+    /// their log-sum-exp; unused (1 element) in training
+    pub log_probs: CudaSlice<f32>,
+    pub lse: CudaSlice<f32>,
+    /// Whether this workspace can record a training forward (saved LayerNorm inputs).
+    pub training: bool,
+}
+
+impl Workspace {
+    pub fn new(gpu: &Gpu, c: &DitConfig, batch: usize, len: usize, keep: Keep) -> Result<Self> {
+        Self::build(gpu, c, batch, len, keep, false)
+    }
+
+    /// The workspace of a training forward: every block's activations and LayerNorm inputs
+    /// kept, and no log-probs buffer (the fused loss overwrites the logits, whose padded rows
+    /// also keep its bf16 gradient view 16-byte aligned).
+    pub fn training(gpu: &Gpu, c: &DitConfig, batch: usize, len: usize) -> Result<Self> {
+        Self::build(gpu, c, batch, len, Keep::All, true)
+    }
+
+    fn build(
+        gpu: &Gpu,
+        c: &DitConfig,
+        batch: usize,
+        len: usize,
+        keep: Keep,
+        training: bool,
+    ) -> Result<Self> {
+        let (rows, d, s) = (batch * len, c.hidden, &gpu.stream);
+        let n_acts = if keep == Keep::All { c.blocks } else { 1 };
+        // Padded rows: the logits GEMM stores 16-byte aligned rows (at V = 50258 unpadded it
+        // ran at 240 TFLOP/s, a third of the OWT forward) and SUBS reads whole vectors.
+        let logits_ld = c.vocab_size.next_multiple_of(64);
+        let imdm = c.has_eps_mlp();
+        let opt = |on: bool, n: usize| -> Result<Option<CudaSlice<bf16>>> {
+            Ok(if on { Some(s.alloc_zeros(n)?) } else { None })
+        };
+        Ok(Workspace {
+            batch,
+            len,
+            tokens: s.alloc_zeros(rows)?,
+            eps: opt(imdm, rows * c.noise_dim)?,
+            eps_hidden: opt(imdm, rows * 4 * d)?,
+            eps_act: opt(imdm, rows * 4 * d)?,
+            eps_out: opt(imdm, rows * d)?,
+            h: s.alloc_zeros(rows * d)?,
+            blocks: (0..n_acts)
+                .map(|_| BlockActs::new(gpu, c, batch, len, training))
+                .collect::<Result<_>>()?,
+            final_ln: LnModulateOut::new(gpu, rows, d)?,
+            logits: s.alloc_zeros(rows * logits_ld)?,
+            logits_ld,
+            vocab: c.vocab_size,
+            // One placeholder element in training (no zero-sized device allocations).
+            log_probs: if training {
+                s.alloc_zeros(1)?
+            } else {
+                s.alloc_zeros(rows * logits_ld)?
+            },
+            lse: s.alloc_zeros(rows)?,
+            training,
+        })
+    }
+
+    /// The logits on the host as a dense (rows, V) matrix (the padding columns dropped).
+    pub fn logits_host(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        Ok(self.dense_rows(gpu.stream.clone_dtoh(&self.logits)?))
+    }
+
+    /// The SUBS log-probs of the last forward with `opts.subs`, on the host as a dense
+    /// (rows, V) matrix.
+    pub fn log_probs_host(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        if self.training {
+            return Err(Error::Shape(
+                "a training workspace keeps no SUBS log-probs".into(),
+            ));
+        }
+        Ok(self.dense_rows(gpu.stream.clone_dtoh(&self.log_probs)?))
+    }
+
+    /// Drops the padding columns `V..logits_ld` of a (rows, logits_ld) host copy.
+    fn dense_rows(&self, padded: Vec<f32>) -> Vec<f32> {
+        if self.logits_ld == self.vocab {
+            return padded;
+        }
+        padded
+            .chunks_exact(self.logits_ld)
+            .flat_map(|row| &row[..self.vocab])
+            .copied()
+            .collect()
+    }
+
+    /// Copies token ids (and IMDM eps, rounded to bf16) into the workspace.
+    pub fn load_inputs(&mut self, gpu: &Gpu, ids: &[u32], eps: Option<&Tensor>) -> Result<()> {
+        let rows = self.batch * self.len;
+        if ids.len() != rows {
+            return Err(Error::Shape(format!(
+                "tokens: {} ids for {rows} rows",
+                ids.len()
+            )));
+        }
+        gpu.stream.memcpy_htod(ids, &mut self.tokens)?;
+        if let Some(buf) = &mut self.eps {
+            let e = eps.ok_or_else(|| Error::Shape("IMDM forward needs eps".into()))?;
+            if e.numel() != buf.len() {
+                return Err(Error::Shape(format!(
+                    "eps: {} values, expected {}",
+                    e.numel(),
+                    buf.len()
+                )));
+            }
+            gpu.stream.memcpy_htod(&to_bf16(&e.data), buf)?;
+        }
+        Ok(())
+    }
+}
+
+/// Forward options.
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardOpts {
+    /// Dropout probability on both branches (0 in eval).
+    pub dropout: f32,
+    /// Philox seed and per-call offset base for dropout.
+    pub seed: u64,
+    pub offset: u64,
+    /// Also compute SUBS log-probs (else stop at the logits).
+    pub subs: bool,
+}
+
+impl ForwardOpts {
+    pub fn eval() -> Self {
+        ForwardOpts {
+            dropout: 0.0,
+            seed: 0,
+            offset: 0,
+            subs: true,
+        }
+    }
+}
+
+impl GpuDit {
+    /// The forward on the inputs already in `ws` (see [`Workspace::load_inputs`]). Results stay
+    /// on the GPU in `ws.logits` (and `ws.log_probs`, `ws.lse` when `opts.subs`).
+    pub fn forward(&self, gpu: &Gpu, ws: &mut Workspace, opts: ForwardOpts) -> Result<()> {
+        self.forward_recorded(gpu, ws, opts, None)
+    }
+
+    /// [`GpuDit::forward`], recording every op on `tape` (cleared first) when one is given; a
+    /// recording forward needs a [`Workspace::training`] (it saves the LayerNorm inputs).
+    pub fn forward_recorded(
+        &self,
+        gpu: &Gpu,
+        ws: &mut Workspace,
+        opts: ForwardOpts,
+        mut tape: Option<&mut Tape>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (batch, len) = (ws.batch, ws.len);
+        if tape.is_some() && !ws.training {
+            return Err(Error::Shape(
+                "a recording (training) forward needs a Workspace::training".into(),
+            ));
+        }
+        if opts.subs && ws.training {
+            return Err(Error::Shape(
+                "SUBS log-probs are not kept by a training workspace (the loss is fused)".into(),
+            ));
+        }
+        if let Some(t) = tape.as_deref_mut() {
+            t.clear();
+        }
+        // Folded gates and no saved GELU pre-activation: only without tape and dropout.
+        let inference = tape.is_none() && opts.dropout == 0.0;
+        let mut rec = |op: Op| {
+            if let Some(t) = tape.as_deref_mut() {
+                t.push(op);
+            }
+        };
+        self.embed(gpu, ws, &mut rec)?;
+        let shape = AttentionShape {
+            batch,
+            len,
+            heads: c.heads,
+            head_dim: c.head_dim(),
+            causal: c.causal,
+            softcap: c.softcap as f32,
+        };
+        for (i, blk) in self.blocks.iter().enumerate() {
+            self.block(gpu, ws, i, blk, &shape, opts, inference, &mut rec)?;
+        }
+        self.final_layer(gpu, ws, &mut rec)?;
+        if opts.subs {
+            self.subs(gpu, ws)?;
+        }
+        Ok(())
+    }
+
+    /// The input layer: the eps MLP (IMDM, when eps is loaded) and the embedding into `ws.h`.
+    fn embed(&self, gpu: &Gpu, ws: &mut Workspace, rec: &mut dyn FnMut(Op)) -> Result<()> {
+        let c = &self.config;
+        let (rows, d) = (ws.batch * ws.len, c.hidden);
+        let g = &self.gemm;
+        let _r = nvtx::range("embedding");
+        if let (Some((fc1, fc2)), Some(eps)) = (&self.eps_mlp, &ws.eps) {
+            let (hid, act, out) = (
+                ws.eps_hidden.as_mut().expect("IMDM workspace"),
+                ws.eps_act.as_mut().expect("IMDM workspace"),
+                ws.eps_out.as_mut().expect("IMDM workspace"),
+            );
+            let bias = fc1.b.as_ref().expect("eps MLP bias");
+            g.matmul(
+                gpu,
+                hid,
+                eps,
+                false,
+                &fc1.w,
+                true,
+                (rows, fc1.out, fc1.inp),
+                0.0,
+                Epilogue::Bias(bias),
+            )?;
+            rec(Op::Linear(LinSite::EpsFc1));
+            gelu_fwd(gpu, GeluKind::Exact, act, None, hid, None, rows, fc1.out)?;
+            rec(Op::GeluExact);
+            g.matmul(
+                gpu,
+                out,
+                act,
+                false,
+                &fc2.w,
+                true,
+                (rows, fc2.out, fc2.inp),
+                0.0,
+                Epilogue::None,
+            )?;
+            rec(Op::Linear(LinSite::EpsFc2));
+        }
+        embedding_fwd(
+            gpu,
+            &mut ws.h,
+            &self.embedding,
+            &ws.tokens,
+            ws.eps_out.as_ref(),
+            c.mask_index,
+            rows,
+            d,
+        )?;
+        rec(Op::Embedding {
+            eps: self.eps_mlp.is_some() && ws.eps.is_some(),
+        });
+        Ok(())
+    }
+
+    /// Block `i`: LayerNorm, attention and its residual, LayerNorm, MLP and its residual, on
+    /// `ws.h` in place. `inference` selects the folded gates (no tape, no dropout).
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        gpu: &Gpu,
+        ws: &mut Workspace,
+        i: usize,
+        blk: &GpuBlock,
+        shape: &AttentionShape,
+        opts: ForwardOpts,
+        inference: bool,
+        rec: &mut dyn FnMut(Op),
+    ) -> Result<()> {
+        let d = self.config.hidden;
+        let rows = ws.batch * ws.len;
+        let g = &self.gemm;
+        let _r = nvtx::range(&format!("block {i}"));
+        let n_acts = ws.blocks.len();
+        let a = &mut ws.blocks[i % n_acts];
+        let m = blk.modulation.as_ref();
+        let pair = |k: usize| m.map(|m| (&m[k], &m[k + 1]));
+        let gate = |k: usize| m.map(|m| &m[k]);
+        let off = opts.offset + 2 * i as u64;
+        let dropout_at = |offset: u64| Dropout {
+            p: opts.dropout,
+            seed: opts.seed,
+            offset,
+        };
+        if let Some(x) = a.ln1_x.as_mut() {
+            gpu.stream.memcpy_dtod(&ws.h, x)?;
+        }
+        ln_modulate_fwd(gpu, &mut a.ln1, &ws.h, &blk.norm1, pair(0), rows, d, rows)?;
+        rec(Op::LnModulate(LnSite::Block1(i)));
+        g.matmul(
+            gpu,
+            &mut a.qkv,
+            &a.ln1.y,
+            false,
+            &blk.qkv.w,
+            true,
+            (rows, 3 * d, d),
+            0.0,
+            Epilogue::None,
+        )?;
+        rec(Op::Linear(LinSite::Qkv(i)));
+        attention_fwd(gpu, &mut a.attn, &mut a.lse, &a.qkv, &shape)?;
+        rec(Op::Attention(i));
+        let folded = blk.folded.as_ref().filter(|_| inference);
+        if let Some(f) = folded {
+            // h += o (diag(gate_msa) W_out)^T
+            g.matmul(
+                gpu,
+                &mut ws.h,
+                &a.attn,
+                false,
+                &f.attn_out,
+                true,
+                (rows, d, d),
+                1.0,
+                Epilogue::None,
+            )?;
+        } else {
+            g.matmul(
+                gpu,
+                &mut a.proj,
+                &a.attn,
+                false,
+                &blk.attn_out.w,
+                true,
+                (rows, d, d),
+                0.0,
+                Epilogue::None,
+            )?;
+            rec(Op::Linear(LinSite::Out(i)));
+            residual_fwd(
+                gpu,
+                &mut ws.h,
+                &a.proj,
+                gate(2),
+                rows,
+                d,
+                rows,
+                opts.dropout,
+                opts.seed,
+                off,
+            )?;
+            rec(Op::Residual(ResSite::Attn(i), dropout_at(off)));
+        }
+        if let Some(x) = a.ln2_x.as_mut() {
+            gpu.stream.memcpy_dtod(&ws.h, x)?;
+        }
+        ln_modulate_fwd(gpu, &mut a.ln2, &ws.h, &blk.norm2, pair(3), rows, d, rows)?;
+        rec(Op::LnModulate(LnSite::Block2(i)));
+        let (b1, b2) = (
+            blk.mlp1.b.as_ref().expect("mlp bias"),
+            blk.mlp2.b.as_ref().expect("mlp bias"),
+        );
+        let hdim = blk.mlp1.out;
+        g.matmul(
+            gpu,
+            &mut a.mlp_act,
+            &a.ln2.y,
+            false,
+            &blk.mlp1.w,
+            true,
+            (rows, hdim, d),
+            0.0,
+            Epilogue::GeluBias {
+                bias: b1,
+                aux: (!inference).then_some(&mut a.mlp_pre),
+            },
+        )?;
+        rec(Op::Linear(LinSite::Mlp1(i)));
+        if let Some(f) = folded {
+            // h += gelu(.) (diag(gate_mlp) W_2)^T + gate_mlp ∘ b_2
+            g.matmul(
+                gpu,
+                &mut ws.h,
+                &a.mlp_act,
+                false,
+                &f.mlp2,
+                true,
+                (rows, d, hdim),
+                1.0,
+                Epilogue::Bias(&f.mlp2_bias),
+            )?;
+        } else {
+            g.matmul(
+                gpu,
+                &mut a.mlp_out,
+                &a.mlp_act,
+                false,
+                &blk.mlp2.w,
+                true,
+                (rows, d, hdim),
+                0.0,
+                Epilogue::Bias(b2),
+            )?;
+            rec(Op::Linear(LinSite::Mlp2(i)));
+            residual_fwd(
+                gpu,
+                &mut ws.h,
+                &a.mlp_out,
+                gate(5),
+                rows,
+                d,
+                rows,
+                opts.dropout,
+                opts.seed,
+                off + 1,
+            )?;
+            rec(Op::Residual(ResSite::Mlp(i), dropout_at(off + 1)));
+        }
+        Ok(())
+    }
+
+    /// The output layer: the final (modulated) LayerNorm and the logits GEMM into `ws.logits`.
+    fn final_layer(&self, gpu: &Gpu, ws: &mut Workspace, rec: &mut dyn FnMut(Op)) -> Result<()> {
+        let d = self.config.hidden;
+        let rows = ws.batch * ws.len;
+        let g = &self.gemm;
+        let _r = nvtx::range("final layer");
+        let fm = self.final_modulation.as_ref().map(|m| (&m[0], &m[1]));
+        ln_modulate_fwd(
+            gpu,
+            &mut ws.final_ln,
+            &ws.h,
+            &self.final_norm,
+            fm,
+            rows,
+            d,
+            rows,
+        )?;
+        rec(Op::LnModulate(LnSite::Final));
+        let fl = &self.final_linear;
+        let bias = fl.b.as_ref().expect("final bias");
+        g.matmul_ld(
+            gpu,
+            &mut ws.logits,
+            &ws.final_ln.y,
+            false,
+            &fl.w,
+            true,
+            (rows, fl.out, d),
+            ws.logits_ld,
+            0.0,
+            Epilogue::Bias(bias),
+        )?;
+        rec(Op::Linear(LinSite::Final));
+        Ok(())
+    }
+
+    /// SUBS log-probabilities (and their lse) from `ws.logits` (inference only).
+    fn subs(&self, gpu: &Gpu, ws: &mut Workspace) -> Result<()> {
+        let c = &self.config;
+        let rows = ws.batch * ws.len;
+        let _r = nvtx::range("subs");
+        let shape = SubsShape {
+            rows,
+            vocab: c.vocab_size,
+            ld: ws.logits_ld,
+            mask_index: c.mask_index,
+        };
+        subs_fwd_f32(
+            gpu,
+            &mut ws.log_probs,
+            &mut ws.lse,
+            &ws.logits,
+            &ws.tokens,
+            shape,
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "dit_tests.rs"]
+mod tests;

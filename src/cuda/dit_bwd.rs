@@ -1,0 +1,737 @@
+//! The GPU DiT backward: replays a [`Tape`] recorded by `GpuDit::forward_recorded` in reverse,
+//! launching each op's backward kernel (`ops::*::*_bwd`) and the cuBLASLt GEMMs of the linear
+//! layers, and accumulates every parameter gradient into f32 device buffers
+//! ([`ParamTree`]`<CudaSlice<f32>>`). The CPU backend (`cpu::dit`) computes the same gradients
+//! and is what `tests/gpu_train.rs` compares against.
+//!
+//! Linear layers (`y = x Wᵀ + b`, W (out, in), rows = B·L), with bf16 operands and f32
+//! accumulation in cuBLASLt:
+//! ```text
+//! dW (out, in) += dYᵀ X       matmul(dW, dY, ta, X, -, (out, in, rows), beta = 1)   f32
+//! dX (rows, in) = dY W        matmul(dX, dY, -, W, -, (rows, in, out), beta = 0)    f32 or bf16
+//! db (out)     += 1ᵀ dY       matmul(db, ones (1, rows), -, dY, -, (1, out, rows), beta = 1)
+//! ```
+//! (`db` of fc1 layers comes from the GELU backward's deterministic column sum instead.) The
+//! weight-gradient GEMM of a frozen tensor is skipped. The adaLN modulations are constant over
+//! rows (sigma = 0), so the LayerNorm and residual backward kernels reduce their gradients
+//! over all rows into one (1, D) vector per chunk ([`ModGrads`]); `cuda::cond` turns those
+//! into the adaLN and sigma-map gradients once per optimizer step.
+//!
+//! Accumulation: every parameter gradient is `+=` (micro-batches accumulate; the caller zeroes
+//! at the start of a step), `ModGrads` too; the registers of [`BwdScratch`] are scratch.
+//! Deterministic: every kernel reduces in a fixed order and cuBLAS(Lt) is deterministic for a
+//! fixed algorithm (see `Gemm::set_autotune`).
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+
+use crate::cuda::dit::{ForwardOpts, GpuDit, Workspace};
+use crate::cuda::nvtx;
+use crate::cuda::ops::attention::{attention_bwd, AttentionBwdWorkspace, AttentionShape};
+use crate::cuda::ops::embedding::{embedding_bwd, embedding_eps_bwd, EmbeddingBwdPlan};
+use crate::cuda::ops::gelu::{gelu_bwd, gelu_bwd_scratch_len, GeluKind};
+use crate::cuda::ops::gemm::{Epilogue, Gemm};
+use crate::cuda::ops::ln_modulate::{ln_modulate_bwd, ln_modulate_bwd_scratch_len};
+use crate::cuda::ops::residual::{residual_bwd, residual_bwd_scratch_len};
+use crate::cuda::param_tree::{LinearOf, ParamTree};
+use crate::cuda::tape::{Dropout, LinSite, LnSite, Op, ResSite, Tape};
+use crate::cuda::Gpu;
+use crate::error::{Error, Result};
+use crate::model::DitConfig;
+
+/// Gradients of the modulation vectors, each (1, D) f32, summed over all rows (and over the
+/// micro-batches of a step): per block (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
+/// gate_mlp), and the final layer's (shift, scale). The adaLN bias gradient is exactly their
+/// concatenation.
+pub struct ModGrads {
+    pub blocks: Vec<[CudaSlice<f32>; 6]>,
+    pub final_layer: [CudaSlice<f32>; 2],
+}
+
+impl ModGrads {
+    /// Zeroed buffers for `c`, or `None` when the model has no adaLN (AR baseline).
+    pub fn new(gpu: &Gpu, c: &DitConfig) -> Result<Option<Self>> {
+        if !c.has_adaln() {
+            return Ok(None);
+        }
+        let z = || gpu.stream.alloc_zeros::<f32>(c.hidden);
+        let blocks = (0..c.blocks)
+            .map(|_| Ok([z()?, z()?, z()?, z()?, z()?, z()?]))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(ModGrads {
+            blocks,
+            final_layer: [z()?, z()?],
+        }))
+    }
+
+    pub fn zero(&mut self, gpu: &Gpu) -> Result<()> {
+        for b in &mut self.blocks {
+            for x in b.iter_mut() {
+                gpu.stream.memset_zeros(x)?;
+            }
+        }
+        for x in self.final_layer.iter_mut() {
+            gpu.stream.memset_zeros(x)?;
+        }
+        Ok(())
+    }
+}
+
+/// The eps MLP's gradient registers (IMDM only).
+struct EpsRegs {
+    /// (rows, D) bf16: gradient of the eps-MLP output (dh at mask rows, 0 elsewhere)
+    deps: CudaSlice<bf16>,
+    /// (rows, 4D) bf16: gradient of the exact-GELU output
+    dact: CudaSlice<bf16>,
+    /// (rows, 4D) bf16: gradient of the exact-GELU input (fc1's output, bias included)
+    dpre: CudaSlice<bf16>,
+}
+
+/// The backward's scratch for one (batch, len): the gradient registers of `tape.rs`, the
+/// reduction scratch shared by the LayerNorm / GELU / residual backward kernels, a row of ones
+/// for bias column sums, the attention backward's workspace and the embedding scatter plan.
+pub struct BwdScratch {
+    pub batch: usize,
+    pub len: usize,
+    /// (rows, D) f32 residual-stream gradient
+    dh: CudaSlice<f32>,
+    /// (rows, D) f32 gradient of a LayerNorm output
+    dln: CudaSlice<f32>,
+    /// (rows, D) bf16 gradient of a residual branch
+    dbranch: CudaSlice<bf16>,
+    /// (rows, D) bf16 gradient of the attention output
+    dattn: CudaSlice<bf16>,
+    /// (rows, 3D) bf16
+    dqkv: CudaSlice<bf16>,
+    /// (rows, H) bf16 gradients of the block MLP's GELU output and input
+    dact: CudaSlice<bf16>,
+    dpre: CudaSlice<bf16>,
+    eps: Option<EpsRegs>,
+    /// f32 partial sums, the largest any backward kernel of this shape needs
+    red: CudaSlice<f32>,
+    /// (rows) bf16 ones
+    ones: CudaSlice<bf16>,
+    attn: AttentionBwdWorkspace,
+    emb: EmbeddingBwdPlan,
+    emb_loaded: bool,
+}
+
+impl BwdScratch {
+    pub fn new(gpu: &Gpu, c: &DitConfig, batch: usize, len: usize) -> Result<Self> {
+        let (rows, d, h) = (batch * len, c.hidden, c.mlp_hidden());
+        let s = &gpu.stream;
+        let red = [
+            ln_modulate_bwd_scratch_len(rows, d, rows),
+            residual_bwd_scratch_len(rows, d, rows),
+            gelu_bwd_scratch_len(rows, h),
+            gelu_bwd_scratch_len(rows, 4 * d),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(1)
+        .max(1);
+        let eps = if c.has_eps_mlp() {
+            Some(EpsRegs {
+                deps: s.alloc_zeros(rows * d)?,
+                dact: s.alloc_zeros(rows * 4 * d)?,
+                dpre: s.alloc_zeros(rows * 4 * d)?,
+            })
+        } else {
+            None
+        };
+        Ok(BwdScratch {
+            batch,
+            len,
+            dh: s.alloc_zeros(rows * d)?,
+            dln: s.alloc_zeros(rows * d)?,
+            dbranch: s.alloc_zeros(rows * d)?,
+            dattn: s.alloc_zeros(rows * d)?,
+            dqkv: s.alloc_zeros(rows * 3 * d)?,
+            dact: s.alloc_zeros(rows * h)?,
+            dpre: s.alloc_zeros(rows * h)?,
+            eps,
+            red: s.alloc_zeros(red)?,
+            ones: s.clone_htod(&vec![bf16::ONE; rows])?,
+            attn: AttentionBwdWorkspace::new(gpu, &attention_shape(c, batch, len))?,
+            emb: EmbeddingBwdPlan::new(gpu, rows, d)?,
+            emb_loaded: false,
+        })
+    }
+
+    /// Builds and uploads the embedding scatter plan for the forward's input ids (host copy,
+    /// (rows)); call once per forward, before [`backward`].
+    pub fn load_tokens(&mut self, gpu: &Gpu, ids: &[u32], vocab: usize) -> Result<()> {
+        self.emb.load(gpu, ids, vocab)?;
+        self.emb_loaded = true;
+        Ok(())
+    }
+}
+
+fn attention_shape(c: &DitConfig, batch: usize, len: usize) -> AttentionShape {
+    AttentionShape {
+        batch,
+        len,
+        heads: c.heads,
+        head_dim: c.head_dim(),
+        causal: c.causal,
+        softcap: c.softcap as f32,
+    }
+}
+
+/// `dW += dYᵀ X` unless `frozen`: dY (rows, out) bf16, X (rows, in) bf16, dW (out, in) f32.
+fn weight_grad(
+    gpu: &Gpu,
+    g: &Gemm,
+    dw: &mut CudaSlice<f32>,
+    frozen: bool,
+    dy: &CudaSlice<bf16>,
+    x: &CudaSlice<bf16>,
+    (rows, out, inp): (usize, usize, usize),
+) -> Result<()> {
+    if frozen {
+        return Ok(());
+    }
+    g.matmul(
+        gpu,
+        dw,
+        dy,
+        true,
+        x,
+        false,
+        (out, inp, rows),
+        1.0,
+        Epilogue::None,
+    )
+}
+
+/// `db += Σ_rows dY` unless `frozen` (a (1, rows) x (rows, out) GEMM with a row of ones).
+fn bias_grad(
+    gpu: &Gpu,
+    g: &Gemm,
+    db: &mut CudaSlice<f32>,
+    frozen: bool,
+    ones: &CudaSlice<bf16>,
+    dy: &CudaSlice<bf16>,
+    (rows, out): (usize, usize),
+) -> Result<()> {
+    if frozen {
+        return Ok(());
+    }
+    g.matmul(
+        gpu,
+        db,
+        ones,
+        false,
+        dy,
+        false,
+        (1, out, rows),
+        1.0,
+        Epilogue::None,
+    )
+}
+
+/// `dX = dY W`: dY (rows, out) bf16, W (out, in) bf16, dX (rows, in) f32 or bf16.
+fn input_grad<T: crate::cuda::ops::gemm::GemmOut>(
+    gpu: &Gpu,
+    g: &Gemm,
+    dx: &mut CudaSlice<T>,
+    dy: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    (rows, out, inp): (usize, usize, usize),
+) -> Result<()> {
+    g.matmul(
+        gpu,
+        dx,
+        dy,
+        false,
+        w,
+        false,
+        (rows, inp, out),
+        0.0,
+        Epilogue::None,
+    )
+}
+
+fn bias_of<'a>(l: &'a mut LinearOf<CudaSlice<f32>>, what: &str) -> Result<&'a mut CudaSlice<f32>> {
+    l.b.as_mut()
+        .ok_or_else(|| Error::Shape(format!("{what}: the gradient tree has no bias")))
+}
+
+fn frozen_bias(l: &LinearOf<bool>) -> bool {
+    l.b.unwrap_or(true)
+}
+
+/// The backward of the forward recorded on `tape` (with `opts`, on `ws`), from the fused SUBS
+/// loss gradient that `ops::subs::subs_bwd_f32` wrote over `ws.logits`. Every parameter
+/// gradient is added (`+=`) into `grads`, the modulation gradients into `dmods` (required iff
+/// the model has adaLN); weight-gradient GEMMs of tensors flagged in `frozen` are skipped.
+/// `sc.load_tokens` must have been called with the forward's ids.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    gpu: &Gpu,
+    model: &GpuDit,
+    ws: &Workspace,
+    tape: &Tape,
+    opts: ForwardOpts,
+    sc: &mut BwdScratch,
+    grads: &mut ParamTree<CudaSlice<f32>>,
+    dmods: Option<&mut ModGrads>,
+    frozen: &ParamTree<bool>,
+) -> Result<()> {
+    let c = &model.config;
+    let has_eps = model.eps_mlp.is_some() && ws.eps.is_some();
+    tape.check(c, has_eps, (opts.dropout, opts.seed, opts.offset))?;
+    if !ws.training || (sc.batch, sc.len) != (ws.batch, ws.len) {
+        return Err(Error::Shape(format!(
+            "backward: workspace {}x{} (training: {}) and scratch {}x{} must be one training shape",
+            ws.batch, ws.len, ws.training, sc.batch, sc.len
+        )));
+    }
+    if !sc.emb_loaded {
+        return Err(Error::Shape(
+            "backward: the embedding plan was not loaded for this forward (load_tokens)".into(),
+        ));
+    }
+    if c.has_adaln() != dmods.is_some() {
+        return Err(Error::Shape(
+            "backward: modulation gradients are needed exactly when the model has adaLN".into(),
+        ));
+    }
+    let rows = ws.batch * ws.len;
+    // The LayerNorm backward adds into dh; nothing has written it yet in this backward.
+    gpu.stream.memset_zeros(&mut sc.dh)?;
+    let mut cx = Bwd {
+        gpu,
+        model,
+        ws,
+        frozen,
+        rows,
+        sc,
+        grads,
+        dmods,
+    };
+    for op in tape.ops().iter().rev() {
+        match *op {
+            Op::Linear(LinSite::Final) => bwd_logits(&mut cx)?,
+            Op::LnModulate(site) => bwd_layer_norm(&mut cx, site)?,
+            Op::Residual(site, drop) => bwd_residual(&mut cx, site, drop)?,
+            Op::Linear(LinSite::Mlp2(i)) => bwd_mlp2(&mut cx, i)?,
+            Op::Linear(LinSite::Mlp1(i)) => bwd_mlp1(&mut cx, i)?,
+            Op::Linear(LinSite::Out(i)) => bwd_attn_out(&mut cx, i)?,
+            Op::Attention(i) => bwd_attention(&mut cx, i)?,
+            Op::Linear(LinSite::Qkv(i)) => bwd_qkv(&mut cx, i)?,
+            Op::Embedding { eps } => bwd_embedding(&mut cx, eps)?,
+            Op::Linear(LinSite::EpsFc2) | Op::GeluExact | Op::Linear(LinSite::EpsFc1) => {
+                bwd_eps_mlp(&mut cx, op)?
+            }
+        }
+    }
+    cx.sc.emb_loaded = false;
+    Ok(())
+}
+
+/// What every op's backward reads and writes: the forward's model, workspace and frozen flags,
+/// and the scratch, parameter and modulation gradients it adds into.
+struct Bwd<'a> {
+    gpu: &'a Gpu,
+    model: &'a GpuDit,
+    ws: &'a Workspace,
+    frozen: &'a ParamTree<bool>,
+    rows: usize,
+    sc: &'a mut BwdScratch,
+    grads: &'a mut ParamTree<CudaSlice<f32>>,
+    dmods: Option<&'a mut ModGrads>,
+}
+
+/// The output layer's GEMM: d W, d b (unless frozen) and d ln_final from the bf16 loss
+/// gradient over `ws.logits`.
+fn bwd_logits(cx: &mut Bwd) -> Result<()> {
+    let (gpu, model, ws, frozen) = (cx.gpu, cx.model, cx.ws, cx.frozen);
+    let (c, g) = (&model.config, &model.gemm);
+    let (rows, d, v, ld) = (cx.rows, c.hidden, c.vocab_size, ws.logits_ld);
+    let Bwd { sc, grads, .. } = cx;
+    let _r = nvtx::range("bwd logits");
+    // SAFETY: the fused loss wrote a bf16 gradient into the first half of each f32
+    // row; the view covers exactly the buffer's bytes (rows * ld f32).
+    let dl = unsafe { ws.logits.transmute::<bf16>(rows * 2 * ld) }
+        .ok_or_else(|| Error::Shape("backward: logits view".into()))?;
+    let fl = &model.final_linear;
+    let gl = &mut grads.final_linear;
+    if !frozen.final_linear.w {
+        g.matmul_strided(
+            gpu,
+            &mut gl.w,
+            &dl,
+            2 * ld,
+            true,
+            &ws.final_ln.y,
+            d,
+            false,
+            (v, d, rows),
+            d,
+            1.0,
+            Epilogue::None,
+        )?;
+    }
+    if !frozen_bias(&frozen.final_linear) {
+        g.matmul_strided(
+            gpu,
+            bias_of(gl, "output_layer.linear")?,
+            &sc.ones,
+            rows,
+            false,
+            &dl,
+            2 * ld,
+            false,
+            (1, v, rows),
+            v,
+            1.0,
+            Epilogue::None,
+        )?;
+    }
+    g.matmul_strided(
+        gpu,
+        &mut sc.dln,
+        &dl,
+        2 * ld,
+        false,
+        &fl.w,
+        d,
+        false,
+        (rows, d, v),
+        d,
+        0.0,
+        Epilogue::None,
+    )?;
+    Ok(())
+}
+
+/// A (modulated) LayerNorm: adds into dh, d weight and the shift/scale gradients.
+fn bwd_layer_norm(cx: &mut Bwd, site: LnSite) -> Result<()> {
+    let (gpu, model, ws) = (cx.gpu, cx.model, cx.ws);
+    let c = &model.config;
+    let (rows, d) = (cx.rows, c.hidden);
+    let Bwd {
+        sc, grads, dmods, ..
+    } = cx;
+    let _r = nvtx::range("bwd layernorm");
+    let (lno, x, weight, gw, scale, dm) = match site {
+        LnSite::Final => (
+            &ws.final_ln,
+            &ws.h,
+            &model.final_norm,
+            &mut grads.final_norm,
+            model.final_modulation.as_ref().map(|m| &m[1]),
+            dmods.as_deref_mut().map(|m| {
+                let [a, b] = &mut m.final_layer;
+                (a, b)
+            }),
+        ),
+        LnSite::Block1(i) | LnSite::Block2(i) => {
+            let first = matches!(site, LnSite::Block1(_));
+            let a = &ws.blocks[i];
+            let blk = &model.blocks[i];
+            let k = if first { 0 } else { 3 };
+            let saved = if first { &a.ln1_x } else { &a.ln2_x };
+            let x = saved
+                .as_ref()
+                .ok_or_else(|| Error::Shape("backward: LayerNorm input not saved".into()))?;
+            let gb = &mut grads.blocks[i];
+            (
+                if first { &a.ln1 } else { &a.ln2 },
+                x,
+                if first { &blk.norm1 } else { &blk.norm2 },
+                if first { &mut gb.norm1 } else { &mut gb.norm2 },
+                blk.modulation.as_ref().map(|m| &m[k + 1]),
+                dmods.as_deref_mut().map(|m| {
+                    let [a0, a1, _, a3, a4, _] = &mut m.blocks[i];
+                    if first {
+                        (a0, a1)
+                    } else {
+                        (a3, a4)
+                    }
+                }),
+            )
+        }
+    };
+    let dm = if scale.is_some() { dm } else { None };
+    ln_modulate_bwd(
+        gpu,
+        &mut sc.dh,
+        gw,
+        dm,
+        &mut sc.red,
+        &lno.mean,
+        &lno.rstd,
+        &sc.dln,
+        x,
+        weight,
+        scale,
+        rows,
+        d,
+        rows,
+    )?;
+    Ok(())
+}
+
+/// A gated residual branch: d branch, and d gate when modulated.
+fn bwd_residual(cx: &mut Bwd, site: ResSite, drop: Dropout) -> Result<()> {
+    let (gpu, model, ws) = (cx.gpu, cx.model, cx.ws);
+    let c = &model.config;
+    let (rows, d) = (cx.rows, c.hidden);
+    let Bwd { sc, dmods, .. } = cx;
+    let _r = nvtx::range("bwd residual");
+    let (i, branch, k) = match site {
+        ResSite::Attn(i) => (i, &ws.blocks[i].proj, 2),
+        ResSite::Mlp(i) => (i, &ws.blocks[i].mlp_out, 5),
+    };
+    let gate = model.blocks[i].modulation.as_ref().map(|m| &m[k]);
+    let dgate = match (dmods.as_deref_mut(), gate) {
+        (Some(m), Some(_)) => Some((&mut m.blocks[i][k], &mut sc.red)),
+        _ => None,
+    };
+    residual_bwd(
+        gpu,
+        &mut sc.dbranch,
+        dgate,
+        &sc.dh,
+        branch,
+        gate,
+        rows,
+        d,
+        rows,
+        drop.p,
+        drop.seed,
+        drop.offset,
+    )?;
+    Ok(())
+}
+
+/// The second MLP linear of block `i`.
+fn bwd_mlp2(cx: &mut Bwd, i: usize) -> Result<()> {
+    let (gpu, model, ws, frozen) = (cx.gpu, cx.model, cx.ws, cx.frozen);
+    let (c, g) = (&model.config, &model.gemm);
+    let (rows, d, h) = (cx.rows, c.hidden, c.mlp_hidden());
+    let Bwd { sc, grads, .. } = cx;
+    let _r = nvtx::range("bwd mlp2");
+    let (a, gb, fz) = (&ws.blocks[i], &mut grads.blocks[i], &frozen.blocks[i]);
+    weight_grad(
+        gpu,
+        g,
+        &mut gb.mlp2.w,
+        fz.mlp2.w,
+        &sc.dbranch,
+        &a.mlp_act,
+        (rows, d, h),
+    )?;
+    bias_grad(
+        gpu,
+        g,
+        bias_of(&mut gb.mlp2, "mlp.2")?,
+        frozen_bias(&fz.mlp2),
+        &sc.ones,
+        &sc.dbranch,
+        (rows, d),
+    )?;
+    input_grad(
+        gpu,
+        g,
+        &mut sc.dact,
+        &sc.dbranch,
+        &model.blocks[i].mlp2.w,
+        (rows, d, h),
+    )?;
+    Ok(())
+}
+
+/// The first MLP linear of block `i` with its GELU-tanh epilogue.
+fn bwd_mlp1(cx: &mut Bwd, i: usize) -> Result<()> {
+    let (gpu, model, ws, frozen) = (cx.gpu, cx.model, cx.ws, cx.frozen);
+    let (c, g) = (&model.config, &model.gemm);
+    let (rows, d, h) = (cx.rows, c.hidden, c.mlp_hidden());
+    let Bwd { sc, grads, .. } = cx;
+    let _r = nvtx::range("bwd mlp1");
+    let (a, gb, fz) = (&ws.blocks[i], &mut grads.blocks[i], &frozen.blocks[i]);
+    // The GELU-tanh epilogue first: dpre = dact ⊙ GELU'(pre), d b1 += Σ dpre.
+    gelu_bwd(
+        gpu,
+        GeluKind::Tanh,
+        &mut sc.dpre,
+        Some((bias_of(&mut gb.mlp1, "mlp.0")?, &mut sc.red)),
+        &sc.dact,
+        &a.mlp_pre,
+        None,
+        rows,
+        h,
+    )?;
+    weight_grad(
+        gpu,
+        g,
+        &mut gb.mlp1.w,
+        fz.mlp1.w,
+        &sc.dpre,
+        &a.ln2.y,
+        (rows, h, d),
+    )?;
+    input_grad(
+        gpu,
+        g,
+        &mut sc.dln,
+        &sc.dpre,
+        &model.blocks[i].mlp1.w,
+        (rows, h, d),
+    )?;
+    Ok(())
+}
+
+/// The attention output projection of block `i`.
+fn bwd_attn_out(cx: &mut Bwd, i: usize) -> Result<()> {
+    let (gpu, model, ws, frozen) = (cx.gpu, cx.model, cx.ws, cx.frozen);
+    let (c, g) = (&model.config, &model.gemm);
+    let (rows, d) = (cx.rows, c.hidden);
+    let Bwd { sc, grads, .. } = cx;
+    let _r = nvtx::range("bwd attn out");
+    let (a, gb, fz) = (&ws.blocks[i], &mut grads.blocks[i], &frozen.blocks[i]);
+    weight_grad(
+        gpu,
+        g,
+        &mut gb.out.w,
+        fz.out.w,
+        &sc.dbranch,
+        &a.attn,
+        (rows, d, d),
+    )?;
+    input_grad(
+        gpu,
+        g,
+        &mut sc.dattn,
+        &sc.dbranch,
+        &model.blocks[i].attn_out.w,
+        (rows, d, d),
+    )?;
+    Ok(())
+}
+
+/// The attention of block `i`.
+fn bwd_attention(cx: &mut Bwd, i: usize) -> Result<()> {
+    let (gpu, model, ws) = (cx.gpu, cx.model, cx.ws);
+    let c = &model.config;
+    let Bwd { sc, .. } = cx;
+    let shape = attention_shape(c, ws.batch, ws.len);
+    let _r = nvtx::range("bwd attention");
+    let a = &ws.blocks[i];
+    attention_bwd(
+        gpu,
+        &mut sc.dqkv,
+        &mut sc.attn,
+        &a.lse,
+        &a.attn,
+        &a.qkv,
+        &sc.dattn,
+        &shape,
+    )?;
+    Ok(())
+}
+
+/// The qkv projection of block `i`.
+fn bwd_qkv(cx: &mut Bwd, i: usize) -> Result<()> {
+    let (gpu, model, ws, frozen) = (cx.gpu, cx.model, cx.ws, cx.frozen);
+    let (c, g) = (&model.config, &model.gemm);
+    let (rows, d) = (cx.rows, c.hidden);
+    let Bwd { sc, grads, .. } = cx;
+    let _r = nvtx::range("bwd qkv");
+    let (a, gb, fz) = (&ws.blocks[i], &mut grads.blocks[i], &frozen.blocks[i]);
+    weight_grad(
+        gpu,
+        g,
+        &mut gb.qkv.w,
+        fz.qkv.w,
+        &sc.dqkv,
+        &a.ln1.y,
+        (rows, 3 * d, d),
+    )?;
+    input_grad(
+        gpu,
+        g,
+        &mut sc.dln,
+        &sc.dqkv,
+        &model.blocks[i].qkv.w,
+        (rows, 3 * d, d),
+    )?;
+    Ok(())
+}
+
+/// The embedding (and the eps input gradient at masked positions).
+fn bwd_embedding(cx: &mut Bwd, eps: bool) -> Result<()> {
+    let (gpu, model, ws, frozen) = (cx.gpu, cx.model, cx.ws, cx.frozen);
+    let c = &model.config;
+    let (rows, d) = (cx.rows, c.hidden);
+    let Bwd { sc, grads, .. } = cx;
+    let _r = nvtx::range("bwd embedding");
+    if !frozen.embedding {
+        embedding_bwd(gpu, &mut grads.embedding, &mut sc.emb, &sc.dh, rows, d)?;
+    }
+    if eps && eps_trainable(frozen) {
+        let e = sc
+            .eps
+            .as_mut()
+            .ok_or_else(|| Error::Shape("backward: IMDM forward without eps registers".into()))?;
+        embedding_eps_bwd(gpu, &mut e.deps, &sc.dh, &ws.tokens, c.mask_index, rows, d)?;
+    }
+    Ok(())
+}
+
+/// One op of the eps MLP (IMDM); skipped when none of its tensors trains.
+fn bwd_eps_mlp(cx: &mut Bwd, op: &Op) -> Result<()> {
+    let (gpu, model, ws, frozen) = (cx.gpu, cx.model, cx.ws, cx.frozen);
+    let (c, g) = (&model.config, &model.gemm);
+    let (rows, d) = (cx.rows, c.hidden);
+    let Bwd { sc, grads, .. } = cx;
+    if !eps_trainable(frozen) {
+        return Ok(());
+    }
+    let _r = nvtx::range("bwd eps mlp");
+    let (Some((fc1, fc2)), Some(e), Some([g1, g2]), Some(x), Some(hid), Some(act)) = (
+        model.eps_mlp.as_ref(),
+        sc.eps.as_mut(),
+        grads.eps_mlp.as_mut(),
+        ws.eps.as_ref(),
+        ws.eps_hidden.as_ref(),
+        ws.eps_act.as_ref(),
+    ) else {
+        return Err(Error::Shape("backward: eps MLP buffers missing".into()));
+    };
+    let [f1, f2] = frozen.eps_mlp.as_ref().expect("eps_trainable checked");
+    let n4 = fc1.out;
+    match op {
+        Op::Linear(LinSite::EpsFc2) => {
+            weight_grad(gpu, g, &mut g2.w, f2.w, &e.deps, act, (rows, d, n4))?;
+            input_grad(gpu, g, &mut e.dact, &e.deps, &fc2.w, (rows, d, n4))?;
+        }
+        Op::GeluExact => {
+            gelu_bwd(
+                gpu,
+                GeluKind::Exact,
+                &mut e.dpre,
+                Some((bias_of(g1, "imdm_mlp.0")?, &mut sc.red)),
+                &e.dact,
+                hid,
+                None,
+                rows,
+                n4,
+            )?;
+        }
+        _ => {
+            weight_grad(gpu, g, &mut g1.w, f1.w, &e.dpre, x, (rows, n4, fc1.inp))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether any eps-MLP tensor trains (otherwise its backward is skipped entirely).
+fn eps_trainable(frozen: &ParamTree<bool>) -> bool {
+    frozen
+        .eps_mlp
+        .as_ref()
+        .is_some_and(|[a, b]| !(a.w && frozen_bias(a) && b.w && frozen_bias(b)))
+}

@@ -1,0 +1,20 @@
+//! The GPU backend, beside [`crate::cpu`]: the device context and kernel lookup ([`device`]),
+//! the DiT forward ([`dit`]) and backward ([`dit_bwd`]) over the training [`tape`], the
+//! conditioning path ([`cond`]), the device parameter tree ([`param_tree`]), the sampling
+//! denoiser ([`denoiser`]), the training objective ([`trainer`]), NVTX ranges ([`nvtx`]) and one
+//! module per kernel file under [`ops`] (its only launcher and its CPU twin).
+
+pub mod cond;
+pub mod denoiser;
+pub mod device;
+pub mod dit;
+pub mod dit_bwd;
+pub mod kernel_defines;
+pub mod nvtx;
+pub mod ops;
+pub mod param_tree;
+pub mod tape;
+pub mod trainer;
+
+pub use device::{gpu_for_tests, peak_bf16_tflops, Backend, DeviceChoice, Gpu, ARCH, PTX};
+pub use trainer::GpuTrainer;
