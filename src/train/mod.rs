@@ -14,6 +14,7 @@ pub mod data;
 pub mod ema;
 pub mod eval;
 pub mod gpu;
+pub mod handoff;
 pub mod init;
 pub mod objective;
 pub mod optim;
