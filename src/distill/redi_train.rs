@@ -43,7 +43,7 @@ const DROPOUT_CALLS_PER_MICRO: u64 = 1 << 20;
 /// 2^64 / golden ratio.
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 /// Seed of the fresh ε of held-out couplings under `ignore_seed`.
-const VALID_FRESH_EPS: u64 = 0x5EED_0F_7E57;
+const VALID_FRESH_EPS: u64 = 0x5EED_0F7E_57AB;
 
 /// IM-ReDi / MDM-ReDi training settings (spec 6.3).
 #[derive(Clone, Debug, Serialize, Deserialize)]
