@@ -184,3 +184,163 @@ fn redi_data_then_train_an_imdm_student() {
     );
     assert!(e.contains("missing.safetensors"), "{e}");
 }
+
+#[test]
+fn redi_stages_take_a_run_directory_and_train_with_micro_batches_dropout_and_validation() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    ok(
+        d,
+        &[
+            "train",
+            "--preset",
+            "minimini",
+            "--vocab",
+            "17",
+            "--length",
+            "6",
+            "--algo",
+            "mdlm",
+            "--data",
+            "synthetic",
+            "--batch",
+            "4",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--eval-size",
+            "0",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--run-dir",
+            "run",
+        ],
+    );
+    let text = ok(
+        d,
+        &[
+            "distill",
+            "redi-data",
+            "--checkpoint",
+            "run",
+            "--data",
+            "synthetic",
+            "--pairs",
+            "40",
+            "--steps",
+            "4",
+            "--batch",
+            "20",
+            "--device",
+            "cpu",
+            "--out",
+            "p.safetensors",
+        ],
+    );
+    assert!(
+        text.contains("checkpoints/step-00000003/ema.safetensors"),
+        "{text}"
+    );
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "distill",
+            "redi-train",
+            "--init",
+            "run",
+            "--imdm",
+            "--pairs",
+            "p.safetensors",
+            "--steps",
+            "4",
+            "--batch",
+            "8",
+            "--micro-batch",
+            "4",
+            "--dropout",
+            "0.1",
+            "--valid-frac",
+            "0.2",
+            "--eval-every",
+            "2",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        ok(d, &args)
+    };
+    let text = train(&["--metrics", "m.jsonl", "--out", "s.safetensors"]);
+    // 40 couplings, the last 8 held out; the run's 3 EMA updates carry over.
+    assert!(
+        text.contains("32 training couplings, 8 held out")
+            && text.contains("dropout 0.1")
+            && text.contains("from update 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("valid step 2") && text.contains("valid step 4"),
+        "{text}"
+    );
+    let m = std::fs::read_to_string(d.join("m.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(m.lines().last().unwrap()).unwrap();
+    assert_eq!(last["kind"], "final");
+    assert!(last["val_nelbo"].as_f64().unwrap() > 0.0, "{m}");
+    assert!(last["loss"].as_f64().unwrap() > 0.0, "{m}");
+    let s = checkpoint::load(d.join("s.safetensors"), None).unwrap();
+    assert_eq!((s.config.algo, s.config.dropout), (Algo::Imdm, 0.1));
+    let text = train(&["--ema-warmup", "fresh", "--out", "f.safetensors"]);
+    assert!(text.contains("from update 0"), "{text}");
+    // Bad flags are named.
+    let e = fails(
+        d,
+        &[
+            "distill",
+            "redi-train",
+            "--init",
+            "run",
+            "--pairs",
+            "p.safetensors",
+            "--batch",
+            "8",
+            "--micro-batch",
+            "3",
+            "--out",
+            "x.safetensors",
+        ],
+    );
+    assert!(e.contains("--micro-batch 3"), "{e}");
+    let e = fails(
+        d,
+        &[
+            "distill",
+            "redi-train",
+            "--init",
+            "run",
+            "--pairs",
+            "p.safetensors",
+            "--dropout",
+            "1.5",
+            "--out",
+            "x.safetensors",
+        ],
+    );
+    assert!(e.contains("--dropout 1.5"), "{e}");
+    let e = fails(
+        d,
+        &[
+            "distill",
+            "redi-data",
+            "--checkpoint",
+            "m.jsonl.missing",
+            "--data",
+            "synthetic",
+            "--out",
+            "x.safetensors",
+        ],
+    );
+    assert!(e.contains("--checkpoint m.jsonl.missing"), "{e}");
+    assert!(!d.join("x.safetensors").exists());
+}

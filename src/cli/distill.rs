@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 
 use crate::cpu::CpuDenoiser;
 use crate::cuda::denoiser::GpuDenoiser;
@@ -12,14 +12,16 @@ use crate::cuda::trainer::{GpuTrainOptions, GpuTrainer};
 use crate::cuda::Backend;
 use crate::diffusion::Denoiser;
 use crate::distill::redi::{
-    generate_couplings, ot_couplings, train_on_couplings, DatagenConfig, RediTrainConfig,
+    generate_couplings, ot_couplings, train_on_couplings_with, DatagenConfig, RediEvent,
+    RediTrainConfig,
 };
 use crate::distill::synthetic::Coupling;
 use crate::distill::Couplings;
 use crate::error::{Error, Result};
 use crate::model::checkpoint;
 use crate::train::data;
-use crate::train::{CpuDit, Objective};
+use crate::train::handoff::{self, WeightsKind};
+use crate::train::{CpuDit, Ema, Objective};
 
 /// Flags of `imdm-engine distill`.
 #[derive(Args, Debug)]
@@ -39,9 +41,14 @@ pub enum Stage {
 /// `distill redi-data`.
 #[derive(Args, Debug)]
 pub struct RediDataArgs {
-    /// The source model (safetensors with its config), e.g. an EMA checkpoint.
+    /// The source model: a weights file (safetensors with its config), a run directory of
+    /// `train` or `distill sdtt` (its latest checkpoint), or one checkpoint directory of a run
+    /// (e.g. a round checkpoint). Runs give their EMA weights unless --weights raw.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// Which weights of a run or checkpoint directory: ema (spec 6.2) or raw [default: ema].
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsKind>,
     /// Clean rows x_T is made from: `synthetic`, `tokens:PATH` or `shards:DIR` (train split).
     #[arg(long)]
     pub data: String,
@@ -76,34 +83,80 @@ pub struct RediDataArgs {
     pub out: PathBuf,
 }
 
+/// How the EMA of a fine-tune starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EmaStart {
+    /// The reference's hand-off (spec 2.6, 9): the shadow starts at the initial weights and
+    /// keeps the source run's update count (from the run's state.json), so the decay is the
+    /// full --ema (nearly, for a count below the warm-up's end) from step 1; a plain weights
+    /// file counts as past the warm-up.
+    Continue,
+    /// A fresh warm-up min(decay, (1+n)/(10+n)) from step 1: the EMA follows the fine-tune
+    /// within tens of steps, better for short runs, where a 0.9999 average would still be
+    /// mostly the initial weights.
+    Fresh,
+}
+
 /// `distill redi-train`.
 #[derive(Args, Debug)]
 pub struct RediTrainArgs {
-    /// Starting weights (the student; an MDLM file into an IMDM student: see --algo).
+    /// Starting weights (the student): a weights file, a run directory (its latest
+    /// checkpoint) or a checkpoint directory; runs give their EMA weights unless --weights raw.
+    /// An MDLM into an IMDM student: see --imdm.
     #[arg(long)]
     pub init: PathBuf,
+    /// Which weights of a run or checkpoint directory: ema (the reference's load_ema) or raw
+    /// [default: ema].
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsKind>,
     /// Train an IMDM student from an MDLM file (the eps MLP starts at zero output).
     #[arg(long)]
     pub imdm: bool,
     /// Couplings from `distill redi-data`.
     #[arg(long)]
     pub pairs: PathBuf,
+    /// Held-out couplings for validation (instead of a split of --pairs).
+    #[arg(long)]
+    pub valid: Option<PathBuf>,
+    /// Without --valid: the share of --pairs held out for validation (the last rows, rounded
+    /// down; 0 = none).
+    #[arg(long, default_value_t = 0.01)]
+    pub valid_frac: f64,
+    /// Steps between validations on the EMA weights (0 = only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
     #[arg(long, default_value_t = 1000)]
     pub steps: u64,
-    #[arg(long, default_value_t = 64)]
+    /// Couplings per optimizer step (the reference: 512).
+    #[arg(long, default_value_t = 512)]
     pub batch: usize,
+    /// Couplings per forward/backward; the gradients of batch/micro-batch micro-batches
+    /// accumulate [default: the batch].
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
     #[arg(long, default_value_t = 3e-4)]
     pub lr: f64,
     #[arg(long, default_value_t = 2500)]
     pub warmup: u64,
+    /// Dropout on the block branches in training [default: the model's, 0.1 for the OWT/LM1B
+    /// presets]; 0 turns it off.
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Seed of the dropout masks [default: --seed].
+    #[arg(long)]
+    pub dropout_seed: Option<u64>,
     /// EMA decay; the EMA weights are what --out receives when > 0.
     #[arg(long, default_value_t = 0.9999)]
     pub ema: f64,
+    /// How the EMA starts.
+    #[arg(long, value_enum, default_value = "continue")]
+    pub ema_warmup: EmaStart,
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
     /// Fresh eps instead of the stored seeds (couplings made by an MDLM).
     #[arg(long)]
     pub ignore_seed: bool,
+    /// Seed of the coupling order (and of fresh eps with --ignore-seed).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     #[command(flatten)]
@@ -111,6 +164,9 @@ pub struct RediTrainArgs {
     /// Output weights (safetensors), written atomically.
     #[arg(long)]
     pub out: PathBuf,
+    /// Also write the training and validation log here (JSON lines, written at the end).
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
 }
 
 pub fn run(a: DistillArgs) -> Result<()> {
@@ -133,7 +189,11 @@ fn redi_data(a: RediDataArgs) -> Result<()> {
             "--pairs, --batch and --steps must be positive".into(),
         ));
     }
-    let params = checkpoint::load(&a.checkpoint, None)?;
+    let source = handoff::resolve("--checkpoint", &a.checkpoint, a.weights)?;
+    if source.checkpoint_dir.is_some() {
+        println!("source weights: {}", source.weights.display());
+    }
+    let params = checkpoint::load(&source.weights, None)?;
     let spec = super::train::parse_data(&a.data, None)?;
     let (mut src, _) = data::open(&spec, &params.config, a.seed, 0)?;
     let x0 = src.next_batch(a.pairs)?;
@@ -179,51 +239,148 @@ fn redi_data(a: RediDataArgs) -> Result<()> {
 
 fn redi_train(a: RediTrainArgs) -> Result<()> {
     super::check_out_path("--out", &a.out)?;
+    if let Some(m) = &a.metrics {
+        super::check_out_path("--metrics", m)?;
+    }
     if !(0.0..1.0).contains(&a.ema) {
         return Err(Error::Config(format!("--ema {}: must be in [0, 1)", a.ema)));
     }
-    let mut target = checkpoint::read_config(&a.init)?.ok_or_else(|| {
+    if !(0.0..1.0).contains(&a.valid_frac) {
+        return Err(Error::Config(format!(
+            "--valid-frac {}: must be in [0, 1)",
+            a.valid_frac
+        )));
+    }
+    if let Some(p) = a.dropout {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::Config(format!("--dropout {p}: must be in [0, 1)")));
+        }
+    }
+    let micro = a.micro_batch.unwrap_or(a.batch);
+    if micro == 0 || a.batch % micro != 0 {
+        return Err(Error::Config(format!(
+            "--micro-batch {micro}: must be positive and divide --batch {}",
+            a.batch
+        )));
+    }
+    let source = handoff::resolve("--init", &a.init, a.weights)?;
+    let mut target = checkpoint::read_config(&source.weights)?.ok_or_else(|| {
         Error::checkpoint(
-            &a.init,
+            &source.weights,
             "has no recorded configuration (write it with `init`/`train`)",
         )
     })?;
     if a.imdm {
         target.algo = crate::model::Algo::Imdm;
     }
-    let params = crate::train::init::initial_params(&target, Some(&a.init), a.seed)?;
-    let pairs = Couplings::load(&a.pairs, params.config.vocab_size)?;
+    if let Some(p) = a.dropout {
+        target.dropout = p;
+    }
+    let params = crate::train::init::initial_params(&target, Some(&source.weights), a.seed)?;
+    let mut pairs = Couplings::load(&a.pairs, params.config.vocab_size)?;
+    let valid = match &a.valid {
+        Some(v) => Couplings::load(v, params.config.vocab_size)?,
+        None => {
+            let n = (pairs.len() as f64 * a.valid_frac).floor() as usize;
+            pairs.split_off_last(n)
+        }
+    };
+    let ema_updates = match a.ema_warmup {
+        EmaStart::Fresh => 0,
+        EmaStart::Continue => source.ema_updates.unwrap_or_else(|| Ema::warmup_end(a.ema)),
+    };
     let cfg = RediTrainConfig {
         steps: a.steps,
         batch: a.batch,
+        micro_batch: micro,
         lr: a.lr,
         warmup: a.warmup,
         ema: a.ema,
+        ema_updates,
         clip: a.clip,
         ignore_seed: a.ignore_seed,
         seed: a.seed,
+        dropout_seed: a.dropout_seed.unwrap_or(a.seed),
+        eval_every: a.eval_every,
     };
+    println!(
+        "redi-train: {} ({}), {} training couplings, {} held out, batch {} in micro-batches \
+         of {micro}, dropout {}, EMA {} from update {}",
+        source.weights.display(),
+        match params.config.algo {
+            crate::model::Algo::Imdm => "IMDM",
+            crate::model::Algo::Mdlm => "MDLM",
+        },
+        pairs.len(),
+        valid.len(),
+        a.batch,
+        params.config.dropout,
+        a.ema,
+        ema_updates
+    );
     let mut obj: Box<dyn Objective> = match Backend::resolve(a.device.device)? {
         Backend::Cpu => Box::new(CpuDit),
         Backend::Cuda(gpu) => Box::new(GpuTrainer::new(gpu, GpuTrainOptions::default())),
     };
     let t0 = Instant::now();
     let every = (a.steps / 20).max(1);
-    let fit = train_on_couplings(obj.as_mut(), params, &pairs, &cfg, |s, loss| {
-        if s % every == 0 || s == a.steps {
-            let el = t0.elapsed().as_secs_f64();
-            let eta = el / s as f64 * (a.steps - s) as f64;
-            println!(
-                "step {s}/{} | loss {loss:.4} | elapsed {el:.0}s | ETA {eta:.0}s",
-                a.steps
-            );
-        }
-    })?;
+    let mut log: Vec<serde_json::Value> = vec![];
+    let (mut last_loss, mut last_val) = (None, None);
+    let fit = train_on_couplings_with(
+        obj.as_mut(),
+        params,
+        &pairs,
+        Some(&valid),
+        &cfg,
+        |e| match e {
+            RediEvent::Step(s) => {
+                last_loss = Some(s.loss);
+                if s.step % every == 0 || s.step == a.steps {
+                    let el = t0.elapsed().as_secs_f64();
+                    let eta = el / s.step as f64 * (a.steps - s.step) as f64;
+                    println!(
+                        "step {}/{} | loss {:.4} | lr {:.2e} | grad norm {:.3} | elapsed \
+                         {el:.0}s | ETA {eta:.0}s",
+                        s.step, a.steps, s.loss, s.lr, s.grad_norm
+                    );
+                    log.push(serde_json::json!({
+                        "kind": "train", "step": s.step, "loss": s.loss, "lr": s.lr,
+                        "grad_norm": s.grad_norm, "elapsed_s": el,
+                    }));
+                }
+            }
+            RediEvent::Validation(v) => {
+                last_val = Some(*v);
+                println!(
+                    "valid step {} | NELBO {:.4} | coupling NLL {:.4} | {} couplings (EMA)",
+                    v.step, v.nelbo, v.coupling_nll, v.couplings
+                );
+                log.push(serde_json::json!({
+                    "kind": "val", "step": v.step, "val_nelbo": v.nelbo,
+                    "val_coupling_nll": v.coupling_nll, "val_couplings": v.couplings,
+                    "elapsed_s": t0.elapsed().as_secs_f64(),
+                }));
+            }
+        },
+    )?;
     let out = if a.ema > 0.0 {
         &fit.ema.shadow
     } else {
         &fit.params
     };
+    if let Some(m) = &a.metrics {
+        let mut text: String = log.iter().map(|v| format!("{v}\n")).collect();
+        text += &format!(
+            "{}\n",
+            serde_json::json!({
+                "kind": "final", "step": a.steps, "loss": last_loss,
+                "val_nelbo": last_val.map(|v| v.nelbo),
+                "val_coupling_nll": last_val.map(|v| v.coupling_nll),
+                "elapsed_s": t0.elapsed().as_secs_f64(), "out": a.out,
+            })
+        );
+        write_text_atomic(m, &text)?;
+    }
     checkpoint::save(&a.out, out)?;
     println!(
         "wrote {} ({} weights after {} steps)",
@@ -232,4 +389,13 @@ fn redi_train(a: RediTrainArgs) -> Result<()> {
         a.steps
     );
     Ok(())
+}
+
+/// Writes `text` to `path` through a temporary file and a rename.
+fn write_text_atomic(path: &std::path::Path, text: &str) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

@@ -72,6 +72,26 @@ impl Couplings {
         Ok(())
     }
 
+    /// Splits off the last `n` couplings (held out for validation) and returns them.
+    pub fn split_off_last(&mut self, n: usize) -> Couplings {
+        let (s, l) = (self.len(), self.xt.len);
+        let at = s - n.min(s);
+        let tail = |t: &mut Tokens| Tokens {
+            batch: s - at,
+            len: l,
+            ids: t.ids.split_off(at * l),
+        };
+        let out = Couplings {
+            xt: tail(&mut self.xt),
+            x0: tail(&mut self.x0),
+            t: self.t.split_off(at),
+            seeds: self.seeds.split_off(at),
+        };
+        self.xt.batch = at;
+        self.x0.batch = at;
+        out
+    }
+
     /// The loss inputs of rows `rows` for a model with configuration `c`. With `ignore_seed`
     /// ε is drawn fresh from `rng` instead of from the stored seeds.
     pub fn batch<R: Rng>(

@@ -66,11 +66,32 @@ impl Fitter {
         batches: &[LossBatch],
         opts: impl Fn(usize) -> TrainOpts,
     ) -> Result<FitStep> {
-        zero(&mut self.grads);
+        self.begin();
         let mut loss = 0.0f64;
         for (k, b) in batches.iter().enumerate() {
-            loss += obj.loss_and_grad(&self.params, b, &opts(k), &mut self.grads)?;
+            loss += self.accumulate(obj, b, &opts(k))?;
         }
+        self.finish(loss)
+    }
+
+    /// Starts a step built one micro-batch at a time ([`Fitter::accumulate`], then
+    /// [`Fitter::finish`]), so only one micro-batch's inputs exist at once.
+    pub fn begin(&mut self) {
+        zero(&mut self.grads);
+    }
+
+    /// Adds micro-batch `b`'s gradient; returns its loss.
+    pub fn accumulate(
+        &mut self,
+        obj: &mut dyn Objective,
+        b: &LossBatch,
+        opts: &TrainOpts,
+    ) -> Result<f64> {
+        obj.loss_and_grad(&self.params, b, opts, &mut self.grads)
+    }
+
+    /// Applies the update of the accumulated gradients whose micro-batch losses sum to `loss`.
+    pub fn finish(&mut self, loss: f64) -> Result<FitStep> {
         let step = self.step + 1;
         let lr = self.lr.at(self.step);
         let state = HostState {

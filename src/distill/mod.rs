@@ -3,6 +3,7 @@
 pub mod coupling;
 pub mod fit;
 pub mod redi;
+pub mod redi_train;
 pub mod report;
 pub mod synthetic;
 

@@ -16,26 +16,22 @@
 //!   ([`EVAL_SEED_BASE`] up), so a memorised (ε, sequence) pair can never make a model look
 //!   coherent at evaluation.
 
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::cpu::TrainOpts;
 use crate::diffusion::metrics::{
     conditional_total_correlation, distinct_sequences, exact_match_rate,
 };
 use crate::diffusion::schedule::alpha;
-use crate::diffusion::LossBatch;
 use crate::diffusion::{generate, Denoiser, NoiseRemoval, SamplerConfig, SamplerKind};
-use crate::distill::fit::Fitter;
+pub use crate::distill::redi_train::{
+    train_on_couplings, train_on_couplings_with, RediEvent, RediTrainConfig, RediValidation,
+};
 use crate::distill::Couplings;
 use crate::error::{Error, Result};
 use crate::model::Algo;
-use crate::model::DitParams;
 use crate::tensor::Tokens;
-use crate::train::optim::LrSchedule;
-use crate::train::Objective;
 
 /// Evaluation seeds start here; coupling seeds stay below 2^31.
 pub const EVAL_SEED_BASE: i64 = 1 << 40;
@@ -318,77 +314,6 @@ pub fn ot_couplings<D: Denoiser + ?Sized>(
         out.x0.batch += n;
     }
     Ok(out)
-}
-
-/// IM-ReDi / MDM-ReDi training settings (spec 6.3).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RediTrainConfig {
-    pub steps: u64,
-    /// Couplings per optimizer step.
-    pub batch: usize,
-    pub lr: f64,
-    pub warmup: u64,
-    /// EMA decay (0: none; the reference uses 0.9999 with its warm-up).
-    pub ema: f64,
-    /// Global-norm clip.
-    pub clip: f64,
-    /// Fresh ε instead of the stored seeds (`algo.ignore_seed`, for couplings from an MDLM).
-    pub ignore_seed: bool,
-    pub seed: u64,
-}
-
-/// Fits `params` to `pairs` (the NELBO with target x0_gen, x_t = x_T, t as stored, ε from the
-/// stored seeds): epochs over a seeded shuffle of the couplings. `progress(step, loss)` after
-/// every step. Returns the fitted state (raw weights and EMA).
-pub fn train_on_couplings(
-    obj: &mut dyn Objective,
-    params: DitParams,
-    pairs: &Couplings,
-    cfg: &RediTrainConfig,
-    mut progress: impl FnMut(u64, f64),
-) -> Result<Fitter> {
-    if cfg.batch == 0 || cfg.batch > pairs.len() {
-        return Err(Error::Config(format!(
-            "redi training: batch {} must be in 1..={} (the number of couplings)",
-            cfg.batch,
-            pairs.len()
-        )));
-    }
-    if pairs.xt.len != params.config.length {
-        return Err(Error::Shape(format!(
-            "redi training: couplings of length {} for a model of length {}",
-            pairs.xt.len, params.config.length
-        )));
-    }
-    let c = params.config.clone();
-    let lr = LrSchedule {
-        peak: cfg.lr,
-        warmup: cfg.warmup,
-    };
-    let mut fit = Fitter::new(params, lr, cfg.ema, cfg.clip, |_| false);
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut order: Vec<usize> = (0..pairs.len()).collect();
-    let mut cursor = order.len();
-    let norm = (cfg.batch * c.length) as f64;
-    for s in 0..cfg.steps {
-        if cursor + cfg.batch > order.len() {
-            order.shuffle(&mut rng);
-            cursor = 0;
-        }
-        let rows = &order[cursor..cursor + cfg.batch];
-        cursor += cfg.batch;
-        let b = pairs.batch(rows, &c, cfg.ignore_seed, &mut rng);
-        let lb = LossBatch {
-            xt: &b.xt,
-            x0: &b.x0,
-            eps: b.eps.as_ref(),
-            weight: &b.weight,
-            norm,
-        };
-        let st = fit.step(obj, &[lb], |_| TrainOpts::default())?;
-        progress(s + 1, st.loss);
-    }
-    Ok(fit)
 }
 
 #[cfg(test)]

@@ -309,6 +309,10 @@ fn train_on_couplings(
         clip: 1.0,
         ignore_seed: false,
         seed,
+        micro_batch: 0,
+        ema_updates: 0,
+        dropout_seed: seed,
+        eval_every: 0,
     };
     let mut losses = vec![];
     let fit = redi_train(engine.objective(), params, pairs, &rc, |s, loss| {

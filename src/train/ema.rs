@@ -36,6 +36,24 @@ impl Ema {
         self.decay.min((1.0 + n as f64) / (10.0 + n as f64))
     }
 
+    /// The smallest update count n with `decay_at(n + 1) == decay`: an average whose count
+    /// starts there uses the full decay from its first update (no warm-up).
+    pub fn warmup_end(decay: f64) -> u64 {
+        let at = |n: u64| decay.min((1.0 + n as f64) / (10.0 + n as f64));
+        if decay <= 0.1 || decay >= 1.0 {
+            return 0;
+        }
+        // (1+n)/(10+n) >= d  <=>  n >= (10d - 1)/(1 - d); then step past f64 rounding.
+        let mut n = ((10.0 * decay - 1.0) / (1.0 - decay)).floor() as u64;
+        while at(n + 1) < decay {
+            n += 1;
+        }
+        while n > 0 && at(n) >= decay {
+            n -= 1;
+        }
+        n
+    }
+
     /// One update towards `params` (call after each optimizer step).
     pub fn update(&mut self, params: &DitParams) -> Result<()> {
         self.num_updates += 1;

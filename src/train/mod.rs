@@ -12,6 +12,7 @@ pub mod config;
 pub mod curves;
 pub mod data;
 pub mod ema;
+pub mod handoff;
 pub mod init;
 pub mod objective;
 pub mod optim;
