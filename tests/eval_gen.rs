@@ -213,7 +213,7 @@ fn gen_args(args: &[&str]) -> GenArgs {
     all.extend_from_slice(args);
     match Cli::try_parse_from(all).unwrap().command {
         Sub::Eval(e) => match e.command {
-            EvalCommand::Gen(g) => *g,
+            EvalCommand::Gen(g) => g,
             _ => unreachable!(),
         },
         _ => unreachable!(),
@@ -295,6 +295,32 @@ fn eval_gen_writes_table_json_and_plots_and_refuses_to_overwrite() {
     let mut forced = args.to_vec();
     forced.push("--force");
     run_with_judge(&gen_args(&forced), &judge).unwrap();
+    // `sample` with the same seed and batch writes the same samples: scoring its file gives
+    // the 4-step row exactly.
+    let file = s.path("s4.jsonl").display().to_string();
+    let o = Command::new(env!("CARGO_BIN_EXE_imdm-engine"))
+        .args([
+            "sample",
+            "--checkpoint",
+            &s.model,
+            "--steps",
+            "4",
+            "--num-samples",
+            "6",
+        ])
+        .args([
+            "--batch", "3", "--seed", "42", "--device", "cpu", "--out", &file,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = gen_args(&["--samples", &file, "--decode", "gpt2", "--batch", "3"]);
+    let from_file = &run_with_judge(&a, &judge).unwrap().rows[0];
+    let sampled = &report.rows[2];
+    assert_eq!(sampled.steps, Some(4));
+    assert_eq!(from_file.gen_ppl, sampled.gen_ppl);
+    assert_eq!(from_file.entropy, sampled.entropy);
+    assert_eq!(from_file.nfe, sampled.nfe);
 }
 
 #[test]

@@ -36,7 +36,7 @@ pub enum EvalCommand {
     Ppl(PplArgs),
     /// Generative evaluation under a judge LM: Gen PPL, unigram entropy, TC and MAUVE of
     /// samples at several step counts, of a sample file, or of held-out text (spec 8.2-8.4).
-    Gen(Box<crate::cli::eval_gen::GenArgs>),
+    Gen(crate::cli::eval_gen::GenArgs),
 }
 
 #[derive(Args, Debug)]
@@ -73,7 +73,7 @@ pub struct PplArgs {
 pub fn run(a: EvalArgs) -> Result<()> {
     match a.command {
         EvalCommand::Ppl(p) => run_ppl(p),
-        EvalCommand::Gen(g) => crate::cli::eval_gen::run(*g),
+        EvalCommand::Gen(g) => crate::cli::eval_gen::run(g),
     }
 }
 

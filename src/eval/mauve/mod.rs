@@ -179,14 +179,8 @@ pub fn bucket_count(b: Buckets, np: usize, nq: usize) -> usize {
     }
 }
 
-/// MAUVE of feature sets `p` (references) and `q` (generations), one row per text, with the
-/// k-means seeded by `seed`.
-pub fn compute_mauve(
-    p: &[Vec<f32>],
-    q: &[Vec<f32>],
-    cfg: &MauveConfig,
-    seed: u64,
-) -> Result<MauveResult> {
+/// l2-normalised rows `[q; p]` projected by the PCA of step 2 (independent of the seed).
+fn project_union(p: &[Vec<f32>], q: &[Vec<f32>], cfg: &MauveConfig) -> Result<pca::Projection> {
     if p.is_empty() || q.is_empty() {
         return Err(Error::Shape(format!(
             "MAUVE: {} reference and {} generated feature rows (both must be non-empty)",
@@ -208,11 +202,21 @@ pub fn compute_mauve(
         let inv = if norm > 0.0 { 1.0 / norm } else { 0.0 };
         rows.extend(r.iter().map(|&x| x as f64 * inv));
     }
-    let proj = pca::project(&rows, n, d, cfg.explained_variance)?;
-    let buckets = bucket_count(cfg.buckets, p.len(), q.len());
+    pca::project(&rows, n, d, cfg.explained_variance)
+}
+
+/// Steps 3-6 on a projection of `np` reference rows after `nq` generated ones.
+fn cluster_and_score(
+    proj: &pca::Projection,
+    np: usize,
+    nq: usize,
+    cfg: &MauveConfig,
+    seed: u64,
+) -> Result<MauveResult> {
+    let buckets = bucket_count(cfg.buckets, np, nq);
     let cl = kmeans::kmeans(
         &proj.data,
-        n,
+        proj.n,
         proj.dims,
         KmeansConfig {
             clusters: buckets,
@@ -228,8 +232,8 @@ pub fn compute_mauve(
         h.iter_mut().for_each(|x| *x /= total);
         h
     };
-    let q_hist = hist(&cl.labels[..q.len()]);
-    let p_hist = hist(&cl.labels[q.len()..]);
+    let q_hist = hist(&cl.labels[..nq]);
+    let p_hist = hist(&cl.labels[nq..]);
     let (mauve, curve) = mauve_from_histograms(&p_hist, &q_hist, cfg)?;
     Ok(MauveResult {
         mauve,
@@ -241,7 +245,20 @@ pub fn compute_mauve(
     })
 }
 
-/// The mean MAUVE over `seeds` (the reference: 42..46) and every run.
+/// MAUVE of feature sets `p` (references) and `q` (generations), one row per text, with the
+/// k-means seeded by `seed`.
+pub fn compute_mauve(
+    p: &[Vec<f32>],
+    q: &[Vec<f32>],
+    cfg: &MauveConfig,
+    seed: u64,
+) -> Result<MauveResult> {
+    let proj = project_union(p, q, cfg)?;
+    cluster_and_score(&proj, p.len(), q.len(), cfg, seed)
+}
+
+/// The mean MAUVE over `seeds` (the reference: 42..46) and every run. The PCA does not depend
+/// on the seed and is computed once.
 pub fn mean_mauve(
     p: &[Vec<f32>],
     q: &[Vec<f32>],
@@ -251,9 +268,10 @@ pub fn mean_mauve(
     if seeds.is_empty() {
         return Err(Error::Config("MAUVE: no seeds".into()));
     }
+    let proj = project_union(p, q, cfg)?;
     let runs: Vec<MauveResult> = seeds
         .iter()
-        .map(|&s| compute_mauve(p, q, cfg, s))
+        .map(|&s| cluster_and_score(&proj, p.len(), q.len(), cfg, s))
         .collect::<Result<_>>()?;
     let mean = runs.iter().map(|r| r.mauve).sum::<f64>() / runs.len() as f64;
     Ok((mean, runs))

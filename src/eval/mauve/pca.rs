@@ -45,8 +45,9 @@ pub fn project(rows: &[f64], n: usize, d: usize, explained: f64) -> Result<Proje
     }
     mean.iter_mut().for_each(|m| *m /= n as f64);
     let xc = DMatrix::from_fn(n, d, |i, j| rows[i * d + j] - mean[j]);
-    // (eigenvalues, and for each kept component the projection of every row)
-    let (values, proj): (Vec<f64>, Box<dyn Fn(usize) -> Vec<f64>>) = if d <= n {
+    // Eigenvalues by decreasing size, and the projection of every row on component c.
+    type ProjectOn = Box<dyn Fn(usize) -> Vec<f64>>;
+    let (values, proj): (Vec<f64>, ProjectOn) = if d <= n {
         let eig = SymmetricEigen::new(xc.transpose() * &xc);
         let order = descending(eig.eigenvalues.as_slice());
         let vals = order.iter().map(|&i| eig.eigenvalues[i].max(0.0)).collect();
