@@ -34,6 +34,9 @@ pub enum EvalCommand {
     /// validation, so with --batch equal to the run's --micro-batch and a split no larger
     /// than its --eval-size the CPU number equals the run's last val_nelbo.
     Ppl(PplArgs),
+    /// Generative evaluation under a judge LM: Gen PPL, unigram entropy, TC and MAUVE of
+    /// samples at several step counts, of a sample file, or of held-out text (spec 8.2-8.4).
+    Gen(crate::cli::eval_gen::GenArgs),
 }
 
 #[derive(Args, Debug)]
@@ -70,6 +73,7 @@ pub struct PplArgs {
 pub fn run(a: EvalArgs) -> Result<()> {
     match a.command {
         EvalCommand::Ppl(p) => run_ppl(p),
+        EvalCommand::Gen(g) => crate::cli::eval_gen::run(g),
     }
 }
 

@@ -13,6 +13,7 @@ pub mod data;
 pub mod demo;
 pub mod distill;
 pub mod eval;
+pub mod eval_gen;
 pub mod forward;
 pub mod info;
 pub mod init;
@@ -58,7 +59,8 @@ pub enum Command {
     Data(data::DataArgs),
     /// Generate token ids (unconditional, prefix or infill) with the IMDM or MDLM sampler.
     Sample(sample::SampleArgs),
-    /// Evaluate a checkpoint: held-out NELBO and perplexity on prepared shards.
+    /// Evaluate: held-out NELBO and perplexity on prepared shards; generative evaluation
+    /// under a judge LM.
     Eval(eval::EvalArgs),
     /// Plot training loss and validation NELBO of run directories as a PNG.
     Plot(plot::PlotArgs),

@@ -104,6 +104,19 @@ impl SamplerStream {
     }
 }
 
+/// SplitMix64's finaliser: the stream key of a batch.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The sampler-stream key of batch `j` of a run with `--seed seed`.
+pub fn batch_stream_seed(seed: u64, j: usize) -> u64 {
+    splitmix64(splitmix64(seed) ^ j as u64)
+}
+
 #[cfg(test)]
 #[path = "stream_tests.rs"]
 mod tests;
