@@ -683,3 +683,138 @@ fn gpu_rejects_bad_shapes() {
         assert!(matches!(r, Err(Error::Config(_))), "scale {scale}: {r:?}");
     }
 }
+
+/// The kernel's arithmetic emulated on the host in f32 (sums in chunks of 64, then pairwise,
+/// close to the kernel's per-thread runs and tree merge; `f32::exp` for `__expf`), the gradient
+/// rounded to bf16: what `check` must accept from a correct kernel.
+fn emulate_f32(c: &Case, mode: DistillMode, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    fn tree(v: &[f32]) -> f32 {
+        if v.len() <= 64 {
+            return v.iter().fold(0f32, |a, &b| a + b);
+        }
+        let h = v.len().div_ceil(128) * 64;
+        tree(&v[..h]) + tree(&v[h..])
+    }
+    let sh = c.shape;
+    let (ld, ldt, mask) = (sh.ld, sh.ldt, sh.mask_index);
+    let mut loss = vec![0f32; sh.rows];
+    let mut grad = vec![0f32; sh.rows * ld];
+    for r in 0..sh.rows {
+        if c.tokens[r] as usize != mask {
+            continue;
+        }
+        let real: Vec<usize> = (0..sh.vocab).filter(|&j| j != mask).collect();
+        let z: Vec<f32> = real.iter().map(|&j| c.logits[r * ld + j]).collect();
+        let t: Vec<f32> = real.iter().map(|&j| c.teacher[r * ldt + j]).collect();
+        let m = z.iter().fold(f32::MIN, |a, &b| a.max(b));
+        let s = tree(&z.iter().map(|&x| (x - m).exp()).collect::<Vec<_>>());
+        let lse = m + s.ln();
+        let ls: Vec<f32> = z.iter().map(|&x| x - lse).collect();
+        let d: Vec<f32> = ls.iter().zip(&t).map(|(a, b)| a - b).collect();
+        let p: Vec<f32> = ls.iter().map(|a| a.exp()).collect();
+        let sign = |x: f32| {
+            if x > 0.0 {
+                1.0
+            } else if x < 0.0 {
+                -1.0
+            } else {
+                x
+            }
+        };
+        let n = real.len();
+        let (rt, lt): (Vec<f32>, Vec<f32>) = (0..n)
+            .map(|k| match mode {
+                DistillMode::KlBwd => (p[k] * d[k], 0.0),
+                DistillMode::KlFwd => {
+                    let q = t[k].exp();
+                    let l = if t[k] == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        q * (t[k] - ls[k])
+                    };
+                    (q, l)
+                }
+                DistillMode::Mse => (d[k], d[k] * d[k]),
+                DistillMode::Tvd => (sign(d[k]), d[k].abs()),
+            })
+            .unzip();
+        let big_r = tree(&rt);
+        loss[r] = if mode == DistillMode::KlBwd {
+            big_r
+        } else {
+            tree(&lt)
+        };
+        for (k, &j) in real.iter().enumerate() {
+            let g = match mode {
+                DistillMode::KlBwd => p[k] * (d[k] - big_r),
+                DistillMode::KlFwd => p[k] * big_r - t[k].exp(),
+                DistillMode::Mse => 2.0 * (d[k] - p[k] * big_r),
+                DistillMode::Tvd => sign(d[k]) - p[k] * big_r,
+            };
+            grad[r * ld + j] = bf16::from_f32(scale * g).to_f32();
+        }
+    }
+    (loss, grad)
+}
+
+#[test]
+fn check_accepts_an_f32_kernel_and_rejects_a_wrong_element() {
+    // The GPU tests' tolerances, run here on the f32 emulation of the kernel at the GPU tests'
+    // shapes and inputs: a correct kernel passes, one wrong gradient element or loss does not.
+    let (rows, vocab, ld, mask) = (7, 50258, 50304, 50257);
+    let mut inf = case(23, rows, vocab, ld, ld, mask, -8.0, 8.0, true);
+    for r in 0..rows {
+        for j in (3..vocab - 1).step_by(97) {
+            inf.teacher[r * ld + j] = f32::NEG_INFINITY;
+        }
+    }
+    let mut zeros = case(22, rows, vocab, ld, ld, mask, -8.0, 8.0, true);
+    for r in 0..rows {
+        zeros.logits[r * ld..r * ld + vocab].fill(0.0);
+        zeros.logits[r * ld + mask] = 50.0;
+    }
+    let cases = [
+        ("owt", case(7, rows, vocab, ld, ld, mask, -8.0, 8.0, false)),
+        (
+            "lm1b",
+            case(1, 1, 30523, 30528, 30528, 30522, -8.0, 8.0, true),
+        ),
+        ("tiny", case(7, 7, 5, 8, 8, 2, -8.0, 8.0, false)),
+        (
+            "large",
+            case(21, rows, vocab, ld, ld, mask, -3e3, 3e3, true),
+        ),
+        ("zeros", zeros),
+        ("-inf teacher", inf),
+    ];
+    for (tag, c) in &cases {
+        let masked = c
+            .tokens
+            .iter()
+            .filter(|&&t| t as usize == c.shape.mask_index)
+            .count();
+        let scale = 1.0 / masked as f32;
+        for mode in DistillMode::ALL {
+            let want = twin(c, mode, scale);
+            let got = emulate_f32(c, mode, scale);
+            let name = format!("emulated {tag} {mode:?}");
+            check(&name, c, mode, scale, &got, &want);
+            if *tag != "owt" {
+                continue;
+            }
+            // The largest gradient element of row 0 moved by 4 bf16 ulps; the loss by 1e-3.
+            let w = &want.1[..c.shape.ld];
+            let j = (0..w.len())
+                .max_by(|&a, &b| w[a].abs().total_cmp(&w[b].abs()))
+                .unwrap();
+            let mut bad = got.clone();
+            bad.1[j] = bf16::from_f32(bad.1[j] * (1.0 + 4.0 / 128.0)).to_f32();
+            let r = std::panic::catch_unwind(|| check(&name, c, mode, scale, &bad, &want));
+            assert!(r.is_err(), "{name}: a wrong element at {j} passed");
+            let mut bad = got.clone();
+            bad.0[0] += 1e-3 * bad.0[0].abs().max(1.0);
+            let r = std::panic::catch_unwind(|| check(&name, c, mode, scale, &bad, &want));
+            assert!(r.is_err(), "{name}: a wrong loss passed");
+        }
+    }
+}
