@@ -16,6 +16,7 @@ use crate::cuda::ops::attention::{
     self, attention_bwd, attention_bwd_reference, attention_fwd, AttentionBwdWorkspace,
     AttentionShape,
 };
+use crate::cuda::ops::distill_kl::{distill_kl_fwd_bwd_f32, DistillKlShape, DistillMode};
 use crate::cuda::ops::embedding::embedding_fwd;
 use crate::cuda::ops::gelu::{gelu_fwd, GeluKind};
 use crate::cuda::ops::gemm::{self, Epilogue, Gemm};
@@ -292,6 +293,39 @@ fn kernels_at(
         sh(&format!("{rows}x{v} ld {ld}")),
         ms,
         rows as f64 * v as f64 * 8.0,
+    ));
+
+    // The distillation loss (kl-bwd) with the SUBS log-probs as the teacher. It rewrites its
+    // logits with the gradient, so every repeat after the first reads the previous gradient's
+    // bytes as logits: the same traffic. Bytes: per masked row z and lt once (4V + 4V) and the
+    // 2 ld-byte gradient; per unmasked row the 2 ld-byte zeros. The teacher's second read (pass
+    // C, mostly L2) is not counted.
+    let masked = ids.iter().filter(|&&t| t as usize == mask).count();
+    let mut kl_loss = s.alloc_zeros::<f32>(rows)?;
+    let kl_shape = DistillKlShape {
+        rows,
+        vocab: v,
+        ld,
+        ldt: ld,
+        mask_index: mask,
+    };
+    let ms = t.time(gpu, || {
+        distill_kl_fwd_bwd_f32(
+            gpu,
+            &mut logits,
+            &mut kl_loss,
+            &lp,
+            &tokens,
+            kl_shape,
+            DistillMode::KlBwd,
+            1.0 / masked.max(1) as f32,
+        )
+    })?;
+    out.push(Row::memory(
+        "distill_kl_fwd_bwd_f32 kl-bwd",
+        sh(&format!("{rows}x{v} ld {ld}, {masked} masked")),
+        ms,
+        masked as f64 * 8.0 * v as f64 + rows as f64 * 2.0 * ld as f64,
     ));
     Ok(out)
 }

@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod distill_kl;
 pub mod embedding;
 pub mod gelu;
 pub mod gemm;
