@@ -247,17 +247,19 @@ fn mdlm_and_imdm_students_start_at_the_same_kl() {
     assert_eq!(la.masked, lb.masked);
 }
 
-/// Within a round (fixed teacher) the held-out KL falls.
+/// Within a round (fixed teacher) the held-out KL falls. The student starts from other
+/// weights than the teacher: started from the teacher it sits near the optimum already (the
+/// rollout's targets are random, so part of the KL cannot be removed).
 #[test]
 fn kl_falls_within_a_round() {
-    let teacher = random_params(&tiny(Algo::Mdlm), 8);
-    let imdm = graft(&teacher, 9);
-    let mut s = sdtt_run(imdm.clone(), imdm, 200, 3e-3, 2);
+    let teacher = graft(&random_params(&tiny(Algo::Mdlm), 8), 9);
+    let student = graft(&random_params(&tiny(Algo::Mdlm), 21), 9);
+    let mut s = sdtt_run(student, teacher, 100, 3e-3, 2);
     let before = s.validation_kl(&s.params).unwrap().unwrap();
     s.run().unwrap();
     let after = s.validation_kl(&s.params).unwrap().unwrap();
     assert_eq!(s.teacher_round, 0);
-    assert!(after < 0.85 * before, "validation KL {before} -> {after}");
+    assert!(after < 0.5 * before, "validation KL {before} -> {after}");
 }
 
 #[test]
