@@ -21,7 +21,9 @@ coherent sequence and escapes that floor.
 
 Stages: an MDLM teacher and a plain IMDM trained on the data; couplings from the teacher
 (many steps, seeded eps); an MDM student and IM-ReDi rounds (round k+1's couplings come from
-round k's student). Every model is sampled at 1, 2, 4, 8, 16 steps with fresh eps seeds,
+round k's student); then SDTT distillation from the teacher (an MDLM student, mdlm_sdtt, and an
+IMDM one, imdm_sdtt: 4 rounds from 16 to 2 teacher steps, 400 steps each) and IM-ReDi on
+couplings from the IM-SDTT student (imdm_sdtt_redi, 4 rounds). Every model is sampled at 1, 2, 4, 8, 16 steps with fresh eps seeds,
 never those of the couplings. Prints a table of exact-match rates (distinct sequences);
 with --out DIR writes DIR/synthetic.json and DIR/exact_match.png.
 

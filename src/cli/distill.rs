@@ -1,4 +1,5 @@
-//! `imdm-engine distill`: ReDi / IM-ReDi as stages of their own (spec 6.2-6.3), usable on the
+//! `imdm-engine distill`: ReDi / IM-ReDi as stages of their own (spec 6.2-6.3; SDTT in
+//! [`super::sdtt`]), usable on the
 //! synthetic data, token files and prepared real-text shards alike.
 
 use std::path::PathBuf;
@@ -36,6 +37,9 @@ pub enum Stage {
     RediData(RediDataArgs),
     /// Train a student on couplings (spec 6.3) and write its weights.
     RediTrain(RediTrainArgs),
+    /// SDTT / IM-SDTT distillation rounds (spec 6.1) into a resumable run directory.
+    #[command(long_about = super::sdtt::LONG_ABOUT)]
+    Sdtt(Box<super::sdtt::SdttArgs>),
 }
 
 /// `distill redi-data`.
@@ -173,6 +177,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
     match a.stage {
         Stage::RediData(a) => redi_data(a),
         Stage::RediTrain(a) => redi_train(a),
+        Stage::Sdtt(a) => super::sdtt::run(*a),
     }
 }
 

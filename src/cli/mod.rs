@@ -20,6 +20,7 @@ pub mod init;
 pub mod plot;
 pub mod probe;
 pub mod sample;
+pub mod sdtt;
 pub mod train;
 
 /// Masked diffusion language models (MDLM, IMDM) with hand-written CUDA kernels.
@@ -40,7 +41,7 @@ pub enum Command {
     /// The paper's synthetic experiment: MDM versus IMDM (IM-ReDi) at 1-16 steps.
     #[command(long_about = demo::LONG_ABOUT)]
     Demo(demo::DemoArgs),
-    /// Distillation stages: IM-ReDi coupling generation and student training.
+    /// Distillation stages: SDTT / IM-SDTT rounds, IM-ReDi coupling generation and training.
     Distill(distill::DistillArgs),
     /// Write a randomly initialised model, initialised as the reference does (spec 2.3).
     Init(init::InitArgs),

@@ -15,13 +15,14 @@
 
 use crate::cpu::attention::{attention_bwd, attention_fwd, rope_apply, AttnSaved, AttnShape, Rope};
 use crate::cpu::checks::{check_inputs, Dims};
+use crate::cpu::distill_loss::{distill_loss_in_place, distill_row_losses};
 use crate::cpu::layers::*;
 use crate::cpu::loss::{subs_ce_in_place, subs_log_probs};
 use crate::cpu::weights::{
     check_shapes, expected_shapes, tensor_as, time_feature_at_zero, Lin, Weights,
 };
 use crate::cpu::{Buf, Real, TrainOpts};
-use crate::diffusion::LossBatch;
+use crate::diffusion::{DistillBatch, LossBatch};
 use crate::error::Result;
 use crate::model::{DitConfig, DitParams};
 use crate::tensor::{Tensor, Tokens};
@@ -531,6 +532,79 @@ pub(super) fn log_probs<T: Real>(
     let lp = subs_log_probs(&acts.logits, &xt.ids, c.mask_index, n.v);
     w.recycle();
     Tensor::from_vec(&[n.batch, n.len, n.v], lp)
+}
+
+/// Checks a distillation batch's target size and its masked-position count.
+fn check_distill(b: &DistillBatch, n: Dims) -> Result<()> {
+    if b.target.len() != n.rows * n.v {
+        return Err(crate::error::Error::Shape(format!(
+            "distillation target: expected B·L·V = {} values, got {}",
+            n.rows * n.v,
+            b.target.len()
+        )));
+    }
+    if !(b.norm > 0.0 && b.norm.is_finite()) {
+        return Err(crate::error::Error::Shape(format!(
+            "distillation norm {} must be a positive count of masked positions",
+            b.norm
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn distill_loss_and_grad<T: Real>(
+    p: &DitParams,
+    batch: &DistillBatch,
+    opts: &TrainOpts,
+    grads: &mut DitParams,
+) -> Result<f64> {
+    let c = &p.config;
+    c.validate()?;
+    let w = Weights::<T>::view(p)?;
+    check_shapes(grads, &expected_shapes(c), "grads")?;
+    let n = check_inputs(c, batch.xt, batch.eps)?;
+    check_distill(batch, n)?;
+    let p_drop = c.dropout as f32;
+    let dropout = opts
+        .dropout
+        .filter(|_| p_drop > 0.0)
+        .map(|(seed, offset)| (seed, offset, p_drop));
+    let mut acts = forward(&w, c, batch.xt, batch.eps, n, dropout);
+    let mut dlogits = std::mem::take(&mut acts.logits);
+    let loss = distill_loss_in_place(
+        &mut dlogits,
+        batch.target,
+        &batch.xt.ids,
+        batch.mode,
+        batch.norm,
+        c.mask_index,
+        n.v,
+    );
+    let mut g = w.zeros_like();
+    backward(&w, &mut g, &acts, c, batch.xt, n, &dlogits);
+    g.add_into(grads);
+    g.recycle();
+    w.recycle();
+    Ok(loss)
+}
+
+pub(super) fn distill_loss<T: Real>(p: &DitParams, batch: &DistillBatch) -> Result<f64> {
+    let c = &p.config;
+    c.validate()?;
+    let w = Weights::<T>::view(p)?;
+    let n = check_inputs(c, batch.xt, batch.eps)?;
+    check_distill(batch, n)?;
+    let acts = forward(&w, c, batch.xt, batch.eps, n, None);
+    let rows = distill_row_losses(
+        &acts.logits,
+        batch.target,
+        &batch.xt.ids,
+        batch.mode,
+        c.mask_index,
+        n.v,
+    );
+    w.recycle();
+    Ok(rows.iter().sum::<f64>() / batch.norm)
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@
 //!   with adaLN modulation, GELUs, SiLU, gated residual with Philox dropout, embedding).
 //! - [`attention`]: rotate-half rotary and softmax attention (softcap, causal), with backward.
 //! - [`loss`]: the SUBS log-softmax, fused with the weighted cross-entropy and its gradient.
+//! - [`distill_loss`]: the SUBS log-softmax fused with the SDTT distillation losses (KL both
+//!   ways, mse, tvd on log-probs) and their gradient.
 //! - [`Buf`] (`pool`): activation buffers recycled across steps (page faults were ~15%).
 //! - `weights`: typed views of [`DitParams`] (borrowed for f32) and gradient buffers.
 //! - `checks`: validation of tokens, eps and loss batches against the configuration.
@@ -39,7 +41,7 @@ use std::fmt::{Debug, Display};
 use std::iter::Sum;
 use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
 
-use crate::diffusion::LossBatch;
+use crate::diffusion::{DistillBatch, LossBatch};
 use crate::error::Result;
 use crate::model::DitParams;
 use crate::tensor::{Tensor, Tokens};
@@ -47,6 +49,7 @@ use crate::tensor::{Tensor, Tokens};
 pub mod attention;
 mod checks;
 mod denoiser;
+pub mod distill_loss;
 mod dit;
 pub mod fastmath;
 pub mod gemm;
@@ -261,6 +264,23 @@ pub fn loss_and_grad<T: Real>(
     grads: &mut DitParams,
 ) -> Result<f64> {
     dit::loss_and_grad::<T>(p, batch, opts, grads)
+}
+
+/// The distillation loss of `batch` (spec 6.1 step 4, [`distill_loss`]) and its gradient with
+/// respect to every parameter, accumulated (`+=`) into `grads`. Dropout as in
+/// [`loss_and_grad`].
+pub fn distill_loss_and_grad<T: Real>(
+    p: &DitParams,
+    batch: &DistillBatch,
+    opts: &TrainOpts,
+    grads: &mut DitParams,
+) -> Result<f64> {
+    dit::distill_loss_and_grad::<T>(p, batch, opts, grads)
+}
+
+/// The distillation loss of `batch` in evaluation mode (no dropout, no gradient).
+pub fn distill_loss_eval<T: Real>(p: &DitParams, batch: &DistillBatch) -> Result<f64> {
+    dit::distill_loss::<T>(p, batch)
 }
 
 /// SUBS log-probabilities (B, L, V) in evaluation mode: the same values as

@@ -106,6 +106,52 @@ pub trait Denoiser {
     fn log_probs(&mut self, xt: &Tokens, eps: Option<&Tensor>) -> Result<Tensor>;
 }
 
+/// Which divergence the distillation loss measures between the student's and the teacher's
+/// SUBS log-probabilities at a masked position (spec 6.1 step 4; the maths is in
+/// `cpu::distill_loss`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum DistillMode {
+    /// KL(student ‖ teacher) (the reference's default).
+    #[default]
+    KlBwd,
+    /// KL(teacher ‖ student).
+    KlFwd,
+    /// Squared difference of the log-probs, summed over the vocabulary.
+    Mse,
+    /// Absolute difference of the log-probs (on log-probs, as the reference has it).
+    Tvd,
+}
+
+impl DistillMode {
+    /// Every mode, in the order of the GPU kernel's mode codes.
+    pub const ALL: [DistillMode; 4] = [Self::KlBwd, Self::KlFwd, Self::Mse, Self::Tvd];
+}
+
+/// One (micro-)batch of the distillation loss: the student's input and the teacher's target.
+#[derive(Clone, Copy, Debug)]
+pub struct DistillBatch<'a> {
+    /// (B, L) noisy input; only positions holding the mask contribute.
+    pub xt: &'a Tokens,
+    /// (B, L, noise_dim) eps used as given (reset = 0); `None` without the eps MLP.
+    pub eps: Option<&'a Tensor>,
+    /// (B·L·V) teacher log-probs, read at masked positions.
+    pub target: &'a [f32],
+    pub mode: DistillMode,
+    /// Divisor of the summed row losses: the masked positions of the whole (global) batch.
+    pub norm: f64,
+}
+
 #[cfg(test)]
 #[path = "denoiser_tests.rs"]
 mod tests;

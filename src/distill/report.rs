@@ -118,11 +118,18 @@ pub fn table(report: &SyntheticReport) -> String {
 
 /// Baselines first, then the rounds in numeric order (`imdm_redi` repeats the last round).
 pub(crate) fn model_order(report: &SyntheticReport) -> Vec<String> {
-    let mut v: Vec<String> = ["mdlm", "imdm", "mdm_redi"]
-        .iter()
-        .map(|s| s.to_string())
-        .filter(|m| report.results.contains_key(m))
-        .collect();
+    let mut v: Vec<String> = [
+        "mdlm",
+        "imdm",
+        "mdm_redi",
+        "mdlm_sdtt",
+        "imdm_sdtt",
+        "imdm_sdtt_redi",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .filter(|m| report.results.contains_key(m))
+    .collect();
     v.extend((1..=report.config.rounds).map(|k| format!("imdm_redi_r{k}")));
     v.retain(|m| report.results.contains_key(m));
     v

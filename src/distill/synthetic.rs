@@ -13,6 +13,9 @@
 //! 6. Round k ≥ 2: couplings from student k−1 (its ε now matters), student k continues from
 //!    student k−1 (ReDi^k).
 //!
+//! 7. `mdlm_sdtt`, `imdm_sdtt`, `imdm_sdtt_redi`: SDTT / IM-SDTT rounds from the teacher, and
+//!    IM-ReDi on couplings from the IM-SDTT student (`synthetic_sdtt`).
+//!
 //! Results: exact-match rate, distinct sequences and conditional total correlation at each step
 //! count, as a table, `synthetic.json` and `exact_match.png`.
 
@@ -100,6 +103,9 @@ pub struct SyntheticConfig {
     /// Step counts evaluated.
     pub eval_steps: Vec<usize>,
     pub eval: EvalConfig,
+    /// The SDTT / IM-SDTT rows (`synthetic_sdtt`).
+    #[serde(default)]
+    pub sdtt: super::synthetic_sdtt::SdttDemo,
     pub seed: u64,
 }
 
@@ -135,6 +141,7 @@ impl SyntheticConfig {
                 batch: 500,
                 seed: 7,
             },
+            sdtt: Default::default(),
             seed: 0,
         }
     }
@@ -290,7 +297,7 @@ fn train_on_data(
 }
 
 /// IM-ReDi / MDM-ReDi training on couplings (stage 4-6).
-fn train_on_couplings(
+pub(super) fn train_on_couplings(
     engine: &mut Engine,
     cfg: &SyntheticConfig,
     lr_scale: f64,
@@ -323,7 +330,7 @@ fn train_on_couplings(
 }
 
 /// IMDM weights that compute exactly `mdlm` (the eps MLP's last layer starts at zero).
-fn graft_eps_mlp(cfg: &SyntheticConfig, mdlm: &DitParams, seed: u64) -> DitParams {
+pub(super) fn graft_eps_mlp(cfg: &SyntheticConfig, mdlm: &DitParams, seed: u64) -> DitParams {
     let mut p = init_params(&cfg.model(Algo::Imdm), seed);
     let src: BTreeMap<String, &crate::tensor::Tensor> = mdlm.named().into_iter().collect();
     for (name, t) in p.named_mut() {
@@ -334,7 +341,7 @@ fn graft_eps_mlp(cfg: &SyntheticConfig, mdlm: &DitParams, seed: u64) -> DitParam
     p
 }
 
-fn eval_model(
+pub(super) fn eval_model(
     engine: &Engine,
     cfg: &SyntheticConfig,
     params: &DitParams,
@@ -366,7 +373,7 @@ fn eval_model(
     Ok(())
 }
 
-fn datagen(
+pub(super) fn datagen(
     engine: &Engine,
     cfg: &SyntheticConfig,
     source: &DitParams,
@@ -409,7 +416,7 @@ pub fn run(
     let mut final_loss = BTreeMap::new();
     let s = cfg.seed;
 
-    prog.stage("1/5 training the MDLM teacher on the data");
+    prog.stage("1/7 training the MDLM teacher on the data");
     let (teacher, l) = train_on_data(
         engine,
         cfg,
@@ -428,7 +435,7 @@ pub fn run(
         prog,
     )?;
 
-    prog.stage("2/5 training a plain IMDM on the data");
+    prog.stage("2/7 training a plain IMDM on the data");
     let (imdm, l) = train_on_data(
         engine,
         cfg,
@@ -448,12 +455,12 @@ pub fn run(
     )?;
 
     prog.stage(&format!(
-        "3/5 round-1 couplings from the teacher ({:?})",
+        "3/7 round-1 couplings from the teacher ({:?})",
         cfg.coupling
     ));
     let pairs = datagen(engine, cfg, &teacher, 1.0, 0)?;
 
-    prog.stage("4/5 MDM student on the round-1 couplings");
+    prog.stage("4/7 MDM student on the round-1 couplings");
     let (mdm, l) = train_on_couplings(
         engine,
         cfg,
@@ -474,7 +481,7 @@ pub fn run(
         prog,
     )?;
 
-    prog.stage("5/5 IM-ReDi rounds");
+    prog.stage("5/7 IM-ReDi rounds");
     let mut student = graft_eps_mlp(cfg, &teacher, s + 4);
     let mut pairs = pairs;
     for k in 1..=cfg.rounds {
@@ -507,6 +514,15 @@ pub fn run(
     }
     let last = results[&format!("imdm_redi_r{}", cfg.rounds)].clone();
     results.insert("imdm_redi".into(), last);
+    // The distillation rows run on the CPU backend (the GPU trainer does not drive the
+    // distillation objective).
+    if matches!(engine, Engine::Cpu(_)) {
+        let rows =
+            super::synthetic_sdtt::run(engine, cfg, &teacher, (&mut results, &mut greedy), prog)?;
+        final_loss.extend(rows);
+    } else {
+        prog.stage("6/7-7/7 SDTT rows skipped: the distillation objective runs on the CPU only");
+    }
     let report = SyntheticReport {
         config: cfg.clone(),
         results,

@@ -21,33 +21,15 @@ const THREADS: usize = 1024;
 /// The kernel's static shared memory (two 32-float and one 32-float2 reduction arrays).
 const STATIC_SMEM: usize = 512;
 
-/// The divergence between the student's and the teacher's log-probs at a masked position (the
-/// reference's `distill_mode`). All four act on log-probs; `Tvd` is the reference's "tvd", a sum
-/// of absolute log-prob differences, not a total variation of probabilities.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DistillMode {
-    /// KL(student || teacher) = sum p_s (log p_s - log p_t): the reference's default.
-    KlBwd,
-    /// KL(teacher || student) = sum p_t (log p_t - log p_s).
-    KlFwd,
-    /// sum (log p_s - log p_t)^2.
-    Mse,
-    /// sum |log p_s - log p_t|.
-    Tvd,
-}
+pub use crate::diffusion::DistillMode;
 
-impl DistillMode {
-    /// Every mode, in the kernel's numbering.
-    pub const ALL: [DistillMode; 4] = [Self::KlBwd, Self::KlFwd, Self::Mse, Self::Tvd];
-
-    /// The kernel's `mode` code.
-    fn code(self) -> u32 {
-        match self {
-            Self::KlBwd => 0,
-            Self::KlFwd => 1,
-            Self::Mse => 2,
-            Self::Tvd => 3,
-        }
+/// The kernel's `mode` code of each divergence (`DistillMode::ALL` order).
+fn code(mode: DistillMode) -> u32 {
+    match mode {
+        DistillMode::KlBwd => 0,
+        DistillMode::KlFwd => 1,
+        DistillMode::Mse => 2,
+        DistillMode::Tvd => 3,
     }
 }
 
@@ -232,7 +214,7 @@ fn launch<T: Logit, I: TokenId>(
         ld: ld as i32,
         ldt: ldt as i32,
         mask_index: mask_index as u32,
-        mode: mode.code(),
+        mode: code(mode),
         scale,
         cache_row: cache as i32,
     };
