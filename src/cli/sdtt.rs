@@ -12,7 +12,7 @@ use crate::distill::sdtt::{
     check_teacher, read_sdtt_config, write_sdtt_config, Sdtt, SdttConfig, SdttEvent, SDTT_FILE,
 };
 use crate::error::{Error, Result};
-use crate::gpu::DeviceChoice;
+use crate::cuda::DeviceChoice;
 use crate::model::{checkpoint, Algo, DitConfig, DitParams};
 use crate::train::config::{DataSpec, TokenDtype, TrainConfig};
 use crate::train::data;
@@ -140,7 +140,7 @@ pub struct SdttArgs {
     pub quiet: bool,
 }
 
-/// The GPU trainer (`train::gpu`) drives the NELBO only; the distillation needs its fused KL
+/// The GPU trainer (`cuda::trainer`) drives the NELBO only; the distillation needs its fused KL
 /// kernel wired into it and the teacher rollout on the GPU step kernel.
 fn check_device(d: DeviceChoice) -> Result<()> {
     if d == DeviceChoice::Cuda {
