@@ -14,7 +14,8 @@
 //!   from `kernels/*.cu`, kernel lookup, and the `--device cpu|cuda|auto` choice.
 //! - [`ops`]: one module per kernel file: its only launcher, its CPU twin, its tests.
 //! - [`rng`]: the reference's counter-hash seeded noise (spec 5.8), bit-exact.
-//! - [`stio`] and [`tensor`]: safetensors helpers and plain host tensors.
+//! - [`stio`] and [`tensor`]: safetensors helpers and plain host tensors; [`outputs`]: the
+//!   checks and exclusive temporary files every output goes through.
 //! - [`diffusion`]: schedule, forward noising and the NELBO batch; [`train`]: the training
 //!   loop, AdamW, EMA, data sources and resumable run directories.
 //! - [`data`]: tokenizers, corpus reading, token shards with a manifest, the batch loader.
@@ -35,8 +36,10 @@ pub mod gpu;
 pub mod model;
 pub mod nvtx;
 pub mod ops;
+pub mod outputs;
 pub mod plot;
 pub mod rng;
+pub mod sizes;
 pub mod stio;
 pub mod tape;
 pub mod tensor;

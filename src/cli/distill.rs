@@ -74,6 +74,9 @@ pub struct RediDataArgs {
     /// Output couplings (safetensors: xT, x0, ts, seeds), written atomically.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `distill redi-train`.
@@ -111,6 +114,9 @@ pub struct RediTrainArgs {
     /// Output weights (safetensors), written atomically.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(a: DistillArgs) -> Result<()> {
@@ -121,7 +127,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
 }
 
 fn redi_data(a: RediDataArgs) -> Result<()> {
-    super::check_out_path("--out", &a.out)?;
+    super::check_out("--out", &a.out, a.force, &[("--checkpoint", &a.checkpoint)])?;
     if !(0.0..=1.0).contains(&a.perturbed_frac) {
         return Err(Error::Config(format!(
             "--perturbed-frac {}: must be in [0, 1]",
@@ -132,6 +138,12 @@ fn redi_data(a: RediDataArgs) -> Result<()> {
         return Err(Error::Config(
             "--pairs, --batch and --steps must be positive".into(),
         ));
+    }
+    if !(a.top_p > 0.0) {
+        return Err(Error::Config(format!(
+            "--top-p {}: must be > 0 (>= 1: off)",
+            a.top_p
+        )));
     }
     let params = checkpoint::load(&a.checkpoint, None)?;
     let spec = super::train::parse_data(&a.data, None)?;
@@ -158,7 +170,7 @@ fn redi_data(a: RediDataArgs) -> Result<()> {
             generate_couplings(den.as_mut(), &x0, &cfg, |done, total| {
                 let s = t0.elapsed().as_secs_f64();
                 let eta = s / done as f64 * (total - done) as f64;
-                println!(
+                crate::sayln!(
                     "{done}/{total} couplings, {:.1} rows/s, ETA {eta:.0}s",
                     done as f64 / s
                 );
@@ -166,7 +178,7 @@ fn redi_data(a: RediDataArgs) -> Result<()> {
         }
     };
     pairs.save(&a.out, params.config.vocab_size)?;
-    println!(
+    crate::sayln!(
         "wrote {} ({} couplings of length {}, {:?}) in {:.1}s",
         a.out.display(),
         pairs.len(),
@@ -178,9 +190,23 @@ fn redi_data(a: RediDataArgs) -> Result<()> {
 }
 
 fn redi_train(a: RediTrainArgs) -> Result<()> {
-    super::check_out_path("--out", &a.out)?;
+    super::check_out(
+        "--out",
+        &a.out,
+        a.force,
+        &[("--init", &a.init), ("--pairs", &a.pairs)],
+    )?;
     if !(0.0..1.0).contains(&a.ema) {
         return Err(Error::Config(format!("--ema {}: must be in [0, 1)", a.ema)));
+    }
+    if a.steps == 0 || a.batch == 0 {
+        return Err(Error::Config("--steps and --batch must be positive".into()));
+    }
+    if !(a.lr.is_finite() && a.lr >= 0.0) || !(a.clip.is_finite() && a.clip >= 0.0) {
+        return Err(Error::Config(format!(
+            "--lr {} and --clip {} must be finite and >= 0",
+            a.lr, a.clip
+        )));
     }
     let mut target = checkpoint::read_config(&a.init)?.ok_or_else(|| {
         Error::checkpoint(
@@ -213,7 +239,7 @@ fn redi_train(a: RediTrainArgs) -> Result<()> {
         if s % every == 0 || s == a.steps {
             let el = t0.elapsed().as_secs_f64();
             let eta = el / s as f64 * (a.steps - s) as f64;
-            println!(
+            crate::sayln!(
                 "step {s}/{} | loss {loss:.4} | elapsed {el:.0}s | ETA {eta:.0}s",
                 a.steps
             );
@@ -225,7 +251,7 @@ fn redi_train(a: RediTrainArgs) -> Result<()> {
         &fit.params
     };
     checkpoint::save(&a.out, out)?;
-    println!(
+    crate::sayln!(
         "wrote {} ({} weights after {} steps)",
         a.out.display(),
         if a.ema > 0.0 { "EMA" } else { "raw" },
