@@ -17,7 +17,8 @@
 //!   and its CPU twin, with its tests in a file of their own beside it.
 //! - [`optim_coeffs`]: the element-wise AdamW and EMA arithmetic both backends run.
 //! - [`rng`]: the reference's counter-hash seeded noise (spec 5.8), bit-exact.
-//! - [`stio`] and [`tensor`]: safetensors helpers and plain host tensors.
+//! - [`stio`] and [`tensor`]: safetensors helpers and plain host tensors; [`outputs`]: the
+//!   checks and exclusive temporary files every output goes through; [`sizes`]: checked sizes.
 //! - [`diffusion`]: schedule, forward noising, the NELBO batch and the samplers; [`train`]: the
 //!   backend-free training loop, AdamW, EMA, data sources and resumable run directories;
 //!   [`eval`]: held-out NELBO/PPL and the judge interface; [`distill`]: IM-ReDi and the
@@ -40,8 +41,10 @@ pub mod error;
 pub mod eval;
 pub mod model;
 pub mod optim_coeffs;
+pub mod outputs;
 pub mod plot;
 pub mod rng;
+pub mod sizes;
 pub mod stio;
 pub mod tensor;
 pub mod testing;

@@ -81,9 +81,10 @@ fn range(vals: impl Iterator<Item = f64>, scale: Scale) -> (f64, f64) {
 pub fn line_plot_png(path: impl AsRef<Path>, plot: &LinePlot) -> Result<()> {
     register_font();
     let path = path.as_ref();
-    // The encoder picks the format from the extension, so the temporary name ends in .png.
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{}.tmp.png", name.unwrap_or_default()));
+    // The encoder picks the format from the extension, so the temporary name ends in .png;
+    // it is created exclusively first and removed on any error (see `outputs`).
+    let guard = crate::outputs::TempFile::beside_with_suffix(path, ".png")?;
+    let tmp = guard.path().to_path_buf();
     let keep = |s: Scale, v: f64| v.is_finite() && (s == Scale::Linear || v > 0.0);
     let pts = |s: &Series| -> Vec<(f64, f64)> {
         s.points
@@ -144,7 +145,7 @@ pub fn line_plot_png(path: impl AsRef<Path>, plot: &LinePlot) -> Result<()> {
     }
     root.present().map_err(|e| plot_err(path, e))?;
     drop(root);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    guard.commit()
 }
 
 #[cfg(test)]
@@ -181,6 +182,7 @@ mod tests {
             "suspiciously small PNG: {} bytes",
             bytes.len()
         );
-        assert!(!dir.path().join(".curve.png.tmp.png").exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1, "no temporary file left");
     }
 }

@@ -1,17 +1,29 @@
 //! Safetensors helpers shared by checkpoints and the `forward` entry point: a memory-mapped
 //! reader that converts bf16/f16/f32 (and int64/int32 ids) with named errors, and an atomic
-//! writer (temporary name, then rename, so a crash never leaves half a file).
+//! writer (an exclusive temporary file, then a rename, so a crash never leaves half a file;
+//! see [`crate::outputs`]). Every file written carries a CRC-32 of its data section in the
+//! metadata ([`META_CHECKSUM`]), which [`StFile::verify_checksum`] checks.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorInfo, TensorView};
 
 use crate::error::{Error, Result};
+use crate::outputs::TempFile;
 use crate::tensor::Tensor;
+
+/// Metadata key of the data-section checksum: `crc32:` and 8 hex digits of the CRC-32
+/// (IEEE) of every byte after the header.
+pub const META_CHECKSUM: &str = "checksum";
+
+fn crc32_tag(bytes: &[u8]) -> String {
+    format!("crc32:{:08x}", crc32fast::hash(bytes))
+}
 
 /// A memory-mapped safetensors file.
 pub struct StFile {
@@ -23,6 +35,12 @@ impl StFile {
     /// Maps `path`; fails with the path named when it is missing or unreadable.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
+        if path.is_dir() {
+            return Err(Error::checkpoint(
+                &path,
+                "is a directory; expected a .safetensors file",
+            ));
+        }
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
         // SAFETY: the map is read-only and lives as long as `StFile`; files we read are not
         // modified concurrently (writers use a temporary name and an atomic rename).
@@ -49,6 +67,29 @@ impl StFile {
             )
         })?;
         Ok(meta.metadata().clone().unwrap_or_default())
+    }
+
+    /// Checks the data section against the metadata's [`META_CHECKSUM`]: `Ok(true)` when it
+    /// matches, `Ok(false)` when the file carries none (written by another tool), an error
+    /// naming the file when it differs (flipped bits, a partial copy).
+    pub fn verify_checksum(&self) -> Result<bool> {
+        let meta = self.metadata()?;
+        let Some(want) = meta.get(META_CHECKSUM) else {
+            return Ok(false);
+        };
+        let (n, _) = SafeTensors::read_metadata(&self.mmap).map_err(|e| {
+            Error::checkpoint(&self.path, format!("not a valid safetensors file: {e}"))
+        })?;
+        let got = crc32_tag(&self.mmap[8 + n..]);
+        if &got != want {
+            return Err(Error::checkpoint(
+                &self.path,
+                format!(
+                    "tensor data does not match its checksum (metadata {want}, data {got}):                      the file is corrupt; use another copy or an older checkpoint"
+                ),
+            ));
+        }
+        Ok(true)
     }
 }
 
@@ -117,32 +158,74 @@ pub enum OutTensor<'a> {
     I64 { shape: Vec<usize>, data: &'a [i64] },
 }
 
-/// Writes `tensors` with `metadata` to `path` atomically (via `path.tmp` and a rename).
+/// Writes `tensors` with `metadata` (plus [`META_CHECKSUM`]) to `path` atomically, in the
+/// safetensors layout: tensors ordered by descending dtype, then by name.
 pub fn write_atomic(
     path: &Path,
     tensors: &[(String, OutTensor<'_>)],
-    metadata: HashMap<String, String>,
+    mut metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let views = tensors
+    let mut items: Vec<(&str, Dtype, Vec<usize>, &[u8])> = tensors
         .iter()
-        .map(|(n, t)| {
-            let (dtype, shape, bytes): (Dtype, Vec<usize>, &[u8]) = match t {
-                OutTensor::F32(t) => (Dtype::F32, t.shape.clone(), bytemuck::cast_slice(&t.data)),
-                OutTensor::I64 { shape, data } => {
-                    (Dtype::I64, shape.clone(), bytemuck::cast_slice(data))
-                }
-            };
-            TensorView::new(dtype, shape, bytes)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Shape(format!("tensor {n}: {e}")))
+        .map(|(n, t)| match t {
+            OutTensor::F32(t) => (
+                n.as_str(),
+                Dtype::F32,
+                t.shape.clone(),
+                bytemuck::cast_slice::<f32, u8>(&t.data),
+            ),
+            OutTensor::I64 { shape, data } => (
+                n.as_str(),
+                Dtype::I64,
+                shape.clone(),
+                bytemuck::cast_slice::<i64, u8>(data),
+            ),
         })
-        .collect::<Result<Vec<_>>>()?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    if let Err(e) = safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::checkpoint(&tmp, format!("could not write: {e}")));
+        .collect();
+    items.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut infos = Vec::with_capacity(items.len());
+    let mut offset = 0usize;
+    let mut crc = crc32fast::Hasher::new();
+    for (name, dtype, shape, bytes) in &items {
+        let want = shape
+            .iter()
+            .try_fold(dtype.bitsize() / 8, |a, &d| a.checked_mul(d));
+        if want != Some(bytes.len()) {
+            return Err(Error::Shape(format!(
+                "tensor {name}: shape {shape:?} does not match its {} bytes",
+                bytes.len()
+            )));
+        }
+        infos.push((
+            name.to_string(),
+            TensorInfo {
+                dtype: *dtype,
+                shape: shape.clone(),
+                data_offsets: (offset, offset + bytes.len()),
+            },
+        ));
+        offset += bytes.len();
+        crc.update(bytes);
     }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    metadata.insert(
+        META_CHECKSUM.to_string(),
+        format!("crc32:{:08x}", crc.finalize()),
+    );
+    let header = Metadata::new(Some(metadata), infos)
+        .map_err(|e| Error::checkpoint(path, format!("could not build the header: {e}")))?;
+    let mut header = serde_json::to_vec(&header).expect("header serialises");
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut tmp = TempFile::beside(path)?;
+    let tmp_path = tmp.path().to_path_buf();
+    let res = (|| {
+        let mut w = BufWriter::with_capacity(1 << 20, tmp.file());
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for (_, _, _, bytes) in &items {
+            w.write_all(bytes)?;
+        }
+        w.flush()
+    })();
+    res.map_err(|e| Error::checkpoint(&tmp_path, format!("could not write: {e}")))?;
+    tmp.commit()
 }

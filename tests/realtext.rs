@@ -268,14 +268,29 @@ fn shards_that_do_not_fit_the_model_are_refused() {
     assert!(e.contains("manifest.json") && e.contains("V=30522"), "{e}");
     let e = fails(&train_args("shards:/no/such/dir", ds, "1"));
     assert!(e.contains("/no/such/dir has no manifest.json"), "{e}");
-    // A held-out set larger than nothing: a folder without valid sequences needs --eval-size 0.
+    // A folder without valid sequences is never written: `data prepare` refuses it.
     let nov = f.root.join("no-valid");
-    prepare_fixtures(&nov, 32, &[]);
-    let e = fails(&train_args(&format!("shards:{}", nov.display()), ds, "1"));
-    assert!(
-        e.contains("valid split holds no sequences") && e.contains("--eval-size 0"),
-        "{e}"
-    );
+    let e = prepare(&PrepareOptions {
+        inputs: vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text")],
+        out: nov.clone(),
+        tokenizer: TokenizerKind::Gpt2,
+        conventions: Conventions::Reference,
+        length: 32,
+        split: SplitRule {
+            frac: 0.0,
+            prefixes: vec![],
+        },
+        insert_eos: true,
+        txt_mode: TxtMode::File,
+        text_field: "text".into(),
+        shard_mib: 256,
+        force: true,
+        progress: false,
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("valid split would hold no sequences"), "{e}");
+    assert!(!nov.join("manifest.json").exists(), "nothing written");
 }
 
 #[test]

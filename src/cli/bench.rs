@@ -72,10 +72,8 @@ pub enum BenchWhat {
 
 fn write_json(path: &Option<PathBuf>, value: serde_json::Value) -> Result<()> {
     if let Some(p) = path {
-        let tmp = p.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&value).expect("json"))
-            .map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, p).map_err(|e| Error::io(p, e))?;
+        let text = serde_json::to_string_pretty(&value).expect("json");
+        crate::outputs::write_bytes(p, text.as_bytes())?;
         println!("wrote {}", p.display());
     }
     Ok(())

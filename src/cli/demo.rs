@@ -103,6 +103,9 @@ pub struct DemoArgs {
     /// Write synthetic.json and exact_match.png into this directory.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace synthetic.json and exact_match.png already in --out.
+    #[arg(long)]
+    pub force: bool,
 }
 
 struct Console {
@@ -112,14 +115,17 @@ struct Console {
 
 impl Progress for Console {
     fn stage(&mut self, msg: &str) {
-        println!("[{:>6.1}s] {msg}", self.start.elapsed().as_secs_f64());
+        crate::sayln!("[{:>6.1}s] {msg}", self.start.elapsed().as_secs_f64());
     }
 
     fn step(&mut self, stage: &str, step: u64, total: u64, loss: f64) {
         if step == total || self.last.elapsed().as_secs_f64() > 2.0 {
             self.last = Instant::now();
             let end = if step == total { "\n" } else { "\r" };
-            print!("          {stage:<14} step {step:>5}/{total}  loss {loss:.4}   {end}");
+            let _ = write!(
+                std::io::stdout(),
+                "          {stage:<14} step {step:>5}/{total}  loss {loss:.4}   {end}"
+            );
             let _ = std::io::stdout().flush();
         }
     }
@@ -148,6 +154,14 @@ pub fn run(a: DemoArgs) -> Result<()> {
         }
     }
     cfg.validate()?;
+    if let Some(dir) = &a.out {
+        crate::outputs::check_output_dir(
+            "--out",
+            dir,
+            a.force,
+            &["synthetic.json", "exact_match.png"],
+        )?;
+    }
     // The GPU attention kernels cover head dims 32/64/96/128; the CPU demo's 64/4 = 16 runs on
     // the CPU under `auto` (and is refused under `cuda`).
     let hd = cfg.model(crate::model::Algo::Imdm).head_dim();
@@ -169,7 +183,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             Engine::Cuda(Box::new(GpuTrainer::new(gpu, GpuTrainOptions::default())))
         }
     };
-    println!(
+    crate::sayln!(
         "synthetic experiment: V = {}, L = {}, DiT {} blocks x width {}, noise_dim {}, {} rounds \
          ({})",
         cfg.vocab,
@@ -186,10 +200,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
         last: now,
     };
     let report = run_experiment(&mut engine, &cfg, a.out.as_deref(), &mut console)?;
-    println!("\n{}", table(&report));
-    println!("total {:.0} s", report.seconds);
+    crate::sayln!("\n{}", table(&report));
+    crate::sayln!("total {:.0} s", report.seconds);
     if let Some(dir) = &a.out {
-        println!(
+        crate::sayln!(
             "wrote {} and {}",
             dir.join("synthetic.json").display(),
             dir.join("exact_match.png").display()

@@ -85,6 +85,9 @@ pub struct RediDataArgs {
     /// Output couplings (safetensors: xT, x0, ts, seeds), written atomically.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// How the EMA of a fine-tune starts.
@@ -171,6 +174,9 @@ pub struct RediTrainArgs {
     /// Also write the training and validation log here (JSON lines, written at the end).
     #[arg(long)]
     pub metrics: Option<PathBuf>,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(a: DistillArgs) -> Result<()> {
@@ -182,7 +188,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
 }
 
 fn redi_data(a: RediDataArgs) -> Result<()> {
-    super::check_out_path("--out", &a.out)?;
+    super::check_out("--out", &a.out, a.force, &[("--checkpoint", &a.checkpoint)])?;
     if !(0.0..=1.0).contains(&a.perturbed_frac) {
         return Err(Error::Config(format!(
             "--perturbed-frac {}: must be in [0, 1]",
@@ -193,6 +199,12 @@ fn redi_data(a: RediDataArgs) -> Result<()> {
         return Err(Error::Config(
             "--pairs, --batch and --steps must be positive".into(),
         ));
+    }
+    if !(a.top_p > 0.0) {
+        return Err(Error::Config(format!(
+            "--top-p {}: must be > 0 (>= 1: off)",
+            a.top_p
+        )));
     }
     let source = handoff::resolve("--checkpoint", &a.checkpoint, a.weights)?;
     if source.checkpoint_dir.is_some() {
@@ -223,7 +235,7 @@ fn redi_data(a: RediDataArgs) -> Result<()> {
             generate_couplings(den.as_mut(), &x0, &cfg, |done, total| {
                 let s = t0.elapsed().as_secs_f64();
                 let eta = s / done as f64 * (total - done) as f64;
-                println!(
+                crate::sayln!(
                     "{done}/{total} couplings, {:.1} rows/s, ETA {eta:.0}s",
                     done as f64 / s
                 );
@@ -231,7 +243,7 @@ fn redi_data(a: RediDataArgs) -> Result<()> {
         }
     };
     pairs.save(&a.out, params.config.vocab_size)?;
-    println!(
+    crate::sayln!(
         "wrote {} ({} couplings of length {}, {:?}) in {:.1}s",
         a.out.display(),
         pairs.len(),
@@ -243,12 +255,26 @@ fn redi_data(a: RediDataArgs) -> Result<()> {
 }
 
 fn redi_train(a: RediTrainArgs) -> Result<()> {
-    super::check_out_path("--out", &a.out)?;
-    if let Some(m) = &a.metrics {
-        super::check_out_path("--metrics", m)?;
-    }
+    super::check_out(
+        "--out",
+        &a.out,
+        a.force,
+        &[("--init", &a.init), ("--pairs", &a.pairs)],
+    )?;
     if !(0.0..1.0).contains(&a.ema) {
         return Err(Error::Config(format!("--ema {}: must be in [0, 1)", a.ema)));
+    }
+    if a.steps == 0 || a.batch == 0 {
+        return Err(Error::Config("--steps and --batch must be positive".into()));
+    }
+    if !(a.lr.is_finite() && a.lr >= 0.0) || !(a.clip.is_finite() && a.clip >= 0.0) {
+        return Err(Error::Config(format!(
+            "--lr {} and --clip {} must be finite and >= 0",
+            a.lr, a.clip
+        )));
+    }
+    if let Some(m) = &a.metrics {
+        super::check_out_path("--metrics", m)?;
     }
     if !(0.0..1.0).contains(&a.valid_frac) {
         return Err(Error::Config(format!(
@@ -343,10 +369,14 @@ fn redi_train(a: RediTrainArgs) -> Result<()> {
                 if s.step % every == 0 || s.step == a.steps {
                     let el = t0.elapsed().as_secs_f64();
                     let eta = el / s.step as f64 * (a.steps - s.step) as f64;
-                    println!(
+                    crate::sayln!(
                         "step {}/{} | loss {:.4} | lr {:.2e} | grad norm {:.3} | elapsed \
                          {el:.0}s | ETA {eta:.0}s",
-                        s.step, a.steps, s.loss, s.lr, s.grad_norm
+                        s.step,
+                        a.steps,
+                        s.loss,
+                        s.lr,
+                        s.grad_norm
                     );
                     log.push(serde_json::json!({
                         "kind": "train", "step": s.step, "loss": s.loss, "lr": s.lr,
@@ -356,9 +386,12 @@ fn redi_train(a: RediTrainArgs) -> Result<()> {
             }
             RediEvent::Validation(v) => {
                 last_val = Some(*v);
-                println!(
+                crate::sayln!(
                     "valid step {} | NELBO {:.4} | coupling NLL {:.4} | {} couplings (EMA)",
-                    v.step, v.nelbo, v.coupling_nll, v.couplings
+                    v.step,
+                    v.nelbo,
+                    v.coupling_nll,
+                    v.couplings
                 );
                 log.push(serde_json::json!({
                     "kind": "val", "step": v.step, "val_nelbo": v.nelbo,
@@ -387,7 +420,7 @@ fn redi_train(a: RediTrainArgs) -> Result<()> {
         write_text_atomic(m, &text)?;
     }
     checkpoint::save(&a.out, out)?;
-    println!(
+    crate::sayln!(
         "wrote {} ({} weights after {} steps)",
         a.out.display(),
         if a.ema > 0.0 { "EMA" } else { "raw" },

@@ -1,12 +1,11 @@
 //! `imdm-engine eval ppl`: held-out NELBO and perplexity of a checkpoint on prepared shards
 //! (spec 8.1); see `eval::ppl` for the protocol.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use crate::cli::{check_out_path, ConfigArgs, DeviceArgs};
+use crate::cli::{check_out, ConfigArgs, DeviceArgs};
 use crate::cpu::CpuDenoiser;
 use crate::cuda::denoiser::GpuDenoiser;
 use crate::cuda::Backend;
@@ -63,6 +62,9 @@ pub struct PplArgs {
     /// Also write the result as JSON to this file ("-" = stdout only JSON).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Replace an existing --json file.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Configuration to assume when the checkpoint carries none.
@@ -83,11 +85,19 @@ fn run_ppl(a: PplArgs) -> Result<()> {
     }
     let json_stdout = a.json.as_ref().is_some_and(|p| p.as_os_str() == "-");
     if let Some(p) = a.json.as_ref().filter(|_| !json_stdout) {
-        check_out_path("--json", p)?;
+        check_out("--json", p, a.force, &[("--checkpoint", &a.checkpoint)])?;
     }
     let chosen = a.config.resolve()?;
     let params = checkpoint::load(&a.checkpoint, chosen.as_ref())?;
     let c = params.config.clone();
+    crate::sizes::check(
+        &format!(
+            "--batch {} x L {} x V {}: the denoiser's probabilities",
+            a.batch, c.length, c.vocab_size
+        ),
+        &[a.batch, c.length, c.vocab_size, 3],
+        4,
+    )?;
     let backend = Backend::resolve(a.device.device)?;
     let (mut den, device): (Box<dyn Denoiser + '_>, &str) = match &backend {
         Backend::Cpu => (Box::new(CpuDenoiser::new(params)?), "cpu"),
@@ -125,6 +135,14 @@ fn run_ppl(a: PplArgs) -> Result<()> {
         }
     };
     let r = heldout_ppl(den.as_mut(), &a.data, &a.split, opts, &mut progress)?;
+    if !r.nelbo.is_finite() {
+        return Err(Error::Config(format!(
+            "--checkpoint {}: the held-out NELBO is {} (the model's probabilities are not \
+             finite; `forward` names the first bad value); no result written",
+            a.checkpoint.display(),
+            r.nelbo
+        )));
+    }
     let value = serde_json::json!({
         "checkpoint": a.checkpoint.display().to_string(),
         "data": a.data.display().to_string(),
@@ -143,10 +161,10 @@ fn run_ppl(a: PplArgs) -> Result<()> {
         "seconds": r.seconds,
     });
     if json_stdout {
-        println!("{value}");
+        crate::sayln!("{value}");
         return Ok(());
     }
-    println!(
+    crate::sayln!(
         "NELBO {:.4} nats/token, PPL {:.3} ({} sequences, {} tokens, {} masked; {:.1}s, \
          {:.0} tok/s)",
         r.nelbo,
@@ -158,14 +176,8 @@ fn run_ppl(a: PplArgs) -> Result<()> {
         r.tokens as f64 / r.seconds.max(1e-9)
     );
     if let Some(p) = &a.json {
-        let mut tmp = p.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        std::fs::File::create(&tmp)
-            .and_then(|mut f| writeln!(f, "{value:#}"))
-            .map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, p).map_err(|e| Error::io(p, e))?;
-        println!("wrote {}", p.display());
+        crate::outputs::write_bytes(p, format!("{value:#}\n").as_bytes())?;
+        crate::sayln!("wrote {}", p.display());
     }
     Ok(())
 }

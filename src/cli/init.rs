@@ -4,7 +4,7 @@ use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::cli::{check_out_path, ConfigArgs};
+use crate::cli::{check_out, ConfigArgs};
 use crate::error::{Error, Result};
 use crate::model::{checkpoint, init::init_params};
 
@@ -18,6 +18,9 @@ pub struct InitArgs {
     /// Output checkpoint (.safetensors), written atomically.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(a: InitArgs) -> Result<()> {
@@ -25,7 +28,8 @@ pub fn run(a: InitArgs) -> Result<()> {
         .config
         .resolve()?
         .ok_or_else(|| Error::Config("init needs --preset".into()))?;
-    check_out_path("--out", &a.out)?;
+    check_out("--out", &a.out, a.force, &[])?;
+    crate::sizes::check_model(&config, 2)?;
     let t = Instant::now();
     let params = init_params(&config, a.seed);
     checkpoint::save(&a.out, &params)?;

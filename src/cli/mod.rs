@@ -2,7 +2,7 @@
 //! comments are the `--help` text.
 
 use clap::{Args, Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::cuda::DeviceChoice;
 use crate::error::{Error, Result};
@@ -176,17 +176,39 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Parses an output path's parent exists, so errors name the flag before any work is done.
-pub fn check_out_path(flag: &str, path: &PathBuf) -> Result<()> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(dir) = parent {
-        if !dir.is_dir() {
-            return Err(Error::Config(format!(
-                "{flag} {}: directory {} does not exist",
-                path.display(),
-                dir.display()
-            )));
-        }
+/// Prints a line on stdout, ignoring a closed stdout: long work (training, sampling,
+/// evaluation) goes on when the reader of a pipe has gone, its progress still reaching the
+/// run's log and its results their files.
+pub fn say(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{args}");
+}
+
+/// `println!` through [`say`].
+#[macro_export]
+macro_rules! sayln {
+    ($($t:tt)*) => { $crate::cli::say(format_args!($($t)*)) };
+}
+
+/// Whether a command is short (inspection): such commands may simply end when stdout closes
+/// (the conventional SIGPIPE exit), while long ones must not.
+pub fn is_short(c: &Command) -> bool {
+    match c {
+        Command::Info(_) | Command::Probe(_) | Command::Plot(_) | Command::Init(_) => true,
+        Command::Forward(_) => true,
+        Command::Data(d) => matches!(d.command, data::DataCommand::Info(_)),
+        _ => false,
     }
-    Ok(())
+}
+
+/// Checks an output file before the work (see [`crate::outputs::check_output`]): never one
+/// of `inputs`, not an existing file unless `force`, a writable directory.
+pub fn check_out(flag: &str, path: &Path, force: bool, inputs: &[(&str, &Path)]) -> Result<()> {
+    crate::outputs::check_output(flag, path, force, inputs)
+}
+
+/// Checks an output path that may be replaced (a derived file such as a plot): its directory
+/// exists and accepts files, and it is not a directory.
+pub fn check_out_path(flag: &str, path: &PathBuf) -> Result<()> {
+    crate::outputs::check_output(flag, path, true, &[])
 }

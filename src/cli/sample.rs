@@ -19,11 +19,10 @@
 use clap::{Args, ValueEnum};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::cli::{check_out_path, ConfigArgs, DeviceArgs};
+use crate::cli::{check_out, ConfigArgs, DeviceArgs};
 use crate::cpu::CpuDenoiser;
 use crate::cuda::denoiser::GpuDenoiser;
 use crate::cuda::Backend;
@@ -31,9 +30,11 @@ use crate::data::shards::MANIFEST;
 use crate::data::{Conventions, Manifest, Tokenizer, TokenizerKind};
 use crate::diffusion::metrics::mean_unigram_entropy;
 use crate::diffusion::stream::batch_stream_seed;
+use crate::diffusion::Denoiser;
 use crate::diffusion::{generate, NoiseRemoval, SampleOutput, SamplerConfig, SamplerKind};
 use crate::error::{Error, Result};
 use crate::model::{checkpoint, Algo, DitConfig};
+use crate::rng::seeded_eps;
 use crate::tensor::Tokens;
 
 /// The posterior of each step.
@@ -87,6 +88,9 @@ pub struct SampleArgs {
     /// Output JSONL, one object per sample; written atomically.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub force: bool,
     /// Decode each sample into a "text" field: a folder prepared by `data prepare` (its
     /// manifest names the tokenizer), or `gpt2` / `bert` (reference conventions; `gpt2:clean`,
     /// `bert:clean`). The tokenizer's V and mask must be the model's.
@@ -238,6 +242,13 @@ impl Engine<'_> {
         }
     }
 
+    fn denoiser(&mut self) -> &mut dyn Denoiser {
+        match self {
+            Engine::Cpu(d) => d.as_mut(),
+            Engine::Gpu(d) | Engine::GpuViaCpu(d) => d,
+        }
+    }
+
     fn generate(&mut self, cfg: &SamplerConfig, x: &Tokens, seeds: &[i64]) -> Result<SampleOutput> {
         // Every eps is seeded, so this RNG is never drawn from.
         let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -281,7 +292,11 @@ fn check_flags(a: &SampleArgs) -> Result<()> {
 
 pub fn run(a: SampleArgs) -> Result<()> {
     check_flags(&a)?;
-    check_out_path("--out", &a.out)?;
+    let mut inputs = vec![("--checkpoint", a.checkpoint.as_path())];
+    if let Some(t) = &a.template {
+        inputs.push(("--template", t.as_path()));
+    }
+    check_out("--out", &a.out, a.force, &inputs)?;
     let chosen = a.config.resolve()?;
     let params = checkpoint::load(&a.checkpoint, chosen.as_ref())?;
     let c = params.config.clone();
@@ -289,6 +304,22 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if len == 0 {
         return Err(config_err("--length must be at least 1".into()));
     }
+    if len > c.length {
+        return Err(config_err(format!(
+            "--length {len}: more than the model's length {} (rotary positions beyond it were \
+             never trained)",
+            c.length
+        )));
+    }
+    crate::sizes::check(
+        &format!(
+            "--batch {} x length {len} x V {}: the sampler's probabilities",
+            a.batch.min(a.num_samples),
+            c.vocab_size
+        ),
+        &[a.batch.min(a.num_samples), len, c.vocab_size, 3],
+        8,
+    )?;
     let rows = match (&a.prefix, &a.template) {
         (Some(p), _) => vec![parse_prefix(p, len, &c)?],
         (None, Some(t)) => read_template(t, len, &c)?,
@@ -338,6 +369,36 @@ pub fn run(a: SampleArgs) -> Result<()> {
         engine.name()
     );
     let mask = c.mask_index as u32;
+    // One forward of the first batch's starting point: the samplers would turn NaN
+    // probabilities into plausible-looking ids, so a model that gives them is refused first.
+    {
+        let n = a.batch.min(a.num_samples);
+        let ids: Vec<u32> = (0..n)
+            .flat_map(|k| rows[k % rows.len()].iter().map(|x| x.unwrap_or(mask)))
+            .collect();
+        let x = Tokens::new(n, len, ids, c.vocab_size)?;
+        let seeds: Vec<i64> = (0..n).map(|k| (a.seed + k as u64) as i64).collect();
+        let eps = c
+            .has_eps_mlp()
+            .then(|| seeded_eps(&seeds, len, c.noise_dim, c.noise_type, c.noise_scale as f32));
+        let lp = engine.denoiser().log_probs(&x, eps.as_ref())?;
+        if let Some(i) = lp
+            .data
+            .iter()
+            .position(|v| v.is_nan() || *v == f32::INFINITY)
+        {
+            let row = i / c.vocab_size;
+            return Err(config_err(format!(
+                "--checkpoint {}: the model's probabilities are not finite (sample {}, \
+                 position {}: {}); `forward` names the first bad value; {} not written",
+                a.checkpoint.display(),
+                row / len,
+                row % len,
+                lp.data[i],
+                a.out.display()
+            )));
+        }
+    }
     let t0 = Instant::now();
     let mut lines = String::new();
     // Spec 8.3: conditional samples are scored on their first 100 tokens.
@@ -361,6 +422,15 @@ pub fn run(a: SampleArgs) -> Result<()> {
         let out = engine.generate(&cfg, &x, &seeds)?;
         for (r, k) in (k0..k1).enumerate() {
             let tokens = &out.tokens.ids[r * len..(r + 1) * len];
+            if let Some(p) = tokens.iter().position(|&t| t == mask) {
+                return Err(config_err(format!(
+                    "--checkpoint {}: sample {k} still holds the mask id at position {p} after \
+                     the last step, so the model's probabilities are not usable (NaN or \
+                     infinite; `forward` names the first bad value); {} not written",
+                    a.checkpoint.display(),
+                    a.out.display()
+                )));
+            }
             entropy_rows.extend_from_slice(&tokens[..scored]);
             let line = Line {
                 id: k,
@@ -393,7 +463,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         len: scored,
         ids: entropy_rows,
     });
-    println!(
+    crate::sayln!(
         "wrote {} ({} samples of {len} tokens, {} steps{}) in {:.1}s; mean unigram entropy \
          {entropy:.4} nats{}",
         a.out.display(),
@@ -413,18 +483,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes `text` to `path` via `path.tmp` and a rename.
+/// Writes `text` to `path` atomically (see [`crate::outputs`]).
 fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let res = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()));
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    crate::outputs::write_bytes(path, text.as_bytes())
 }
 
 #[cfg(test)]

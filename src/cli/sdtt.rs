@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
+use crate::cuda::DeviceChoice;
 use crate::data::Manifest;
 use crate::diffusion::DistillMode;
 use crate::distill::rollout::Spacing;
@@ -12,7 +13,6 @@ use crate::distill::sdtt::{
     check_teacher, read_sdtt_config, write_sdtt_config, Sdtt, SdttConfig, SdttEvent, SDTT_FILE,
 };
 use crate::error::{Error, Result};
-use crate::cuda::DeviceChoice;
 use crate::model::{checkpoint, Algo, DitConfig, DitParams};
 use crate::train::config::{DataSpec, TokenDtype, TrainConfig};
 use crate::train::data;

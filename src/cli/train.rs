@@ -503,7 +503,7 @@ fn printer(steps: u64) -> impl FnMut(&Event) {
             mfu,
             elapsed_s,
             eta_s,
-        } => println!(
+        } => crate::sayln!(
             "step {}/{steps} | loss {:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s{} | \
              elapsed {} | ETA {}",
             log.step,
@@ -515,14 +515,39 @@ fn printer(steps: u64) -> impl FnMut(&Event) {
             hms(*elapsed_s),
             hms(*eta_s)
         ),
-        Event::Validation(v) => println!(
+        Event::Validation(v) => crate::sayln!(
             "validation at step {}: NELBO {:.4} nats/token, PPL {:.3} (EMA weights, {} tokens)",
-            v.step, v.nelbo, v.ppl, v.tokens
+            v.step,
+            v.nelbo,
+            v.ppl,
+            v.tokens
         ),
         Event::Checkpoint { step, dir } => {
-            println!("checkpoint at step {step}: {}", dir.display())
+            crate::sayln!("checkpoint at step {step}: {}", dir.display())
         }
     }
+}
+
+/// Refuses sizes the machine cannot hold, naming the flags, before anything is allocated.
+fn check_sizes(model: &DitConfig, cfg: &TrainConfig) -> Result<()> {
+    crate::sizes::check_model(model, 5)?;
+    crate::sizes::check(
+        &format!(
+            "--micro-batch {} x L {} x V {}: the logits and their gradients",
+            cfg.micro_batch, model.length, model.vocab_size
+        ),
+        &[cfg.micro_batch, model.length, model.vocab_size, 4],
+        4,
+    )?;
+    crate::sizes::check(
+        &format!(
+            "--batch {} x L {}: the token batch",
+            cfg.batch, model.length
+        ),
+        &[cfg.batch, model.length, 8],
+        4,
+    )?;
+    Ok(())
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -530,23 +555,39 @@ pub fn run(a: TrainArgs) -> Result<()> {
         (Some(dir), _) => {
             let (rd, rec) = RunDir::open(dir)?;
             let cfg = resolve_resume(&a, dir, &rec)?;
+            check_sizes(&rec.model, &cfg)?;
             let kind = ObjectiveKind::from_recorded(&rec.objective)?;
             let gpu = resolve_device(a.device, kind, &rec.model)?;
             let (src, val) = data::open(&cfg.data, &rec.model, cfg.seed, cfg.eval_size)?;
-            let t = Trainer::resume(cfg, &rec.model, rd, src, val)?;
-            if !a.quiet {
-                println!(
-                    "resuming {} at step {} of {}",
-                    dir.display(),
-                    t.step,
-                    t.cfg.steps
+            let t = if rd.has_checkpoint() {
+                let t = Trainer::resume(cfg, &rec.model, rd, src, val)?;
+                if !a.quiet {
+                    crate::sayln!(
+                        "resuming {} at step {} of {}",
+                        dir.display(),
+                        t.step,
+                        t.cfg.steps
+                    );
+                }
+                t
+            } else {
+                // The run stopped before its first checkpoint: start it again in place.
+                eprintln!(
+                    "note: {} has no checkpoint yet; starting the run again from step 0 with \
+                     its recorded configuration",
+                    dir.display()
                 );
-            }
+                rd.truncate_metrics_after(0)?;
+                rd.record_train_config(&cfg)?;
+                let params = initial_params(&rec.model, cfg.init.as_deref(), cfg.seed)?;
+                Trainer::new(cfg, params, src, val, Some(rd))?
+            };
             (t, kind, rec.model, gpu)
         }
         (None, Some(dir)) => {
             let model = resolve_model(&a)?;
             let cfg = resolve_train(&a)?;
+            check_sizes(&model, &cfg)?;
             let gpu = resolve_device(a.device, a.objective.unwrap_or(ObjectiveKind::Dit), &model)?;
             let (src, val) = data::open(&cfg.data, &model, cfg.seed, cfg.eval_size)?;
             let params: DitParams = initial_params(&model, cfg.init.as_deref(), cfg.seed)?;
@@ -560,7 +601,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let rd = RunDir::create(dir, &rec)?;
             let t = Trainer::new(cfg, params, src, val, Some(rd))?;
             if !a.quiet {
-                println!(
+                crate::sayln!(
                     "training {} {} ({} parameters, L {}) on {description} into {} ({})",
                     model.preset,
                     model.algo.name(),
@@ -600,7 +641,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             eprintln!("warning: no {}: {e}", png.display());
         }
     }
-    println!(
+    crate::sayln!(
         "done: {} steps of {} {}; last loss {}; {}; checkpoint {}",
         trainer.step,
         model.preset,

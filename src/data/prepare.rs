@@ -236,8 +236,53 @@ pub fn prepare(o: &PrepareOptions) -> Result<Manifest> {
             o.split.frac
         )));
     }
+    if o.length < 3 || o.length > 1 << 20 {
+        return Err(Error::Config(format!(
+            "--length {}: must be in [3, 1048576] (BOS, EOS and at least one token)",
+            o.length
+        )));
+    }
+    if o.shard_mib == 0 || o.shard_mib > 1 << 20 {
+        return Err(Error::Config(format!(
+            "--shard-mib {}: must be in [1, 1048576]",
+            o.shard_mib
+        )));
+    }
+    let res = prepare_into(o);
+    if res.is_err() {
+        // Nothing half-written: the shards and manifest of this attempt go (the folder held
+        // none of ours before, see `ready_out_dir`).
+        if let Ok(entries) = std::fs::read_dir(&o.out) {
+            for e in entries.flatten() {
+                if is_ours(&e.file_name().to_string_lossy()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    res
+}
+
+fn prepare_into(o: &PrepareOptions) -> Result<Manifest> {
+    if !(0.0..=1.0).contains(&o.split.frac) {
+        return Err(Error::Config(format!(
+            "--heldout-frac {}: must be in [0, 1]",
+            o.split.frac
+        )));
+    }
     let tok = Tokenizer::new(o.tokenizer, o.conventions)?;
     let corpus = Corpus::open(&o.inputs, o.txt_mode, &o.text_field)?;
+    if let Some(input) = o
+        .inputs
+        .iter()
+        .find(|i| crate::outputs::same_file(i, &o.out))
+    {
+        return Err(Error::Config(format!(
+            "--out {}: is also an --input ({}); choose another folder",
+            o.out.display(),
+            input.display()
+        )));
+    }
     ready_out_dir(&o.out, o.force)?;
     let sp = tok.specials().clone();
     let dtype = TokenDtype::for_vocab(sp.vocab_size);
@@ -284,6 +329,20 @@ pub fn prepare(o: &PrepareOptions) -> Result<Manifest> {
     let mut splits = std::collections::BTreeMap::new();
     splits.insert(TRAIN.to_string(), w.train.finish()?);
     splits.insert(VALID.to_string(), w.valid.finish()?);
+    for (name, s) in &splits {
+        if s.sequences == 0 {
+            return Err(Error::data(
+                &o.out,
+                format!(
+                    "the {name} split would hold no sequences ({} documents in all; a split \
+                     needs at least {} tokens): add text, shorten --length or change \
+                     --heldout-frac / --heldout-prefix; nothing was written",
+                    n.docs,
+                    o.length - 2
+                ),
+            ));
+        }
+    }
     let manifest = Manifest {
         format: FORMAT.into(),
         version: VERSION,

@@ -183,11 +183,9 @@ impl Manifest {
     /// Writes `dir/manifest.json` atomically (temporary name, then rename).
     pub fn write(&self, dir: &Path) -> Result<()> {
         let path = dir.join(MANIFEST);
-        let tmp = dir.join(format!("{MANIFEST}.tmp"));
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| Error::data(&path, format!("could not serialise: {e}")))?;
-        std::fs::write(&tmp, text + "\n").map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+        crate::outputs::write_bytes(&path, (text + "\n").as_bytes())
     }
 
     /// The split named `name`, or an error listing the ones there are.

@@ -31,10 +31,8 @@ pub fn write_outputs(report: &SyntheticReport, dir: &Path) -> Result<()> {
         serde_json::to_value(&report.greedy_1step).expect("plain data"),
     );
     let path = dir.join("synthetic.json");
-    let tmp = dir.join("synthetic.json.tmp");
     let text = serde_json::to_string_pretty(&json).expect("plain data");
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    crate::outputs::write_bytes(&path, text.as_bytes())?;
     // Exact-match is plotted on a log axis; a zero rate is drawn at 1/(2·samples), the
     // resolution of the estimate, so MDM's floor stays visible.
     // Baselines, the first round and every few rounds up to the last: all rounds would crowd

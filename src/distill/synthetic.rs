@@ -198,6 +198,21 @@ impl SyntheticConfig {
         if self.eval_steps.is_empty() || self.eval_steps.contains(&0) {
             return bad("eval steps must be positive");
         }
+        if !(0.0..=1.0).contains(&self.perturbed_frac) {
+            return bad("--perturbed-frac must be in [0, 1]");
+        }
+        if self.ot_batch == 0 || self.datagen_steps == 0 || self.eval.samples == 0 {
+            return bad("--ot-batch, --datagen-steps and --samples must be positive");
+        }
+        if self.base_steps == 0 || self.student_steps == 0 {
+            return bad("--base-steps and --student-steps must be positive");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("--lr must be positive and finite");
+        }
+        if !(self.round_lr_decay.is_finite() && self.round_lr_decay > 0.0) {
+            return bad("--round-lr-decay must be positive and finite");
+        }
         Ok(())
     }
 }

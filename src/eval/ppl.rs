@@ -71,7 +71,7 @@ pub fn heldout_ppl(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<PplReport> {
     let config = den.config().clone();
-    let set = ShardSet::open(dir, split, Check::Size)?;
+    let set = ShardSet::open(dir, split, Check::Full)?;
     set.check_model(config.vocab_size, config.mask_index as u32, config.length)?;
     let total = opts.limit.map_or(set.len(), |n| n.min(set.len()));
     if total == 0 {

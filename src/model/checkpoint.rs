@@ -86,6 +86,44 @@ fn check_compatible(path: &Path, file: &DitConfig, chosen: &DitConfig) -> Result
     Ok(())
 }
 
+/// Why a tensor's shape differs from the configuration's: the configuration quantity of each
+/// differing dimension (the metadata and the tensors come from different models).
+fn shape_hint(name: &str, want: &[usize], got: &[usize], c: &DitConfig) -> String {
+    let by_tensor: &[&str] = match name {
+        "vocab_embed.embedding" | "output_layer.linear.weight" => &["vocab_size", "hidden"],
+        "vocab_embed.imdm_mlp.0.weight" => &["", "noise_dim"],
+        _ => &[],
+    };
+    let quantities = [
+        ("vocab_size", c.vocab_size),
+        ("hidden", c.hidden),
+        ("noise_dim", c.noise_dim),
+        ("cond_dim", c.cond_dim),
+        ("length", c.length),
+    ];
+    let mut parts = Vec::new();
+    if want.len() == got.len() {
+        for (i, (&w, &g)) in want.iter().zip(got).enumerate() {
+            if w == g {
+                continue;
+            }
+            let named = by_tensor.get(i).copied().filter(|n| !n.is_empty());
+            let what = named.or_else(|| quantities.iter().find(|q| q.1 == w).map(|q| q.0));
+            if let Some(q) = what {
+                let label = if q == "vocab_size" { "vocabulary" } else { q };
+                parts.push(format!(
+                    "{label} mismatch: the configuration has {q} {w}, the tensor {g}"
+                ));
+            }
+        }
+    }
+    if parts.is_empty() {
+        " (the configuration and the tensors disagree)".into()
+    } else {
+        format!(" ({})", parts.join("; "))
+    }
+}
+
 /// Lists up to 8 names, then a count.
 fn list(names: &BTreeSet<String>) -> String {
     let shown: Vec<&str> = names.iter().take(8).map(String::as_str).collect();
@@ -103,6 +141,13 @@ fn list(names: &BTreeSet<String>) -> String {
 pub fn load(path: impl AsRef<Path>, chosen: Option<&DitConfig>) -> Result<DitParams> {
     let f = StFile::open(path)?;
     let st = f.parse()?;
+    if !f.verify_checksum()? {
+        eprintln!(
+            "note: {} carries no checksum (written by another tool); its tensor data is not \
+             verified",
+            f.path.display()
+        );
+    }
     let meta = f.metadata()?;
     let config = match (meta.get(META_CONFIG), chosen) {
         (Some(js), chosen) => {
@@ -158,31 +203,27 @@ pub fn load(path: impl AsRef<Path>, chosen: Option<&DitConfig>) -> Result<DitPar
     for (name, slot) in params.named_mut() {
         let (raw, view) = &by_name[&name];
         if view.shape() != slot.shape.as_slice() {
-            let hint = match name.as_str() {
-                "vocab_embed.embedding" | "output_layer.linear.weight" => {
-                    format!(
-                        " (vocabulary mismatch: the configuration has vocab_size {})",
-                        config.vocab_size
-                    )
-                }
-                "vocab_embed.imdm_mlp.0.weight" => {
-                    format!(
-                        " (noise_dim mismatch: the configuration has noise_dim {})",
-                        config.noise_dim
-                    )
-                }
-                _ => String::new(),
-            };
             return Err(Error::checkpoint(
                 &f.path,
                 format!(
-                    "tensor {raw}: expected shape {:?}, got {:?}{hint}",
+                    "tensor {raw}: expected shape {:?}, got {:?}{}",
                     slot.shape,
-                    view.shape()
+                    view.shape(),
+                    shape_hint(&name, &slot.shape, view.shape(), &config)
                 ),
             ));
         }
         *slot = view_to_f32(&f.path, raw, view)?;
+        if let Some(i) = slot.data.iter().position(|x| !x.is_finite()) {
+            return Err(Error::checkpoint(
+                &f.path,
+                format!(
+                    "tensor {raw}: element {i} is {}; a model with non-finite weights cannot \
+                     be used (an older checkpoint of the run may be intact)",
+                    slot.data[i]
+                ),
+            ));
+        }
     }
     if let Some((raw, view)) = by_name.get(INV_FREQ) {
         let want = [config.head_dim() / 2];

@@ -193,6 +193,21 @@ impl DitConfig {
         if !self.softcap.is_finite() || !self.noise_scale.is_finite() {
             return bad("softcap and noise_scale must be finite".into());
         }
+        // Far above any real model; beyond them sizes overflow or exhaust memory.
+        for (what, v, max) in [
+            ("vocab_size (--vocab)", self.vocab_size, 1usize << 24),
+            ("length (--length)", self.length, 1 << 20),
+            ("hidden (--hidden)", self.hidden, 1 << 16),
+            ("heads (--heads)", self.heads, 1 << 10),
+            ("blocks (--blocks)", self.blocks, 1 << 12),
+            ("cond_dim (--cond-dim)", self.cond_dim, 1 << 16),
+            ("noise_dim (--noise-dim)", self.noise_dim, 1 << 16),
+            ("mlp_ratio", self.mlp_ratio, 64),
+        ] {
+            if v > max {
+                return bad(format!("{what} {v} is above the limit {max}"));
+            }
+        }
         Ok(())
     }
 

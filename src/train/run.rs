@@ -21,11 +21,20 @@
 //! at it. A crash or a failed write at any moment therefore leaves `latest.json` on the last
 //! complete checkpoint; a failed write also removes its partial directory, and stale `.tmp`
 //! directories of a killed process are removed when the run is opened again.
+//!
+//! A process that writes the directory holds an exclusive `flock` on `DIR/.lock` (which
+//! records its pid) for as long as it lives; the OS releases it when the process ends, however
+//! it ends, so a second writer is refused with the holder named and a killed run can be resumed
+//! at once. Resuming reads the checkpoint `latest.json` names, which must lie under
+//! `checkpoints/`; when it is unusable (corrupt, missing, edited) the newest complete older
+//! checkpoint is used instead, with a note.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +54,8 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const EMA_FILE: &str = "ema.safetensors";
 pub const OPTIM_FILE: &str = "optim.safetensors";
 pub const STATE_FILE: &str = "state.json";
+/// The writer's lock (see the module doc).
+pub const LOCK_FILE: &str = ".lock";
 /// Format tag of `config.json` and `state.json`.
 pub const RUN_FORMAT: &str = "imdm-engine-run/1";
 
@@ -113,27 +124,74 @@ pub struct RunDir {
     pub root: PathBuf,
     /// Test hook: fail the next checkpoint after this many files were written.
     fail_after: Option<usize>,
+    /// The open, exclusively locked `DIR/.lock` (released when this is dropped).
+    _lock: File,
+}
+
+/// Takes the exclusive lock of the run directory `root` (which must exist) and records this
+/// process's pid in it; fails naming the holder's pid when another process has it.
+fn lock(root: &Path) -> Result<File> {
+    let path = root.join(LOCK_FILE);
+    let mut f = io(
+        &path,
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path),
+    )?;
+    // SAFETY: flock on a descriptor this function owns; it touches no memory.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            return Err(Error::Config(format!(
+                "{}: the run directory is in use: process {} holds its lock {}; wait for it \
+                 to finish (or stop it), then --resume",
+                root.display(),
+                if holder.is_empty() {
+                    "(pid not yet recorded)".to_string()
+                } else {
+                    format!("pid {holder}")
+                },
+                path.display()
+            )));
+        }
+        return Err(Error::io(&path, e));
+    }
+    io(&path, f.set_len(0))?;
+    io(&path, writeln!(f, "{}", std::process::id()))?;
+    Ok(f)
+}
+
+/// The checkpoint directories `checkpoints/step-N` of `root`, newest first.
+fn step_dirs(root: &Path) -> Vec<(u64, PathBuf)> {
+    let mut v: Vec<(u64, PathBuf)> = fs::read_dir(root.join(CHECKPOINTS_DIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let s = n.strip_prefix("step-")?.parse::<u64>().ok()?;
+            e.path()
+                .is_dir()
+                .then(|| (s, PathBuf::from(CHECKPOINTS_DIR).join(n)))
+        })
+        .collect();
+    v.sort_by(|a, b| b.cmp(a));
+    v
 }
 
 fn io<T>(path: &Path, r: std::io::Result<T>) -> Result<T> {
     r.map_err(|e| Error::io(path, e))
 }
 
-/// Writes `bytes` to `path` through `path.tmp` and a rename, synced.
+/// Writes `bytes` to `path` through an exclusive temporary file and a rename, synced.
 fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let res = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    if let Err(e) = res {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    io(path, fs::rename(&tmp, path))
+    crate::outputs::write_bytes(path, bytes)
 }
 
 fn sync_dir(path: &Path) -> Result<()> {
@@ -150,6 +208,9 @@ impl RunDir {
     /// Starts a new run in `root` (created if absent; it must not hold a run already) and
     /// writes `config.json`.
     pub fn create(root: &Path, config: &RunConfig) -> Result<Self> {
+        io(root, fs::create_dir_all(root))?;
+        // Checked under the lock, so two new runs on one directory cannot both pass.
+        let lock = lock(root)?;
         if root.join(CONFIG_FILE).exists() || root.join(LATEST_FILE).exists() {
             return Err(Error::Config(format!(
                 "--run-dir {}: already holds a run; continue it with --resume {} or choose a \
@@ -164,6 +225,7 @@ impl RunDir {
         Ok(RunDir {
             root: root.to_path_buf(),
             fail_after: None,
+            _lock: lock,
         })
     }
 
@@ -176,6 +238,7 @@ impl RunDir {
                 root.display()
             )));
         }
+        let lock = lock(root)?;
         let config: RunConfig = read_json(&cfg_path)?;
         if config.format != RUN_FORMAT {
             return Err(Error::checkpoint(
@@ -187,6 +250,7 @@ impl RunDir {
         let run = RunDir {
             root: root.to_path_buf(),
             fail_after: None,
+            _lock: lock,
         };
         let ck = root.join(CHECKPOINTS_DIR);
         if let Ok(entries) = fs::read_dir(&ck) {
@@ -267,13 +331,105 @@ impl RunDir {
         write_file_atomic(&path, kept.as_bytes())
     }
 
-    /// The latest complete checkpoint, if any.
+    /// The latest complete checkpoint, if any. Its directory must be `checkpoints/step-N`
+    /// inside the run; anything else (an absolute path, `..`) is refused.
     pub fn latest(&self) -> Result<Option<Latest>> {
         let path = self.root.join(LATEST_FILE);
         if !path.exists() {
             return Ok(None);
         }
-        read_json(&path).map(Some)
+        let l: Latest = read_json(&path)?;
+        let parts: Vec<Component> = l.dir.components().collect();
+        let inside = matches!(
+            parts.as_slice(),
+            [Component::Normal(a), Component::Normal(b)]
+                if *a == CHECKPOINTS_DIR && b.to_string_lossy().starts_with("step-")
+        );
+        if !inside {
+            return Err(Error::checkpoint(
+                &path,
+                format!(
+                    "dir {:?} is not a checkpoint of this run (expected \
+                     {CHECKPOINTS_DIR}/step-N inside the run directory); refusing to follow it",
+                    l.dir
+                ),
+            ));
+        }
+        Ok(Some(l))
+    }
+
+    /// Whether the run has any checkpoint to resume from (complete or not).
+    pub fn has_checkpoint(&self) -> bool {
+        self.root.join(LATEST_FILE).exists() || !step_dirs(&self.root).is_empty()
+    }
+
+    /// Loads the checkpoint to resume from: the one `latest.json` names or, when that one is
+    /// unusable, the newest older checkpoint that loads (with a note on stderr, and
+    /// `latest.json` pointed at it). `None` when the run has no checkpoint at all.
+    pub fn load_resumable(
+        &self,
+        config: &DitConfig,
+        adamw: AdamWConfig,
+        frozen: impl Fn(&str) -> bool,
+    ) -> Result<Option<(PathBuf, Loaded)>> {
+        let (latest, mut problem) = match self.latest() {
+            Ok(l) => (l, None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let mut candidates: Vec<(u64, PathBuf)> = Vec::new();
+        if let Some(l) = &latest {
+            candidates.push((l.step, l.dir.clone()));
+        }
+        let below = latest.as_ref().map_or(u64::MAX, |l| l.step);
+        candidates.extend(
+            step_dirs(&self.root)
+                .into_iter()
+                .filter(|(s, d)| *s <= below && latest.as_ref().is_none_or(|l| &l.dir != d)),
+        );
+        if candidates.is_empty() {
+            return match problem {
+                Some(p) => Err(Error::Config(format!(
+                    "{p}; and the run has no checkpoint directory to fall back on"
+                ))),
+                None => Ok(None),
+            };
+        }
+        for (step, rel) in &candidates {
+            let dir = self.root.join(rel);
+            match Self::load_checkpoint(&dir, config, adamw, &frozen) {
+                Ok(ld) => {
+                    if let Some(p) = &problem {
+                        eprintln!(
+                            "note: {p}\nnote: resuming from {}, the newest complete \
+                             checkpoint",
+                            dir.display()
+                        );
+                        let js = serde_json::to_string_pretty(&Latest {
+                            step: *step,
+                            dir: rel.clone(),
+                        })
+                        .expect("serialises");
+                        write_file_atomic(&self.root.join(LATEST_FILE), js.as_bytes())?;
+                    }
+                    return Ok(Some((dir, ld)));
+                }
+                Err(e) => {
+                    if problem.is_none() {
+                        problem = Some(format!("checkpoint {} is unusable: {e}", dir.display()));
+                    }
+                }
+            }
+        }
+        Err(Error::Config(format!(
+            "--resume {}: no checkpoint loads ({}); the newest problem: {}",
+            self.root.display(),
+            candidates
+                .iter()
+                .map(|c| c.1.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            problem.unwrap_or_default()
+        )))
     }
 
     fn step_dir_name(step: u64) -> String {
@@ -444,6 +600,7 @@ pub fn save_optimizer(path: &Path, opt: &AdamW) -> Result<()> {
 pub fn load_optimizer(path: &Path, opt: &mut AdamW) -> Result<()> {
     let f = StFile::open(path)?;
     let st = f.parse()?;
+    f.verify_checksum()?;
     let meta = f.metadata()?;
     opt.step = meta
         .get("step")
@@ -487,6 +644,12 @@ pub fn load_optimizer(path: &Path, opt: &mut AdamW) -> Result<()> {
                 ));
             }
             *t = crate::stio::view_to_f32(path, &key, &v)?;
+            if let Some(i) = t.data.iter().position(|x| !x.is_finite()) {
+                return Err(Error::checkpoint(
+                    path,
+                    format!("tensor {key}: element {i} is {}", t.data[i]),
+                ));
+            }
         }
     }
     Ok(())

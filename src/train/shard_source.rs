@@ -45,7 +45,7 @@ pub struct ShardSource {
 impl ShardSource {
     /// Opens the `train` split of `dir` for a model of `config`; `seed` decides the order.
     pub fn open(dir: &Path, config: &DitConfig, seed: u64) -> Result<Self> {
-        let set = ShardSet::open(dir, TRAIN, Check::Size)?;
+        let set = ShardSet::open(dir, TRAIN, Check::Full)?;
         set.check_model(config.vocab_size, config.mask_index as u32, config.length)?;
         if set.is_empty() {
             return Err(Error::data(
@@ -74,7 +74,7 @@ impl ShardSource {
     /// The first `max` sequences of the `valid` split (all of them when it has fewer), in
     /// stored order, as one batch.
     pub fn held_out(&self, max: usize) -> Result<Tokens> {
-        let set = ShardSet::open(&self.dir, VALID, Check::Size)?;
+        let set = ShardSet::open(&self.dir, VALID, Check::Full)?;
         let n = (set.len() as usize).min(max);
         if n == 0 {
             return Err(Error::data(

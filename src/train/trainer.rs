@@ -33,7 +33,7 @@ use crate::tensor::Tokens;
 use crate::train::config::TrainConfig;
 use crate::train::ema::Ema;
 use crate::train::objective::Objective;
-use crate::train::optim::{zero, AdamW, AdamWConfig, LrSchedule};
+use crate::train::optim::{first_non_finite, zero, AdamW, AdamWConfig, LrSchedule};
 use crate::train::run::{RngState, RunDir, TrainState, RUN_FORMAT};
 use crate::train::source::DataSource;
 use crate::train::update::{host_update, HostState};
@@ -177,15 +177,14 @@ impl Trainer {
         val: Option<Tokens>,
     ) -> Result<Self> {
         cfg.validate()?;
-        let latest = run.latest()?.ok_or_else(|| {
-            Error::Config(format!(
-                "--resume {}: the run has no checkpoint yet; start it again",
-                run.root.display()
-            ))
-        })?;
-        let dir = run.root.join(&latest.dir);
-        let ld =
-            RunDir::load_checkpoint(&dir, model, adamw_config(&cfg), |n| cfg.freeze.is_frozen(n))?;
+        let (dir, ld) = run
+            .load_resumable(model, adamw_config(&cfg), |n| cfg.freeze.is_frozen(n))?
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "--resume {}: the run has no checkpoint yet",
+                    run.root.display()
+                ))
+            })?;
         if ld.state.rng.seed != cfg.seed {
             return Err(Error::checkpoint(
                 &dir,
@@ -484,6 +483,50 @@ impl Trainer {
         Ok(dir)
     }
 
+    /// What makes a checkpoint good: every raw and EMA weight is finite, and a probe forward
+    /// of the raw weights (those a resume continues from) on the first validation rows gives a
+    /// finite loss. Otherwise the run stops before writing, so the previous checkpoint stays
+    /// the latest; the error names the first non-finite weight.
+    pub fn check_before_checkpoint(&mut self, obj: &mut dyn Objective) -> Result<()> {
+        let step = self.step;
+        for (what, p) in [("weight", &self.params), ("EMA weight", &self.ema.shadow)] {
+            if let Some((n, i, v)) = first_non_finite(p) {
+                return Err(Error::NonFinite {
+                    step,
+                    what: format!(
+                        "{what} {n} is non-finite (element {i} = {v}); this step is not \
+                         checkpointed"
+                    ),
+                });
+            }
+        }
+        let Some(val) = &self.val else {
+            return Ok(());
+        };
+        let n = self.cfg.micro_batch.min(val.batch);
+        let x = Tokens {
+            batch: n,
+            len: val.len,
+            ids: val.ids[..n * val.len].to_vec(),
+        };
+        let mut rng = stream(VALIDATION_SEED, VALIDATION, 0);
+        let mut eps = stream(VALIDATION_SEED, VALIDATION_EPS, 0);
+        let t = antithetic_times(&mut rng, n);
+        let nb = nelbo_batch(&mut rng, &mut eps, &x, &t, &self.model, 1.0)?;
+        let loss = obj.eval_loss(&self.params, &nb.as_loss())?;
+        if !loss.is_finite() {
+            return Err(Error::NonFinite {
+                step,
+                what: format!(
+                    "every weight is finite, but a probe forward on {n} validation rows gives \
+                     loss {loss} (weights too large: a learning rate too high?); this step is \
+                     not checkpointed"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn report(&mut self, log: &StepLog) -> Result<()> {
         let (s0, t0) = self.last_report;
         let dt = t0.elapsed().as_secs_f64();
@@ -548,6 +591,7 @@ impl Trainer {
                 }
                 if self.run.is_some() && self.cfg.save_every > 0 && s % self.cfg.save_every == 0 {
                     self.sync_from(obj)?;
+                    self.check_before_checkpoint(obj)?;
                     self.save_checkpoint()?;
                 }
             }
@@ -558,6 +602,7 @@ impl Trainer {
             }
             if self.run.is_some() {
                 self.sync_from(obj)?;
+                self.check_before_checkpoint(obj)?;
                 self.save_checkpoint()?;
             }
         }
