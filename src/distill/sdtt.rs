@@ -37,7 +37,6 @@ use crate::error::{Error, Result};
 use crate::model::{checkpoint, Algo, DitConfig, DitParams};
 use crate::tensor::Tokens;
 use crate::train::config::TrainConfig;
-use crate::train::data::DataSource;
 use crate::train::optim::{zero, AdamW, LrSchedule};
 use crate::train::run::{
     load_optimizer, RngState, RunDir, TrainState, EMA_FILE, MODEL_FILE, OPTIM_FILE, RUN_FORMAT,
@@ -45,6 +44,7 @@ use crate::train::run::{
 };
 use crate::train::trainer::{adamw_config, stream, VALIDATION_SEED};
 use crate::train::update::{host_update, HostState};
+use crate::train::DataSource;
 use crate::train::Ema;
 
 /// The SDTT settings of a run (`DIR/sdtt.json`); the rest is the run's `TrainConfig`.
