@@ -217,7 +217,7 @@ fn params_layout() {
     assert_eq!(std::mem::offset_of!(DistillKlParams, mask_index), 12);
     assert_eq!(std::mem::offset_of!(DistillKlParams, scale), 20);
     assert_eq!(std::mem::offset_of!(DistillKlParams, cache_row), 24);
-    let codes: Vec<u32> = DistillMode::ALL.iter().map(|m| m.code()).collect();
+    let codes: Vec<u32> = DistillMode::ALL.iter().map(|&m| code(m)).collect();
     assert_eq!(codes, [0, 1, 2, 3]);
 }
 
