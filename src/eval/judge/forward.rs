@@ -268,7 +268,7 @@ fn add_into(x: &mut [f32], y: &[f32]) {
 }
 
 /// `x · rsqrt(mean(x²) + eps) · w` per row, the statistic in f64.
-fn rmsnorm(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
+pub(crate) fn rmsnorm(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
     let d = w.len();
     let mut y = vec![0f32; x.len()];
     y.par_chunks_mut(d)
@@ -284,7 +284,7 @@ fn rmsnorm(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
 }
 
 /// cos / sin of `pos / scale · base^(-2i / rope_dim)`, computed in f64, stored in f32.
-struct RopeTable {
+pub(crate) struct RopeTable {
     cos: Vec<f32>,
     sin: Vec<f32>,
     half: usize,
@@ -292,7 +292,7 @@ struct RopeTable {
 }
 
 impl RopeTable {
-    fn new(cfg: &LlamaConfig, max_len: usize) -> Self {
+    pub(crate) fn new(cfg: &LlamaConfig, max_len: usize) -> Self {
         let half = cfg.rope_dim / 2;
         let mut cos = Vec::with_capacity(max_len * half);
         let mut sin = Vec::with_capacity(max_len * half);
@@ -313,7 +313,7 @@ impl RopeTable {
     }
 
     /// Rotates `x [n, heads·hd]` (one sequence, positions 0..n) in place.
-    fn apply(&self, x: &mut [f32], heads: usize, hd: usize) {
+    pub(crate) fn apply(&self, x: &mut [f32], heads: usize, hd: usize) {
         let half = self.half;
         x.par_chunks_mut(heads * hd)
             .enumerate()
