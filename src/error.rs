@@ -54,6 +54,10 @@ pub enum Error {
     /// A tokenizer could not be built, or could not encode or decode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+
+    /// A judge language model (a GGUF file) is missing, unreadable or of an unsupported kind.
+    #[error("judge {path}: {msg}")]
+    Judge { path: PathBuf, msg: String },
 }
 
 /// Result with the crate's error.

@@ -436,11 +436,10 @@ fn eval_gen_argument_errors_name_the_flag() {
     assert!(!dir.path().join("out.json.tmp").exists());
 }
 
-/// The tiny GGUF judge the judge loader's tests commit (adjust the name at merge if needed).
-const GGUF_JUDGE: &str = "tests/fixtures/judge/tiny.gguf";
+/// The tiny random llama GGUF that the judge's parity tests commit.
+const GGUF_JUDGE: &str = "tests/fixtures/judge/tiny-llama.gguf";
 
 #[test]
-#[ignore = "needs the tiny GGUF judge of tests/fixtures/judge/ (the GGUF loader)"]
 fn eval_gen_runs_with_the_tiny_gguf_judge() {
     let s = setup();
     let judge = Path::new(env!("CARGO_MANIFEST_DIR")).join(GGUF_JUDGE);

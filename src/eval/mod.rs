@@ -3,7 +3,8 @@
 //! - [`ppl`]: held-out NELBO and perplexity of a denoiser (spec 8.1).
 //! - [`lm`]: the [`lm::Judge`] interface, a causal language model that scores text (Gen PPL,
 //!   spec 8.2) and gives features (MAUVE, spec 8.4), independent of how it is implemented.
-//! - [`judge`]: opening a judge by file or name.
+//! - [`judge`]: opening a judge by file or name; [`judge::GgufJudge`], a llama-family GGUF
+//!   model implementing it on the CPU.
 //! - [`gen_ppl`]: the Gen PPL protocol of spec 8.2 (retokenisation, the valid-token rule,
 //!   pooling).
 //! - [`mauve`]: MAUVE as mauve-text computes it (PCA, k-means, divergence frontier).
