@@ -25,149 +25,22 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
+pub use crate::cuda::bwd_scratch::{BwdScratch, ModGrads};
 use crate::cuda::dit::{ForwardOpts, GpuDit, Workspace};
 use crate::cuda::nvtx;
-use crate::cuda::ops::attention::{attention_bwd, AttentionBwdWorkspace, AttentionShape};
-use crate::cuda::ops::embedding::{embedding_bwd, embedding_eps_bwd, EmbeddingBwdPlan};
-use crate::cuda::ops::gelu::{gelu_bwd, gelu_bwd_scratch_len, GeluKind};
+use crate::cuda::ops::attention::{attention_bwd, AttentionShape};
+use crate::cuda::ops::embedding::{embedding_bwd, embedding_eps_bwd};
+use crate::cuda::ops::gelu::{gelu_bwd, GeluKind};
 use crate::cuda::ops::gemm::{Epilogue, Gemm};
-use crate::cuda::ops::ln_modulate::{ln_modulate_bwd, ln_modulate_bwd_scratch_len};
-use crate::cuda::ops::residual::{residual_bwd, residual_bwd_scratch_len};
+use crate::cuda::ops::ln_modulate::ln_modulate_bwd;
+use crate::cuda::ops::residual::residual_bwd;
 use crate::cuda::param_tree::{LinearOf, ParamTree};
 use crate::cuda::tape::{Dropout, LinSite, LnSite, Op, ResSite, Tape};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
 use crate::model::DitConfig;
 
-/// Gradients of the modulation vectors, each (1, D) f32, summed over all rows (and over the
-/// micro-batches of a step): per block (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
-/// gate_mlp), and the final layer's (shift, scale). The adaLN bias gradient is exactly their
-/// concatenation.
-pub struct ModGrads {
-    pub blocks: Vec<[CudaSlice<f32>; 6]>,
-    pub final_layer: [CudaSlice<f32>; 2],
-}
-
-impl ModGrads {
-    /// Zeroed buffers for `c`, or `None` when the model has no adaLN (AR baseline).
-    pub fn new(gpu: &Gpu, c: &DitConfig) -> Result<Option<Self>> {
-        if !c.has_adaln() {
-            return Ok(None);
-        }
-        let z = || gpu.stream.alloc_zeros::<f32>(c.hidden);
-        let blocks = (0..c.blocks)
-            .map(|_| Ok([z()?, z()?, z()?, z()?, z()?, z()?]))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Some(ModGrads {
-            blocks,
-            final_layer: [z()?, z()?],
-        }))
-    }
-
-    pub fn zero(&mut self, gpu: &Gpu) -> Result<()> {
-        for b in &mut self.blocks {
-            for x in b.iter_mut() {
-                gpu.stream.memset_zeros(x)?;
-            }
-        }
-        for x in self.final_layer.iter_mut() {
-            gpu.stream.memset_zeros(x)?;
-        }
-        Ok(())
-    }
-}
-
-/// The eps MLP's gradient registers (IMDM only).
-struct EpsRegs {
-    /// (rows, D) bf16: gradient of the eps-MLP output (dh at mask rows, 0 elsewhere)
-    deps: CudaSlice<bf16>,
-    /// (rows, 4D) bf16: gradient of the exact-GELU output
-    dact: CudaSlice<bf16>,
-    /// (rows, 4D) bf16: gradient of the exact-GELU input (fc1's output, bias included)
-    dpre: CudaSlice<bf16>,
-}
-
-/// The backward's scratch for one (batch, len): the gradient registers of `tape.rs`, the
-/// reduction scratch shared by the LayerNorm / GELU / residual backward kernels, a row of ones
-/// for bias column sums, the attention backward's workspace and the embedding scatter plan.
-pub struct BwdScratch {
-    pub batch: usize,
-    pub len: usize,
-    /// (rows, D) f32 residual-stream gradient
-    dh: CudaSlice<f32>,
-    /// (rows, D) f32 gradient of a LayerNorm output
-    dln: CudaSlice<f32>,
-    /// (rows, D) bf16 gradient of a residual branch
-    dbranch: CudaSlice<bf16>,
-    /// (rows, D) bf16 gradient of the attention output
-    dattn: CudaSlice<bf16>,
-    /// (rows, 3D) bf16
-    dqkv: CudaSlice<bf16>,
-    /// (rows, H) bf16 gradients of the block MLP's GELU output and input
-    dact: CudaSlice<bf16>,
-    dpre: CudaSlice<bf16>,
-    eps: Option<EpsRegs>,
-    /// f32 partial sums, the largest any backward kernel of this shape needs
-    red: CudaSlice<f32>,
-    /// (rows) bf16 ones
-    ones: CudaSlice<bf16>,
-    attn: AttentionBwdWorkspace,
-    emb: EmbeddingBwdPlan,
-    emb_loaded: bool,
-}
-
-impl BwdScratch {
-    pub fn new(gpu: &Gpu, c: &DitConfig, batch: usize, len: usize) -> Result<Self> {
-        let (rows, d, h) = (batch * len, c.hidden, c.mlp_hidden());
-        let s = &gpu.stream;
-        let red = [
-            ln_modulate_bwd_scratch_len(rows, d, rows),
-            residual_bwd_scratch_len(rows, d, rows),
-            gelu_bwd_scratch_len(rows, h),
-            gelu_bwd_scratch_len(rows, 4 * d),
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(1)
-        .max(1);
-        let eps = if c.has_eps_mlp() {
-            Some(EpsRegs {
-                deps: s.alloc_zeros(rows * d)?,
-                dact: s.alloc_zeros(rows * 4 * d)?,
-                dpre: s.alloc_zeros(rows * 4 * d)?,
-            })
-        } else {
-            None
-        };
-        Ok(BwdScratch {
-            batch,
-            len,
-            dh: s.alloc_zeros(rows * d)?,
-            dln: s.alloc_zeros(rows * d)?,
-            dbranch: s.alloc_zeros(rows * d)?,
-            dattn: s.alloc_zeros(rows * d)?,
-            dqkv: s.alloc_zeros(rows * 3 * d)?,
-            dact: s.alloc_zeros(rows * h)?,
-            dpre: s.alloc_zeros(rows * h)?,
-            eps,
-            red: s.alloc_zeros(red)?,
-            ones: s.clone_htod(&vec![bf16::ONE; rows])?,
-            attn: AttentionBwdWorkspace::new(gpu, &attention_shape(c, batch, len))?,
-            emb: EmbeddingBwdPlan::new(gpu, rows, d)?,
-            emb_loaded: false,
-        })
-    }
-
-    /// Builds and uploads the embedding scatter plan for the forward's input ids (host copy,
-    /// (rows)); call once per forward, before [`backward`].
-    pub fn load_tokens(&mut self, gpu: &Gpu, ids: &[u32], vocab: usize) -> Result<()> {
-        self.emb.load(gpu, ids, vocab)?;
-        self.emb_loaded = true;
-        Ok(())
-    }
-}
-
-fn attention_shape(c: &DitConfig, batch: usize, len: usize) -> AttentionShape {
+pub(crate) fn attention_shape(c: &DitConfig, batch: usize, len: usize) -> AttentionShape {
     AttentionShape {
         batch,
         len,

@@ -1,9 +1,12 @@
 //! The GPU backend, beside [`crate::cpu`]: the device context and kernel lookup ([`device`]),
-//! the DiT forward ([`dit`]) and backward ([`dit_bwd`]) over the training [`tape`], the
-//! conditioning path ([`cond`]), the device parameter tree ([`param_tree`]), the sampling
-//! denoiser ([`denoiser`]), the training objective ([`trainer`]), NVTX ranges ([`nvtx`]) and one
-//! module per kernel file under [`ops`] (its only launcher and its CPU twin).
+//! the DiT forward ([`dit`], its buffers in [`workspace`]) and backward ([`dit_bwd`], its
+//! gradient registers in [`bwd_scratch`]) over the training [`tape`], the conditioning path
+//! ([`cond`]), the device parameter tree ([`param_tree`]), the sampling denoiser
+//! ([`denoiser`]), the training objective ([`trainer`]), NVTX ranges ([`nvtx`]), the kernel
+//! sources' constants ([`kernel_defines`]) and one module per kernel file under [`ops`] (its
+//! only launcher and its CPU twin).
 
+pub mod bwd_scratch;
 pub mod cond;
 pub mod denoiser;
 pub mod device;
@@ -15,6 +18,7 @@ pub mod ops;
 pub mod param_tree;
 pub mod tape;
 pub mod trainer;
+pub mod workspace;
 
 pub use device::{gpu_for_tests, peak_bf16_tflops, Backend, DeviceChoice, Gpu, ARCH, PTX};
 pub use trainer::GpuTrainer;

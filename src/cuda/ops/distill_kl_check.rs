@@ -123,7 +123,7 @@ pub(super) const EPS32: f64 = 1.0 / (1u64 << 24) as f64;
 /// Loss: within 128 f32 rounding units of the magnitude of what the kernel adds (Σ|term| plus
 /// each term's sensitivity to its inputs times their size, |z| + |lse| + |lt| + 1).
 /// Gradient, per element: at most twice the error of the twin's value rounded to bf16 (the
-/// kernel's only bf16 rounding; architecture.md section 4, item 2), plus 128 f32 rounding units
+/// kernel's only bf16 rounding; the error-ratio rule of docs/testing.md 2), plus 128 f32 rounding units
 /// of the element's own magnitude bound (the terms it combines before cancelling), so a wrong
 /// element fails and a cancelling one does not. Exact zeros where the twin has them. Rows with a
 /// teacher column at -inf in the modes where that makes the divergence infinite: both losses
