@@ -109,10 +109,23 @@ fn demo_runs_every_stage_and_writes_its_outputs() {
         "16",
         "--eval-steps",
         "1,2",
+        "--sdtt-steps-per-round",
+        "2",
+        "--sdtt-redi-rounds",
+        "1",
         "--out",
         out.to_str().unwrap(),
     ]);
-    for model in ["mdlm", "imdm", "mdm_redi", "imdm_redi_r1", "imdm_redi_r2"] {
+    for model in [
+        "mdlm",
+        "imdm",
+        "mdm_redi",
+        "imdm_redi_r1",
+        "imdm_redi_r2",
+        "mdlm_sdtt",
+        "imdm_sdtt",
+        "imdm_sdtt_redi",
+    ] {
         assert!(text.contains(model), "table lacks {model}:\n{text}");
     }
     let json: serde_json::Value =
@@ -125,6 +138,9 @@ fn demo_runs_every_stage_and_writes_its_outputs() {
         "imdm_redi",
         "imdm_redi_r1",
         "imdm_redi_r2",
+        "mdlm_sdtt",
+        "imdm_sdtt",
+        "imdm_sdtt_redi",
     ] {
         for steps in ["1", "2"] {
             let cell = &json[model][steps];

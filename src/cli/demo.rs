@@ -92,6 +92,12 @@ pub struct DemoArgs {
     /// Sampler steps of coupling generation.
     #[arg(long)]
     pub datagen_steps: Option<usize>,
+    /// Optimizer steps per SDTT round of the mdlm_sdtt / imdm_sdtt rows (default 400).
+    #[arg(long)]
+    pub sdtt_steps_per_round: Option<u64>,
+    /// IM-ReDi rounds of the imdm_sdtt_redi row (default 4).
+    #[arg(long)]
+    pub sdtt_redi_rounds: Option<usize>,
     /// Samples per model and step count.
     #[arg(long)]
     pub samples: Option<usize>,
@@ -144,6 +150,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
          base_steps => base_steps, pairs => pairs, student_top_p => student_top_p,
          eval_steps => eval_steps, lr => lr, datagen_steps => datagen_steps,
          coupling => coupling, ot_batch => ot_batch, perturbed_frac => perturbed_frac, round_lr_decay => round_lr_decay, hidden => hidden, blocks => blocks);
+    if let Some(n) = a.sdtt_steps_per_round {
+        cfg.sdtt.grow_dt_every = n;
+    }
+    if let Some(n) = a.sdtt_redi_rounds {
+        cfg.sdtt.redi_rounds = n;
+    }
     if let Some(n) = a.samples {
         cfg.eval.samples = n;
     }
