@@ -49,6 +49,15 @@ struct Shifted {
     T* p() { return buf.data() + off; }
     T& operator[](size_t i) { return buf[off + i]; }
 };
+// The ThreadSanitizer build runs several times slower (every access and synchronisation is
+// tracked): there, only the cases marked for it run, chosen so every kernel and every barrier
+// path (several tiles, chunks, rows) still runs at least once.
+#if defined(__SANITIZE_THREAD__)
+static constexpr bool KSIM_TSAN = true;
+#else
+static constexpr bool KSIM_TSAN = false;
+#endif
+static inline bool pick(bool in_tsan_set) { return !KSIM_TSAN || in_tsan_set; }
 static inline int finish() {
     printf("%d failures\n", fails);
     return fails != 0;

@@ -143,22 +143,26 @@ int main(int argc, char** argv) {
             {1001, 1001, 999, {999, 3}, 3}, {9000, 9024, 4500, {4500, 8999}, 0}};
         for (auto& c : cs)
             for (int cache = 0; cache < 2; ++cache) {
+                if (!pick(c.vocab == 130 && c.off == 1 && cache == 1 || c.vocab == 1001 && c.mask == 999 && cache == 0)) {
+                    seed++;
+                    continue;
+                }
                 subs_case<float>(c.vocab, c.ld, c.mask, c.tok, cache, c.off, seed);
                 subs_case<bf>(c.vocab, c.ld, c.mask, c.tok, cache, c.off, seed++);
             }
     }
     if (only.empty() || only == "bwd") {
         // rows: masked (target real), carry-over, masked with target = mask, masked with weight 0.
-        for (int cache = 0; cache < 2; ++cache) {
+        for (int cache = 0; cache < 2 && pick(false); ++cache) {
             subs_bwd_case<float>(13, 16, 5, {5, 2, 5, 5}, {3, 2, 5, 1}, {1.f, 1.f, 0.5f, 0.f}, cache, seed);
             subs_bwd_case<bf>(13, 16, 5, {5, 2, 5, 5}, {3, 2, 5, 1}, {1.f, 1.f, 0.5f, 0.f}, cache, seed++);
         }
-        subs_bwd_case<float>(13, 13, 0, {0, 0}, {12, 99}, {1.f, 2.f}, 0, seed);  // scalar path; target >= V
+        if (pick(false)) subs_bwd_case<float>(13, 13, 0, {0, 0}, {12, 99}, {1.f, 2.f}, 0, seed);  // scalar path; target >= V
         subs_bwd_case<bf>(13, 13, 0, {0, 0}, {12, 99}, {1.f, 2.f}, 0, seed++);
         // The real vocabulary: V = 50258 padded to 50264, several tiles of 1024 units per row.
         subs_bwd_case<float>(50258, 50264, 50257, {50257, 7}, {1234, 7}, {1.f, 1.f}, 1, seed);
-        subs_bwd_case<bf>(50258, 50264, 50257, {50257}, {50000}, {0.7f}, 0, seed++);
-        subs_bwd_case<float>(50258, 50258, 50257, {50257}, {3}, {1.f}, 0, seed++);  // unpadded: scalar
+        if (pick(false)) subs_bwd_case<bf>(50258, 50264, 50257, {50257}, {50000}, {0.7f}, 0, seed++);
+        if (pick(false)) subs_bwd_case<float>(50258, 50258, 50257, {50257}, {3}, {1.f}, 0, seed++);  // unpadded: scalar
     }
     return finish();
 }

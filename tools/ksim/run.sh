@@ -51,21 +51,31 @@ elif [ -f "$here/harness_$what.cpp" ]; then run=("$what")
 else echo "usage: $0 [--tsan] [all | FAMILY [ARGS]]; families: ${families[*]}" >&2; exit 2; fi
 flags=(-std=c++20 -O1 -g -fsanitize=$san -ffp-contract=off -rdynamic -Wno-unknown-pragmas
   -I "$out/fake")
-# Generates the simulated sources a harness includes (#include "X_sim.cpp" <- the kernel file
-# X.cu), then builds it; two builds at a time.
-build() {
-  local fam="$1" k src
+# The simulated sources a harness includes (#include "X_sim.cpp" <- the kernel file X.cu).
+gen() {
+  local fam="$1" k src f
   for k in $(sed -n 's/^#include "\([A-Za-z0-9_]*\)_sim\.cpp".*/\1/p' "$here/harness_$fam.cpp"); do
     src=""
     for f in "${kernel_files[@]}"; do [ "$(basename "$f" .cu)" = "$k" ] && src="$f"; done
     [ -n "$src" ] || { echo "harness_$fam.cpp includes ${k}_sim.cpp but kernels/ has no $k.cu" >&2; return 1; }
     python3 "$here/gen.py" "$src" "$out/${k}_sim.cpp"
   done
-  g++ "${flags[@]}" -o "$out/harness_$fam" "$out/harness_$fam.cpp" -lpthread
 }
+# Builds one harness, unless its sources (generated ones included) are those of the last build.
+build() {
+  local fam="$1" sum
+  sum="$(cat "$out/harness_$fam.cpp" "$out"/*_sim.c* "$out/shim.h" "$out/check.h" | sha256sum)"
+  if [ -x "$out/harness_$fam" ] && [ "$(cat "$out/harness_$fam.sum" 2>/dev/null)" = "$sum" ]; then
+    echo "  harness_$fam: up to date"; return 0
+  fi
+  rm -f "$out/harness_$fam.sum"
+  g++ "${flags[@]}" -o "$out/harness_$fam" "$out/harness_$fam.cpp" -lpthread
+  echo "$sum" > "$out/harness_$fam.sum"
+}
+for fam in "${run[@]}"; do gen "$fam"; done
 pids=()
 status=0
-for fam in "${run[@]}"; do
+for fam in "${run[@]}"; do  # two builds at a time
   build "$fam" > "$out/build_$fam.log" 2>&1 &
   pids+=($!)
   if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}" || status=1; pids=("${pids[@]:1}"); fi
