@@ -33,7 +33,8 @@ for f in sys.argv[2:]:
     for k in kernels(f):
         cases = cov.get(k, [])
         if not cases: missing.append(k)
-        shown = '; '.join(cases[:4]) + (' (+%d more)' % (len(cases) - 4) if len(cases) > 4 else '')
+        labels = [c.split(':')[0] for c in cases]  # the case's shape, without its figures
+        shown = '; '.join(labels[:3]) + (' (+%d more)' % (len(labels) - 3) if len(labels) > 3 else '')
         print('  %-32s %3d  %s' % (k, len(cases), shown or 'NO CASE'))
 if missing:
     print('kernels without a case: ' + ' '.join(missing))

@@ -54,7 +54,7 @@ def convert(path, out_dir, done_files):
         h = m.group(1)
         hp = os.path.join(os.path.dirname(path), h)
         if not os.path.exists(hp): return m.group(0)
-        hs, he = os.path.splitext(h)
+        hs, he = os.path.splitext(os.path.basename(h))  # every generated file sits in OUT
         if hp not in done_files:
             done_files.add(hp)
             convert(hp, out_dir, done_files)
