@@ -153,7 +153,9 @@ int main(int argc, char** argv) {
     }
     if (only.empty() || only == "bwd") {
         // rows: masked (target real), carry-over, masked with target = mask, masked with weight 0.
-        for (int cache = 0; cache < 2 && pick(false); ++cache) {
+        // Without the row cache, pass 2 reads the f32 logits whose bytes other threads of the
+        // tile overwrite with bf16: the case that needs the tile barrier (ThreadSanitizer too).
+        for (int cache = 0; cache < 2 && pick(cache == 0); ++cache) {
             subs_bwd_case<float>(13, 16, 5, {5, 2, 5, 5}, {3, 2, 5, 1}, {1.f, 1.f, 0.5f, 0.f}, cache, seed);
             subs_bwd_case<bf>(13, 16, 5, {5, 2, 5, 5}, {3, 2, 5, 1}, {1.f, 1.f, 0.5f, 0.f}, cache, seed++);
         }
