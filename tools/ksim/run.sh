@@ -1,57 +1,100 @@
 #!/usr/bin/env bash
-# CPU simulation of kernels for checking their index maths, masks, fragment layouts, strides and
-# barrier placement on a machine without a GPU: the attention forward + tensor-core backward
-# (harness.cpp), and ln_modulate_fwd_bf16, subs_fwd_{f32,bf16}, sample_fwd_f32 (harness_ops.cpp).
+# ksim: CPU simulation of every kernel of kernels/ (and kernels/dev/), for checking index maths,
+# masks, fragment layouts, strides and barrier placement on a machine without a GPU.
 #
-# How: gen.py copies each kernels/*.cu (attention: attention_fwd.cu + attention_bwd.cu with
-# attention_common.cuh, one translation unit) with its inline-PTX helpers (cp.async, ldmatrix,
-# mma.sync m16n8k16, ex2/rcp) replaced by shim.h's simulations, written from the PTX ISA's
-# fragment definitions, and its dynamic shared memory pointed at the simulated block's buffer;
-# plain intrinsics (__expf, rsqrtf, __ldlu, __stcs, __d*_rn, shuffles, atomicAdd) are shim.h
-# functions. Every CUDA thread is an OS thread, warp collectives rendezvous per warp, shared
-# memory starts as 0xff (bf16/f32 NaN) and outputs as NaN, AddressSanitizer watches every buffer.
-# Attention: cp.async lands either at the wait that needs it (lazy) or at issue (eager), two legal
-# schedules; the forward (verified on an H100, so it also checks the simulation) and the backward
-# are checked against an f64 twin with the Rust tests' fast_tol bound.
-# Ops (harness_ops.cpp, references written from each kernel's header maths): ln_modulate y within
-# 1 bf16 ulp of the f64 maths, mean/rstd close, and the register fast path bit-identical to the
-# generic path (gen.py's sim_ln_generic switch); subs_fwd with row stride ld: out/lse vs f64,
-# NaN padding logits never read, the output's padding keeps a sentinel, a NaN row for an id >= V,
-# cache_row 0/1, unaligned rows; sample_fwd_f32 with ld: cat, x, counters and reset eps bits equal
-# to a sequential port of the race (Philox from common.cuh), NaN padding in log_p.
-# distill_kl_fwd_bwd_{f32,bf16} (harness_kl.cpp): loss and in-place bf16 gradient for the four modes
-# against the header's maths in f64, at V = 50258 with padded rows and small awkward shapes; NaN
-# in every padding column and the teacher's mask column; zeros at unmasked rows, the mask column
-# and the padding; the f32 rows' second half untouched.
+# How: gen.py copies each kernel file (and the local headers it includes) with its inline-PTX
+# helpers (cp.async, ldmatrix, mma.sync m16n8k16, ex2/rcp) replaced by shim.h's simulations,
+# written from the PTX ISA's fragment definitions, its dynamic shared memory pointed at the
+# simulated block's buffer and its static __shared__ variables turned into per-block storage;
+# plain intrinsics (__expf, rsqrtf, __ldlu, __stcs, __d*_rn, __f*_rn, shuffles, atomics) are shim.h
+# functions. Every CUDA thread is an OS thread, __syncthreads is a std::barrier per block and
+# warp collectives rendezvous per warp (mutex + condition variable), so both are real
+# synchronisation. All shared memory (dynamic and static) starts as 0xff (bf16/f32 NaN) and
+# outputs as NaN. One harness per kernel family (harness_<family>.cpp, helpers in check.h)
+# checks each kernel against a reference written from the kernel header's maths, in f64 (or a
+# sequential port for integer/bitwise kernels), at awkward shapes: lengths not a multiple of the
+# tile, V = 50258 with a padded row stride, batch 1, rows not a multiple of the block,
+# unaligned buffers (the scalar paths).
+#
+# Two builds: AddressSanitizer (default: out-of-bounds and use-after-free on every buffer,
+# shared memory included) and ThreadSanitizer (--tsan: a shared- or global-memory access of
+# two simulated threads with no barrier, warp collective or atomic between them is reported
+# whatever the schedule, so a missing __syncthreads shows deterministically). The ThreadSanitizer
+# build runs several times slower, so there each harness runs the subset of its cases marked
+# with pick() in check.h (every kernel, and every multi-tile / multi-chunk path, still runs).
 #
 # Not a substitute for the GPU tests: exp2/rcp/sincos/__expf/rsqrtf are exact here, one schedule
-# per run, no timing, no register pressure. Usage: tools/ksim/run.sh [att [hd] | hd | ops [ln|subs|
-# sample] | kl [quick]] (everything by default; `ops` alone about 1 minute on 2 cores: every collective
-# is an OS-thread rendezvous, subs runs 1024 threads per row). Needs g++ >= 12 (C++20).
+# per run (attention: cp.async landing lazily and eagerly), no timing, no register pressure.
+#
+# Usage: tools/ksim/run.sh [--tsan] [all | FAMILY [ARGS]]
+#   all (default): every harness, then the coverage list (each kernel with the cases that
+#     launched it); exits non-zero when a case fails or a __global__ of the kernel files has no
+#     case. FAMILY: one harness (attention, adamw, embedding, gelu, ln, residual, sample, subs),
+#     ARGS passed to it (attention: lazy|eager [hd]; the others: a case filter, see each main).
+# Needs g++ >= 12 (C++20) and python3.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$here/../.."
-out="${TMPDIR:-/tmp}/imdm-ksim"
+root="$(cd "$here/../.." && pwd)"
+# The kernel files: every __global__ in them must have a case (the one list, read by coverage.py).
+kernel_files=("$root"/kernels/*.cu)
+[ -d "$root/kernels/dev" ] && kernel_files+=("$root"/kernels/dev/*.cu)
+san=address
+if [ "${1:-}" = --tsan ]; then san=thread; shift; fi
 what="${1:-all}"
-case "$what" in [0-9]*) hd="$what"; what=att ;; att) hd="${2:-}" ;; ops|kl|all) hd="" ;;
-  *) echo "usage: $0 [att [hd] | hd | ops [ln|subs|sample] | kl [quick]]" >&2; exit 2 ;; esac
+[ $# -gt 0 ] && shift
+out="${TMPDIR:-/tmp}/imdm-ksim/$san"
 mkdir -p "$out/fake"
 touch "$out/fake/cuda_bf16.h"
-cp "$here/shim.h" "$here/harness.cpp" "$here/harness_ops.cpp" "$here/harness_kl.cpp" "$out/"
-flags=(-std=c++20 -O1 -g -fsanitize=address -ffp-contract=off -Wno-unknown-pragmas -I "$out/fake" -I "$root/kernels")
-if [ "$what" = att ] || [ "$what" = all ]; then
-  python3 "$here/gen.py" "$root/kernels/attention_fwd.cu" "$root/kernels/attention_bwd.cu" "$out/attention_sim.cpp"
-  g++ "${flags[@]}" -o "$out/harness" "$out/harness.cpp" -lpthread
-  "$out/harness" lazy "$hd"
-  "$out/harness" eager "$hd"
-fi
-if [ "$what" = ops ] || [ "$what" = all ]; then
-  for k in ln_modulate subs sample; do python3 "$here/gen.py" "$root/kernels/$k.cu" "$out/${k}_sim.cpp"; done
-  g++ "${flags[@]}" -o "$out/harness_ops" "$out/harness_ops.cpp" -lpthread
-  "$out/harness_ops" "$([ "$what" = ops ] && echo "${2:-}" || echo "")"
-fi
-if [ "$what" = kl ] || [ "$what" = all ]; then
-  python3 "$here/gen.py" "$root/kernels/distill_kl.cu" "$out/distill_kl_sim.cpp"
-  g++ "${flags[@]}" -o "$out/harness_kl" "$out/harness_kl.cpp" -lpthread
-  "$out/harness_kl" "$([ "$what" = kl ] && echo "${2:-}" || echo "")"
-fi
+cp "$here"/shim.h "$here"/check.h "$here"/harness_*.cpp "$out/"
+families=()
+for h in "$here"/harness_*.cpp; do f="${h##*/harness_}"; families+=("${f%.cpp}"); done
+if [ "$what" = all ]; then run=("${families[@]}")
+elif [ -f "$here/harness_$what.cpp" ]; then run=("$what")
+else echo "usage: $0 [--tsan] [all | FAMILY [ARGS]]; families: ${families[*]}" >&2; exit 2; fi
+flags=(-std=c++20 -O1 -g -fsanitize=$san -ffp-contract=off -rdynamic -Wno-unknown-pragmas
+  -I "$out/fake")
+# The simulated sources a harness includes (#include "X_sim.cpp" <- the kernel file X.cu).
+gen() {
+  local fam="$1" k src f
+  for k in $(sed -n 's/^#include "\([A-Za-z0-9_]*\)_sim\.cpp".*/\1/p' "$here/harness_$fam.cpp"); do
+    src=""
+    for f in "${kernel_files[@]}"; do [ "$(basename "$f" .cu)" = "$k" ] && src="$f"; done
+    [ -n "$src" ] || { echo "harness_$fam.cpp includes ${k}_sim.cpp but kernels/ has no $k.cu" >&2; return 1; }
+    python3 "$here/gen.py" "$src" "$out/${k}_sim.cpp"
+  done
+}
+# Builds one harness, unless its sources (generated ones included) are those of the last build.
+build() {
+  local fam="$1" sum
+  sum="$(cat "$out/harness_$fam.cpp" "$out"/*_sim.c* "$out/shim.h" "$out/check.h" | sha256sum)"
+  if [ -x "$out/harness_$fam" ] && [ "$(cat "$out/harness_$fam.sum" 2>/dev/null)" = "$sum" ]; then
+    echo "  harness_$fam: up to date"; return 0
+  fi
+  rm -f "$out/harness_$fam.sum"
+  g++ "${flags[@]}" -o "$out/harness_$fam" "$out/harness_$fam.cpp" -lpthread
+  echo "$sum" > "$out/harness_$fam.sum"
+}
+for fam in "${run[@]}"; do gen "$fam"; done
+pids=()
+status=0
+for fam in "${run[@]}"; do  # two builds at a time
+  build "$fam" > "$out/build_$fam.log" 2>&1 &
+  pids+=($!)
+  if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}" || status=1; pids=("${pids[@]:1}"); fi
+done
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+for fam in "${run[@]}"; do cat "$out/build_$fam.log"; done
+[ $status = 0 ] || { echo "ksim: a build failed (logs above)" >&2; exit 1; }
+cov="$out/coverage.tsv"
+rm -f "$cov"
+fail=0
+for fam in "${run[@]}"; do
+  echo "== $fam ($san sanitizer)"
+  start=$SECONDS
+  if [ "$san" = thread ]; then export TSAN_OPTIONS="halt_on_error=1 exitcode=66 ${TSAN_OPTIONS:-}"; fi
+  KSIM_COVERAGE="$cov" "$out/harness_$fam" "$@" || { fail=1; echo "ksim: $fam FAILED"; }
+  echo "   ($fam: $((SECONDS - start)) s)"
+done
+if [ "$what" = all ]; then python3 "$here/coverage.py" "$cov" "${kernel_files[@]}" || fail=1; fi
+[ $fail = 0 ] && echo "ksim ($san): all passed" || echo "ksim ($san): FAILED"
+exit $fail

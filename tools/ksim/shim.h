@@ -10,7 +10,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <dlfcn.h>
 #include <functional>
+#include <memory>
+#include <set>
+#include <string>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -22,7 +26,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-#define __shared__ static
+// Static __shared__ variables are rewritten by gen.py into sim::shared references.
 
 struct Dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -84,6 +88,15 @@ inline void __sincosf(float x, float* s, float* c) {
     *c = cosf(x);
 }
 inline float __log2f(float x) { return log2f(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __uint2float_rn(uint32_t u) { return (float)u; }
+// f32 intrinsics with an explicit rounding mode (no contraction: -ffp-contract=off).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return sqrtf(a); }
+using std::isfinite;
 // Fast-math intrinsics are exact here (the GPU's __expf / rsqrtf are within a few ulp).
 inline float __expf(float x) { return expf(x); }
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
@@ -112,6 +125,28 @@ inline double __dsqrt_rn(double a) { return sqrt(a); }
 inline float __double2float_rn(double a) { return (float)a; }
 // Only for counters touched by one thread per block (blocks run one after another).
 inline uint32_t atomicAdd(uint32_t* p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+
+// ThreadSanitizer build: the simulator's own bookkeeping (the lazy allocation of static shared
+// storage) must not create happens-before edges between simulated threads, or it would hide a
+// missing __syncthreads.
+#if defined(__SANITIZE_THREAD__)
+extern "C" void AnnotateIgnoreSyncBegin(const char*, int);
+extern "C" void AnnotateIgnoreSyncEnd(const char*, int);
+extern "C" void AnnotateIgnoreReadsBegin(const char*, int);
+extern "C" void AnnotateIgnoreReadsEnd(const char*, int);
+extern "C" void AnnotateIgnoreWritesBegin(const char*, int);
+extern "C" void AnnotateIgnoreWritesEnd(const char*, int);
+#define SIM_UNTRACKED_BEGIN() \
+    (AnnotateIgnoreSyncBegin(__FILE__, __LINE__), AnnotateIgnoreReadsBegin(__FILE__, __LINE__), \
+     AnnotateIgnoreWritesBegin(__FILE__, __LINE__))
+#define SIM_UNTRACKED_END() \
+    (AnnotateIgnoreWritesEnd(__FILE__, __LINE__), AnnotateIgnoreReadsEnd(__FILE__, __LINE__), \
+     AnnotateIgnoreSyncEnd(__FILE__, __LINE__))
+#else
+#define SIM_UNTRACKED_BEGIN() ((void)0)
+#define SIM_UNTRACKED_END() ((void)0)
+#endif
 
 // ln_modulate: gen.py makes the register fast path conditional on !sim_ln_generic.
 inline bool sim_ln_generic = false;
@@ -134,6 +169,8 @@ struct Block {
     std::barrier<>* bar;
     WarpSync warps[32];
     unsigned char* smem;
+    std::mutex static_m;  // static shared storage: one exactly sized, 0xff-filled buffer per site
+    std::map<uint64_t, std::unique_ptr<unsigned char[]>> statics;
 };
 struct Copy {
     void* dst;
@@ -173,6 +210,46 @@ inline void exchange(uint32_t mask, const void* in, size_t bytes, void* out) {
     }
 }
 inline unsigned char* smem() { return blk->smem; }
+// The block's storage of one static __shared__ declaration (site id from gen.py), allocated
+// by the first thread that reaches it and filled with 0xff (f32/bf16 NaN, u32 0xffffffff) as
+// the dynamic buffer is; exactly sized, so AddressSanitizer sees any overflow.
+template <class A>
+A& shared(uint32_t site) {
+    const uint64_t key = (uint64_t)site << 32 | (uint32_t)sizeof(A);
+    SIM_UNTRACKED_BEGIN();
+    unsigned char* p;
+    {
+        std::lock_guard<std::mutex> lk(blk->static_m);
+        auto& slot = blk->statics[key];
+        if (!slot) {
+            slot.reset(new unsigned char[sizeof(A)]);
+            memset(slot.get(), 0xff, sizeof(A));
+        }
+        p = slot.get();
+    }
+    SIM_UNTRACKED_END();
+    return *reinterpret_cast<A*>(p);
+}
+// Coverage: the kernels launched since the last case report (names from the symbol table: the
+// harness is linked with -rdynamic and the kernels are extern "C").
+inline std::set<std::string> launched;
+inline void record_launch(const void* f) {
+    Dl_info info;
+    if (dladdr(f, &info) && info.dli_sname) launched.insert(info.dli_sname);
+    else launched.insert("?");
+}
+// Called by each case's report: appends "kernel<TAB>case" lines to $KSIM_COVERAGE.
+inline void flush_coverage(const std::string& what) {
+    const char* path = getenv("KSIM_COVERAGE");
+    if (path) {
+        FILE* f = fopen(path, "a");
+        if (f) {
+            for (auto& k : launched) fprintf(f, "%s\t%s\n", k.c_str(), what.c_str());
+            fclose(f);
+        }
+    }
+    launched.clear();
+}
 inline void land(const Copy& c) {
     if (c.n) memcpy(c.dst, c.src, 16);
     else memset(c.dst, 0, 16);
@@ -268,6 +345,7 @@ inline void sim_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t
 // dynamic shared memory filled with 0xff (bf16 NaN) so reads of unwritten shared memory show.
 template <class F, class... A>
 void sim_launch(F f, Dim3 grid, Dim3 block, size_t smem_bytes, A... args) {
+    sim::record_launch((const void*)f);
     gridDim = grid;
     blockDim = block;
     const int nt = block.x;
