@@ -1,7 +1,8 @@
 //! The GPU backend, beside [`crate::cpu`]: the device context and kernel lookup ([`device`]),
 //! the DiT forward ([`dit`]) and backward ([`dit_bwd`]) over the training [`tape`], the
 //! conditioning path ([`cond`]), the device parameter tree ([`param_tree`]), the sampling
-//! denoiser ([`denoiser`]), the training objective ([`trainer`]), NVTX ranges ([`nvtx`]) and one
+//! denoiser ([`denoiser`]), the training objective ([`trainer`]), NVTX ranges ([`nvtx`]) and
+//! their GPU timeline ([`trace`]), and one
 //! module per kernel file under [`ops`] (its only launcher and its CPU twin).
 
 pub mod cond;
@@ -14,7 +15,11 @@ pub mod nvtx;
 pub mod ops;
 pub mod param_tree;
 pub mod tape;
+pub mod trace;
 pub mod trainer;
 
-pub use device::{gpu_for_tests, peak_bf16_tflops, Backend, DeviceChoice, Gpu, ARCH, PTX};
+pub use device::{
+    device_peaks, gpu_for_tests, peak_bf16_tflops, Backend, DeviceChoice, DevicePeaks, Gpu, ARCH,
+    PTX,
+};
 pub use trainer::GpuTrainer;
