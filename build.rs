@@ -1,5 +1,8 @@
 //! Compiles every `kernels/*.cu` and `kernels/dev/*.cu` (kernels kept only to check others) to
-//! PTX with nvcc and embeds it (`$OUT_DIR/kernels.rs`); a module is named by its file stem.
+//! PTX with nvcc, assembles that PTX to SASS (a cubin, `ptxas -arch=$IMDM_CUDA_ARCH`, the same as
+//! `-gencode=arch=compute_90a,code=sm_90a` for the default) and embeds both
+//! (`$OUT_DIR/kernels.rs`); a module is named by its file stem. The device loads the cubin (no JIT
+//! at start-up) and falls back to the PTX where the cubin does not load (another GPU).
 //!
 //! nvcc is looked up in this order: `$NVCC`, `$CUDA_HOME/bin/nvcc`, the repo-local toolchain
 //! that `scripts/setup-cuda.sh` installs (`.cuda/nvidia/cu13/bin/nvcc`), then `PATH`. The target
@@ -159,7 +162,9 @@ fn main() {
                 let stem = src.file_stem().unwrap().to_string_lossy().to_string();
                 let ptx = out.join(format!("{stem}.ptx"));
                 let stale = mtime(&ptx) < mtime(src).max(header_time) || !ptx.exists();
+                let stale = stale || !out.join(format!("{stem}.cubin")).exists();
                 let arch_stamp = out.join(format!("{stem}.arch"));
+                let cubin = out.join(format!("{stem}.cubin"));
                 let arch_changed = fs::read_to_string(&arch_stamp).ok().as_deref() != Some(&arch);
                 if stale || arch_changed {
                     let mut cmd = Command::new(nvcc);
@@ -182,9 +187,34 @@ fn main() {
                             String::from_utf8_lossy(&res.stderr)
                         );
                     }
+                    // ptxas sits beside nvcc in every CUDA layout; the cubin is optional (the PTX
+                    // still loads by JIT), so a missing ptxas is a warning.
+                    let ptxas = nvcc.with_file_name("ptxas");
+                    let res = Command::new(&ptxas)
+                        .arg(format!("-arch={arch}"))
+                        .arg("-O3")
+                        .arg("-o")
+                        .arg(&cubin)
+                        .arg(&ptx)
+                        .output();
+                    match res {
+                        Ok(r) if r.status.success() => {}
+                        Ok(r) => panic!(
+                            "ptxas failed on {}:\n{}",
+                            ptx.display(),
+                            String::from_utf8_lossy(&r.stderr)
+                        ),
+                        Err(e) => {
+                            println!(
+                                "cargo:warning=no cubin for {stem}: could not run {}: {e}",
+                                ptxas.display()
+                            );
+                            let _ = fs::remove_file(&cubin);
+                        }
+                    }
                     fs::write(&arch_stamp, &arch).unwrap();
                 }
-                entries.push((stem, ptx));
+                entries.push((stem, ptx, cubin));
             }
         }
     }
@@ -194,11 +224,24 @@ fn main() {
          build.rs.\n\
          pub const PTX: &[(&str, &str)] = &[\n",
     );
-    for (stem, ptx) in &entries {
+    for (stem, ptx, _) in &entries {
         code.push_str(&format!(
             "    ({stem:?}, include_str!({:?})),\n",
             ptx.display().to_string()
         ));
+    }
+    code.push_str("];\n");
+    code.push_str(
+        "/// (module name, SASS cubin for ARCH) for every module whose PTX ptxas assembled.\n\
+         pub const CUBIN: &[(&str, &[u8])] = &[\n",
+    );
+    for (stem, _, cubin) in &entries {
+        if cubin.exists() {
+            code.push_str(&format!(
+                "    ({stem:?}, include_bytes!({:?})),\n",
+                cubin.display().to_string()
+            ));
+        }
     }
     code.push_str("];\n");
     code.push_str(&format!(

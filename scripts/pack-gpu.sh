@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the release binary and the test binaries that touch the GPU, here (where Rust is),
 # and packs them into .gpu/bundle.tar.gz (ignored by git) for the GPU machine, which has no Rust.
-# There, `bash scripts/gpu-run.sh` runs them with IMDM_REQUIRE_GPU=1 (a skip is a failure).
+# There, `bash scripts/gpu-check.sh` runs them with IMDM_REQUIRE_GPU=1 (a skip is a failure),
+# then the sanitizers, the benchmarks and the PyTorch peer, and prints a summary table.
 #
 # Which test binaries travel: the library's unit tests (every src/cuda/ops/* kernel test) and every
 # integration test named tests/gpu_*.rs. The CPU-only suites run in CI and need no GPU.

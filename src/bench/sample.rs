@@ -3,7 +3,7 @@
 //! - One step = DiT forward with the SUBS log-softmax + the fused `sample_fwd_f32` step (IMDM
 //!   or MDLM posterior, f64 race over V(+1) categories, at every position masked, as at the
 //!   first step), each timed alone with the shared [`Timer`]; the step kernel's napkin maths:
-//!   it must read the B·L·V f32 log-probs once (GB/s against the 3.0 TB/s copy peak).
+//!   it must read the B·L·V f32 log-probs once (GB/s against the device's copy peak).
 //! - Whole runs of 8 and 32 steps (and `--steps`) through `GpuDenoiser::generate`, all-mask
 //!   start: ms per run and per step, NFE, samples/s.
 //! - Beside the PyTorch torch.compile "sample step" of docs/benchmarks.md (forward + one
@@ -183,7 +183,7 @@ pub fn sample(
         ms_step_kernel,
         ms_step,
         step_kernel_gbps: gbps,
-        step_kernel_pct_peak: 100.0 * gbps / super::timing::PEAK_GBPS,
+        step_kernel_pct_peak: 100.0 * gbps / super::timing::peak_gbps(),
         runs,
         torch_compile_step_ms: torch,
         speedup_vs_torch_compile: torch / ms_step,

@@ -1,18 +1,35 @@
 //! The one timing helper of `imdm-engine bench` and `benches/`: CUDA events around each
 //! repeat, warm-up first, the L2 cache flushed between repeats (so a kernel never reads its
 //! inputs from a warm 50 MB L2), median of N. Figures carry their napkin maths: bytes or FLOPs,
-//! achieved GB/s or TFLOP/s, and the share of the H100's peak.
+//! achieved GB/s or TFLOP/s, and the share of the device's peak (`device_peaks` by its name;
+//! the percentage is NaN, printed "-", on a device not listed).
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 
-use crate::cuda::Gpu;
+use crate::cuda::{DevicePeaks, Gpu};
 use crate::error::Result;
 
-/// H100 SXM dense bf16 tensor-core peak (TFLOP/s, datasheet).
-pub const PEAK_TFLOPS: f64 = 989.0;
-/// Measured device-to-device copy bandwidth on the H100 test machine (GB/s, read + write).
-pub const PEAK_GBPS: f64 = 3000.0;
+static PEAKS: std::sync::OnceLock<Option<DevicePeaks>> = std::sync::OnceLock::new();
+
+/// Dense bf16 peak of the benchmarked device in TFLOP/s (NaN when not known).
+pub fn peak_tflops() -> f64 {
+    PEAKS
+        .get()
+        .copied()
+        .flatten()
+        .map_or(f64::NAN, |p| p.bf16_tflops)
+}
+
+/// Copy bandwidth of the benchmarked device in GB/s (NaN when not known).
+pub fn peak_gbps() -> f64 {
+    PEAKS
+        .get()
+        .copied()
+        .flatten()
+        .and_then(|p| p.copy_gbps)
+        .unwrap_or(f64::NAN)
+}
 
 /// Timer state: a buffer larger than L2 to overwrite between repeats.
 pub struct Timer {
@@ -22,7 +39,9 @@ pub struct Timer {
 }
 
 impl Timer {
+    /// Also fixes the peaks of the percentage columns to `gpu`'s (one device per process).
     pub fn new(gpu: &Gpu) -> Result<Self> {
+        let _ = PEAKS.set(gpu.peaks());
         Ok(Timer {
             flush: gpu.stream.alloc_zeros::<u8>(128 << 20)?,
             warmup: 3,
@@ -75,7 +94,7 @@ impl Row {
             ms,
             tflops,
             gbps: 0.0,
-            pct_peak: 100.0 * tflops / PEAK_TFLOPS,
+            pct_peak: 100.0 * tflops / peak_tflops(),
         }
     }
 
@@ -88,7 +107,7 @@ impl Row {
             ms,
             tflops: 0.0,
             gbps,
-            pct_peak: 100.0 * gbps / PEAK_GBPS,
+            pct_peak: 100.0 * gbps / peak_gbps(),
         }
     }
 }
@@ -107,14 +126,19 @@ pub fn print_table(rows: &[Row]) {
                 "-".into()
             }
         };
+        let pct = if r.pct_peak.is_finite() {
+            format!("{:.1}%", r.pct_peak)
+        } else {
+            "-".into()
+        };
         println!(
-            "{:<28} {:<34} {:>9.4} {:>9} {:>9} {:>6.1}%",
+            "{:<28} {:<34} {:>9.4} {:>9} {:>9} {:>7}",
             r.name,
             r.shape,
             r.ms,
             f(r.tflops),
             f(r.gbps),
-            r.pct_peak
+            pct
         );
     }
 }

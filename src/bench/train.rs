@@ -18,7 +18,6 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::timing::PEAK_TFLOPS;
 use super::Shape;
 use crate::cpu::TrainOpts;
 use crate::cuda::trainer::{device_memory_used, GpuTrainOptions, GpuTrainer};
@@ -167,7 +166,7 @@ pub fn train(
     let tokens = (b * l) as f64;
     let flop_6n = 6.0 * n_params as f64 * tokens;
     let attn = 12.0 * c.blocks as f64 * b as f64 * (l * l) as f64 * c.hidden as f64;
-    let peak = PEAK_TFLOPS * 1e12;
+    let peak = trainer.gpu().peak_bf16_tflops().unwrap_or(f64::NAN) * 1e12;
     Ok(TrainResult {
         preset: c.preset.clone(),
         shape: format!("{shape:?}").to_lowercase(),

@@ -16,12 +16,17 @@ pub struct BenchArgs {
     /// Write the results as JSON here (atomically).
     #[arg(long, global = true)]
     pub json: Option<PathBuf>,
+    /// Record the GPU time of every NVTX range (CUDA events) and write a Chrome trace here
+    /// (Perfetto opens it), then print the per-range summary.
+    #[arg(long, global = true)]
+    pub trace: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum BenchWhat {
     /// Every forward kernel at the DiT-small (OWT, LM1B) and DiT-large (OWT) shapes, with
-    /// TFLOP/s or GB/s and the share of the H100 peak (989 TFLOP/s bf16, 3.0 TB/s copy).
+    /// TFLOP/s or GB/s and the share of the device's peak (H100, H200: 989 TFLOP/s bf16; copy
+    /// 3.0 and 4.3 TB/s).
     Kernels,
     /// One DiT forward (random weights): ms to f32 logits and with SUBS, TFLOP/s, memory.
     Forward {
@@ -81,7 +86,21 @@ fn write_json(path: &Option<PathBuf>, value: serde_json::Value) -> Result<()> {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     let gpu = Gpu::new(0)?;
-    println!("device: {}", gpu.name());
+    let device = gpu.name();
+    println!("device: {device}");
+    let trace = a.trace.clone();
+    if trace.is_some() {
+        crate::cuda::trace::start(&gpu.ctx, &gpu.stream)?;
+    }
+    run_what(a, gpu)?;
+    if let Some(p) = &trace {
+        let (spans, dropped) = crate::cuda::trace::finish()?;
+        crate::cuda::trace::write(p, &spans, dropped, &device)?;
+    }
+    Ok(())
+}
+
+fn run_what(a: BenchArgs, gpu: Gpu) -> Result<()> {
     match a.what {
         BenchWhat::Kernels => {
             let rows = bench::kernels(&gpu)?;

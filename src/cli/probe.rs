@@ -28,6 +28,20 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         gpu.module_count(),
         PTX.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
     );
+    let jit: Vec<&str> = gpu
+        .loaded_as()
+        .iter()
+        .filter(|(_, how)| *how == crate::cuda::device::ModuleCode::Ptx)
+        .map(|(n, _)| *n)
+        .collect();
+    if jit.is_empty() {
+        println!("modules loaded from {ARCH} SASS (no JIT)");
+    } else {
+        println!(
+            "modules compiled from PTX by the driver (JIT): {}",
+            jit.join(", ")
+        );
+    }
     let (rows, d) = (a.rows, a.width);
     let len = 1024.min(rows);
     let rows = rows / len * len;

@@ -190,6 +190,10 @@ pub struct TrainArgs {
     /// Train only the LayerNorm weights (the reference's optim.ln_tune).
     #[arg(long)]
     pub ln_tune: bool,
+    /// Record the GPU time of every NVTX range (CUDA events) over the whole run and write a
+    /// Chrome trace here (Perfetto opens it), then print the per-range summary. GPU only.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
     /// Initial weights (.safetensors) to fine-tune. An MDLM checkpoint loads into an IMDM run
     /// with the eps MLP initialised as the reference does (zero last layer), so step 0 equals
     /// the MDLM.
@@ -551,6 +555,11 @@ fn check_sizes(model: &DitConfig, cfg: &TrainConfig) -> Result<()> {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    if a.trace.is_some() && a.device == DeviceChoice::Cpu {
+        return Err(Error::Config(
+            "--trace records GPU time: it needs --device cuda (or auto with a GPU)".into(),
+        ));
+    }
     let (mut trainer, objective, model, gpu) = match (&a.resume, &a.run_dir) {
         (Some(dir), _) => {
             let (rd, rec) = RunDir::open(dir)?;
@@ -627,8 +636,26 @@ pub fn run(a: TrainArgs) -> Result<()> {
             .and_then(|g| g.peak_bf16_tflops())
             .map(|t| t * 1e12),
     );
+    let traced = match (&a.trace, &gpu) {
+        (Some(_), Some(g)) => {
+            crate::cuda::trace::start(&g.ctx, &g.stream)?;
+            Some(g.name())
+        }
+        (Some(p), None) => {
+            eprintln!(
+                "warning: no GPU in use, so no trace is written to {}",
+                p.display()
+            );
+            None
+        }
+        _ => None,
+    };
     let mut obj = objective.build(gpu);
     let val = trainer.run(obj.as_mut())?;
+    if let (Some(p), Some(device)) = (&a.trace, traced) {
+        let (spans, dropped) = crate::cuda::trace::finish()?;
+        crate::cuda::trace::write(p, &spans, dropped, &device)?;
+    }
     let root = trainer
         .run_dir()
         .map(|r| r.root.clone())

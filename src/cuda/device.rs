@@ -17,6 +17,15 @@ mod embedded {
 pub const PTX: &[(&str, &str)] = embedded::PTX;
 /// The architecture the PTX targets (`IMDM_CUDA_ARCH` at build time).
 pub const ARCH: &str = embedded::ARCH;
+/// SASS (cubin) for `ARCH` of every module ptxas assembled at build time: (module name, bytes).
+pub const CUBIN: &[(&str, &[u8])] = embedded::CUBIN;
+
+/// How a module was loaded: SASS needs no JIT; PTX is compiled by the driver at load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModuleCode {
+    Cubin,
+    Ptx,
+}
 
 /// Where to run: the `--device` flag of every subcommand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -34,6 +43,7 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
+    loaded_as: Vec<(&'static str, ModuleCode)>,
 }
 
 impl Gpu {
@@ -59,19 +69,44 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal)?;
         let stream = ctx.default_stream();
         let mut modules = HashMap::new();
+        let mut loaded_as = Vec::new();
+        let mut warned = false;
         for (name, src) in PTX {
-            let m = ctx.load_module(Ptx::from_src(*src)).map_err(|e| {
-                Error::Cuda(format!(
-                    "loading PTX module {name} (built for {ARCH}) failed: {e}; \
-                     PTX from a newer nvcc than the driver supports fails this way"
-                ))
-            })?;
+            let cubin = CUBIN.iter().find(|(n, _)| n == name).map(|(_, b)| *b);
+            let from_cubin =
+                cubin.and_then(|b| match ctx.load_module(Ptx::from_binary(b.to_vec())) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        if !warned {
+                            eprintln!(
+                                "imdm: the {ARCH} SASS of module {name} did not load ({e}); \
+                             compiling the PTX instead (slower start-up)"
+                            );
+                            warned = true;
+                        }
+                        None
+                    }
+                });
+            let (m, how) = match from_cubin {
+                Some(m) => (m, ModuleCode::Cubin),
+                None => {
+                    let m = ctx.load_module(Ptx::from_src(*src)).map_err(|e| {
+                        Error::Cuda(format!(
+                            "loading PTX module {name} (built for {ARCH}) failed: {e}; \
+                             PTX from a newer nvcc than the driver supports fails this way"
+                        ))
+                    })?;
+                    (m, ModuleCode::Ptx)
+                }
+            };
             modules.insert(*name, m);
+            loaded_as.push((*name, how));
         }
         Ok(Gpu {
             ctx,
             stream,
             modules,
+            loaded_as,
         })
     }
 
@@ -92,9 +127,19 @@ impl Gpu {
             .unwrap_or_else(|_| "unknown CUDA device".into())
     }
 
+    /// Peaks of this device (None: not known).
+    pub fn peaks(&self) -> Option<DevicePeaks> {
+        device_peaks(&self.name())
+    }
+
     /// Dense bf16 tensor-core peak of this device in TFLOP/s, for MFU (None: not known).
     pub fn peak_bf16_tflops(&self) -> Option<f64> {
         peak_bf16_tflops(&self.name())
+    }
+
+    /// How each module was loaded (SASS or PTX by JIT), in load order.
+    pub fn loaded_as(&self) -> &[(&'static str, ModuleCode)] {
+        &self.loaded_as
     }
 
     /// Number of loaded modules.
@@ -155,6 +200,16 @@ mod tests {
             for (name, src) in super::PTX {
                 assert!(src.contains(".entry"), "module {name} has no kernel entry");
             }
+            // Every module has SASS beside its PTX, and it is an ELF image (the cubin format).
+            for (name, _) in super::PTX {
+                let cubin = super::CUBIN.iter().find(|(n, _)| n == name);
+                let (_, bytes) = cubin.unwrap_or_else(|| panic!("module {name} has no cubin"));
+                assert_eq!(
+                    &bytes[..4],
+                    b"\x7fELF",
+                    "cubin of {name} is not an ELF image"
+                );
+            }
         }
     }
 
@@ -168,19 +223,38 @@ mod tests {
     }
 }
 
-/// Dense bf16 tensor-core peak (TFLOP/s, datasheets, SXM parts) of a device by its name: the
-/// denominator of the MFU that `train` reports. None for devices not listed.
-pub fn peak_bf16_tflops(name: &str) -> Option<f64> {
-    const TABLE: [(&str, f64); 4] = [
-        ("H100", 989.0),
-        ("H200", 989.0),
-        ("A100", 312.0),
-        ("L40S", 362.0),
+/// The denominators of the bench's percent-of-peak columns and of `train`'s MFU, per device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DevicePeaks {
+    /// Dense bf16 tensor-core peak, TFLOP/s (datasheet, SXM part).
+    pub bf16_tflops: f64,
+    /// Device-to-device copy bandwidth, GB/s (read + write), measured on that part; None where
+    /// no measurement exists (the datasheet HBM figure is not reachable by a copy).
+    pub copy_gbps: Option<f64>,
+}
+
+/// Peaks of a device by the name the driver reports (docs/benchmarks.md holds the sources).
+/// None for devices not listed.
+pub fn device_peaks(name: &str) -> Option<DevicePeaks> {
+    const TABLE: [(&str, f64, Option<f64>); 4] = [
+        ("H200", 989.0, Some(4300.0)),
+        ("H100", 989.0, Some(3000.0)),
+        ("A100", 312.0, None),
+        ("L40S", 362.0, None),
     ];
     TABLE
         .iter()
-        .find(|(k, _)| name.contains(k))
-        .map(|&(_, t)| t)
+        .find(|(k, _, _)| name.contains(k))
+        .map(|&(_, bf16_tflops, copy_gbps)| DevicePeaks {
+            bf16_tflops,
+            copy_gbps,
+        })
+}
+
+/// Dense bf16 tensor-core peak (TFLOP/s) of a device by its name: the denominator of the MFU that
+/// `train` reports. None for devices not listed.
+pub fn peak_bf16_tflops(name: &str) -> Option<f64> {
+    device_peaks(name).map(|p| p.bf16_tflops)
 }
 
 #[cfg(test)]
@@ -196,5 +270,21 @@ mod peak_tests {
             Some(312.0)
         );
         assert_eq!(super::peak_bf16_tflops("NVIDIA GeForce RTX 3090"), None);
+    }
+
+    /// The H200 shares the H100's compute but not its memory: the copy peaks differ.
+    #[test]
+    fn h100_and_h200_differ_in_copy_peak_only() {
+        let h100 = super::device_peaks("NVIDIA H100 80GB HBM3").unwrap();
+        let h200 = super::device_peaks("NVIDIA H200").unwrap();
+        assert_eq!(h100.bf16_tflops, h200.bf16_tflops);
+        assert_eq!(h100.copy_gbps, Some(3000.0));
+        assert_eq!(h200.copy_gbps, Some(4300.0));
+        assert_eq!(
+            super::device_peaks("NVIDIA A100-SXM4-80GB")
+                .unwrap()
+                .copy_gbps,
+            None
+        );
     }
 }

@@ -540,7 +540,9 @@ impl GpuDit {
         let d = self.config.hidden;
         let rows = ws.batch * ws.len;
         let g = &self.gemm;
-        let _r = nvtx::range("final layer");
+        // The logits GEMM dominates: 2 · rows · D · V FLOPs.
+        let flops = 2.0 * (rows * d) as f64 * self.config.vocab_size as f64;
+        let _r = nvtx::range_work("final layer", flops, 0.0);
         let fm = self.final_modulation.as_ref().map(|m| (&m[0], &m[1]));
         ln_modulate_fwd(
             gpu,
@@ -575,7 +577,8 @@ impl GpuDit {
     fn subs(&self, gpu: &Gpu, ws: &mut Workspace) -> Result<()> {
         let c = &self.config;
         let rows = ws.batch * ws.len;
-        let _r = nvtx::range("subs");
+        // Reads the f32 logits, writes the f32 log-probs.
+        let _r = nvtx::range_work("subs", 0.0, 8.0 * (rows * c.vocab_size) as f64);
         let shape = SubsShape {
             rows,
             vocab: c.vocab_size,

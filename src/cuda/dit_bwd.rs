@@ -223,59 +223,69 @@ fn bwd_logits(cx: &mut Bwd) -> Result<()> {
     let (c, g) = (&model.config, &model.gemm);
     let (rows, d, v, ld) = (cx.rows, c.hidden, c.vocab_size, ws.logits_ld);
     let Bwd { sc, grads, .. } = cx;
-    let _r = nvtx::range("bwd logits");
+    // dln and (unless frozen) dW: 2 · rows · V · D FLOPs each.
+    let gemms = 1 + usize::from(!frozen.final_linear.w);
+    let flops = 2.0 * (rows * v * d * gemms) as f64;
+    let _r = nvtx::range_work("bwd logits", flops, 0.0);
     // SAFETY: the fused loss wrote a bf16 gradient into the first half of each f32
     // row; the view covers exactly the buffer's bytes (rows * ld f32).
     let dl = unsafe { ws.logits.transmute::<bf16>(rows * 2 * ld) }
         .ok_or_else(|| Error::Shape("backward: logits view".into()))?;
     let fl = &model.final_linear;
     let gl = &mut grads.final_linear;
-    if !frozen.final_linear.w {
+    // The bf16 view spans rows · 2 · ld elements, past 2^31 at the reference shapes: each GEMM
+    // runs over row chunks whose view stays under it (dW and db accumulate over the chunks).
+    for (r0, n) in
+        crate::cuda::ops::gemm::row_chunks(rows, 2 * ld, v, crate::cuda::ops::gemm::MAX_VIEW_ELEMS)?
+    {
+        let dl = dl.slice(r0 * 2 * ld..(r0 + n) * 2 * ld);
+        if !frozen.final_linear.w {
+            g.matmul_strided(
+                gpu,
+                &mut gl.w,
+                &dl,
+                2 * ld,
+                true,
+                &ws.final_ln.y.slice(r0 * d..(r0 + n) * d),
+                d,
+                false,
+                (v, d, n),
+                d,
+                1.0,
+                Epilogue::None,
+            )?;
+        }
+        if !frozen_bias(&frozen.final_linear) {
+            g.matmul_strided(
+                gpu,
+                bias_of(gl, "output_layer.linear")?,
+                &sc.ones.slice(..n),
+                n,
+                false,
+                &dl,
+                2 * ld,
+                false,
+                (1, v, n),
+                v,
+                1.0,
+                Epilogue::None,
+            )?;
+        }
         g.matmul_strided(
             gpu,
-            &mut gl.w,
+            &mut sc.dln.slice_mut(r0 * d..(r0 + n) * d),
             &dl,
             2 * ld,
-            true,
-            &ws.final_ln.y,
+            false,
+            &fl.w,
             d,
             false,
-            (v, d, rows),
+            (n, d, v),
             d,
-            1.0,
+            0.0,
             Epilogue::None,
         )?;
     }
-    if !frozen_bias(&frozen.final_linear) {
-        g.matmul_strided(
-            gpu,
-            bias_of(gl, "output_layer.linear")?,
-            &sc.ones,
-            rows,
-            false,
-            &dl,
-            2 * ld,
-            false,
-            (1, v, rows),
-            v,
-            1.0,
-            Epilogue::None,
-        )?;
-    }
-    g.matmul_strided(
-        gpu,
-        &mut sc.dln,
-        &dl,
-        2 * ld,
-        false,
-        &fl.w,
-        d,
-        false,
-        (rows, d, v),
-        d,
-        0.0,
-        Epilogue::None,
-    )?;
     Ok(())
 }
 

@@ -2,7 +2,8 @@
 //! the DiT forward ([`dit`], its buffers in [`workspace`]) and backward ([`dit_bwd`], its
 //! gradient registers in [`bwd_scratch`]) over the training [`tape`], the conditioning path
 //! ([`cond`]), the device parameter tree ([`param_tree`]), the sampling denoiser
-//! ([`denoiser`]), the training objective ([`trainer`]), NVTX ranges ([`nvtx`]), the kernel
+//! ([`denoiser`]), the training objective ([`trainer`]), NVTX ranges ([`nvtx`]) and
+//! their GPU timeline ([`trace`]), the kernel
 //! sources' constants ([`kernel_defines`]) and one module per kernel file under [`ops`] (its
 //! only launcher and its CPU twin).
 
@@ -17,8 +18,12 @@ pub mod nvtx;
 pub mod ops;
 pub mod param_tree;
 pub mod tape;
+pub mod trace;
 pub mod trainer;
 pub mod workspace;
 
-pub use device::{gpu_for_tests, peak_bf16_tflops, Backend, DeviceChoice, Gpu, ARCH, PTX};
+pub use device::{
+    device_peaks, gpu_for_tests, peak_bf16_tflops, Backend, DeviceChoice, DevicePeaks, Gpu, ARCH,
+    PTX,
+};
 pub use trainer::GpuTrainer;

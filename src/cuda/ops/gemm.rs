@@ -73,6 +73,33 @@ impl Drop for Plan {
     }
 }
 
+/// Most elements one operand view may span (rows · ld): the GEMMs over the logits gradient
+/// (f32 rows read as bf16 with stride 2 · ld) are split by rows so that no view crosses 2^31,
+/// which keeps every cuBLASLt offset inside 32-bit range whatever its kernels index with.
+pub const MAX_VIEW_ELEMS: usize = (1 << 31) - 1;
+
+/// Splits `rows` rows of a row-major view (row stride `ld`, `cols` used per row) into
+/// contiguous `(start, len)` chunks of near-equal length whose span `(len - 1) · ld + cols` is at
+/// most `max`. One chunk when the whole view fits; `rows = 0` gives none.
+pub fn row_chunks(rows: usize, ld: usize, cols: usize, max: usize) -> Result<Vec<(usize, usize)>> {
+    if cols > ld || cols > max {
+        return Err(Error::Shape(format!(
+            "gemm split: a row of {cols} elements (row stride {ld}) cannot fit a view of {max}"
+        )));
+    }
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
+    // Largest r with (r - 1) · ld + cols <= max.
+    let most = (max - cols) / ld + 1;
+    let n = rows.div_ceil(most);
+    let len = rows.div_ceil(n);
+    Ok((0..n)
+        .map(|i| (i * len, len.min(rows.saturating_sub(i * len))))
+        .filter(|&(_, l)| l > 0)
+        .collect())
+}
+
 /// (M, N, K, ldc, ta, tb, output dtype, epilogue, accumulate, lda, ldb)
 type Key = (
     usize,
@@ -288,10 +315,15 @@ impl Gemm {
     /// `ldb` ((K, N), or (N, K) when `tb`); A and B may be views (`CudaView`) and hold at least
     /// `(rows - 1) · ld + cols` elements. C is (M, ldc) as in [`Gemm::matmul_ld`].
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul_strided<T: GemmOut, A: DevicePtr<bf16>, B: DevicePtr<bf16>>(
+    pub fn matmul_strided<
+        T: GemmOut,
+        C: DevicePtrMut<T>,
+        A: DevicePtr<bf16>,
+        B: DevicePtr<bf16>,
+    >(
         &self,
         gpu: &Gpu,
-        c: &mut CudaSlice<T>,
+        c: &mut C,
         a: &A,
         lda: usize,
         ta: bool,
@@ -331,10 +363,10 @@ impl Gemm {
 
     /// Plans (cached) and runs one checked problem.
     #[allow(clippy::too_many_arguments)]
-    fn launch<T: GemmOut, A: DevicePtr<bf16>, B: DevicePtr<bf16>>(
+    fn launch<T: GemmOut, C: DevicePtrMut<T>, A: DevicePtr<bf16>, B: DevicePtr<bf16>>(
         &self,
         gpu: &Gpu,
-        c: &mut CudaSlice<T>,
+        c: &mut C,
         a: &A,
         lda: usize,
         ta: bool,

@@ -362,3 +362,60 @@ fn gelu_without_aux_and_accumulating_f32_output() {
         tol,
     );
 }
+
+/// The split covers every row once, in order, each chunk's view fits, and it uses the fewest
+/// chunks possible; small cases exhaustively, then the two reference shapes' logits gradients.
+#[test]
+fn row_chunks_cover_every_row_within_the_bound() {
+    let check = |rows: usize, ld: usize, cols: usize, max: usize| {
+        let ch = row_chunks(rows, ld, cols, max).unwrap();
+        let mut next = 0;
+        for &(start, len) in &ch {
+            assert_eq!(
+                start, next,
+                "rows={rows} ld={ld} cols={cols} max={max}: {ch:?}"
+            );
+            assert!(len > 0);
+            assert!(
+                (len - 1) * ld + cols <= max,
+                "chunk {start}+{len} spans past {max}"
+            );
+            next = start + len;
+        }
+        assert_eq!(
+            next, rows,
+            "rows={rows} ld={ld} cols={cols} max={max}: {ch:?}"
+        );
+        let most = (max - cols) / ld + 1;
+        assert_eq!(
+            ch.len(),
+            rows.div_ceil(most),
+            "not the fewest chunks: {ch:?}"
+        );
+        ch
+    };
+    for rows in 0..40 {
+        for ld in 1..6 {
+            for cols in 1..=ld {
+                for max in cols..30 {
+                    check(rows, ld, cols, max);
+                }
+            }
+        }
+    }
+    // OWT (32 x 1024 rows, V = 50258) and LM1B (512 x 128 rows, V = 30522): the bf16 view of
+    // the f32 logits has row stride 2 · ld, and the whole view is past 2^31 elements.
+    for (rows, v) in [(32 * 1024, 50258usize), (512 * 128, 30522)] {
+        let ld = 2 * v.next_multiple_of(64);
+        assert!(rows * ld > MAX_VIEW_ELEMS);
+        let ch = check(rows, ld, v, MAX_VIEW_ELEMS);
+        assert_eq!(ch.len(), 2, "{rows} rows of stride {ld}: {ch:?}");
+    }
+    // A view that fits stays one GEMM.
+    assert_eq!(
+        row_chunks(1024, 100, 90, MAX_VIEW_ELEMS).unwrap(),
+        vec![(0, 1024)]
+    );
+    assert!(row_chunks(4, 10, 11, 100).is_err());
+    assert!(row_chunks(4, 200, 150, 100).is_err());
+}
