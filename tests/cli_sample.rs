@@ -26,6 +26,8 @@ impl Fixture {
             "minimini",
             "--algo",
             algo,
+            "--length",
+            "10",
             "--out",
             model.to_str().unwrap(),
         ]);

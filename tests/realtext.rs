@@ -417,6 +417,7 @@ fn sample_decodes_text_and_reports_entropy() {
             "cpu",
             "--out",
             out.to_str().unwrap(),
+            "--force",
             "--decode",
             decode,
         ]

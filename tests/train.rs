@@ -275,7 +275,9 @@ fn resume_equals_the_uninterrupted_run() {
                 .collect();
             dirs.sort();
             assert_eq!(dirs, ["step-00000012", "step-00000014"]);
-            // Extending a finished run continues the same trajectory.
+            // Extending a finished run continues the same trajectory (once its trainer, which
+            // holds the directory's lock, is gone).
+            drop(a);
             let mut c = resume(&da);
             c.cfg.steps = 16;
             c.run(&mut LinearSoftmax).unwrap();
@@ -499,6 +501,7 @@ fn resume_refuses_a_configuration_that_changes_the_trajectory() {
     };
     let mut t = Trainer::resume(longer, &m, rd, src, val).unwrap();
     t.run(&mut LinearSoftmax).unwrap();
+    drop(t); // releases the directory's lock
     assert_eq!(RunDir::open(tmp.path()).unwrap().1.train.steps, 6);
 }
 

@@ -108,7 +108,7 @@ fn run_ppl(a: PplArgs) -> Result<()> {
         seed: a.seed.unwrap_or(VALIDATION_SEED),
         limit: a.limit,
     };
-    eprintln!(
+    crate::noteln!(
         "eval ppl: {} ({} {:?}, V {}, L {}) on {} split {:?}, batch {}, seed {}, {device}",
         a.checkpoint.display(),
         c.preset,
@@ -126,7 +126,7 @@ fn run_ppl(a: PplArgs) -> Result<()> {
     let mut progress = |done: u64, total: u64| {
         if last.elapsed().as_secs_f64() >= 5.0 {
             let s = t0.elapsed().as_secs_f64();
-            eprintln!(
+            crate::noteln!(
                 "  {done}/{total} sequences, {:.1} seq/s, ETA {:.0}s",
                 done as f64 / s,
                 s / done as f64 * (total - done) as f64

@@ -190,6 +190,15 @@ macro_rules! sayln {
     ($($t:tt)*) => { $crate::cli::say(format_args!($($t)*)) };
 }
 
+/// `eprintln!` that ignores a closed stderr, for notes and progress of long work.
+#[macro_export]
+macro_rules! noteln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 /// Whether a command is short (inspection): such commands may simply end when stdout closes
 /// (the conventional SIGPIPE exit), while long ones must not.
 pub fn is_short(c: &Command) -> bool {

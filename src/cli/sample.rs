@@ -356,7 +356,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         Backend::Cuda(gpu) => Engine::Gpu(GpuDenoiser::new(gpu, &params)?),
     };
     let batches = a.num_samples.div_ceil(a.batch);
-    eprintln!(
+    crate::noteln!(
         "sampling {} x {len} tokens ({batches} batch(es) of up to {}), {} steps, {} posterior, \
          on {}",
         a.num_samples,
@@ -447,7 +447,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
         let secs = t0.elapsed().as_secs_f64();
         let eta = secs / k1 as f64 * (a.num_samples - k1) as f64;
-        eprintln!(
+        crate::noteln!(
             "batch {}/{batches}: {} samples, nfe {}, resets {}; {k1} done, {:.2} samples/s, \
              ETA {eta:.1}s",
             j + 1,

@@ -581,7 +581,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 t
             } else {
                 // The run stopped before its first checkpoint: start it again in place.
-                eprintln!(
+                crate::noteln!(
                     "note: {} has no checkpoint yet; starting the run again from step 0 with \
                      its recorded configuration",
                     dir.display()
@@ -665,7 +665,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         // The curves are a convenience: a plotting failure does not fail the run.
         let png = root.join(CURVES_FILE);
         if let Err(e) = plot_runs(std::slice::from_ref(&root), &png, false) {
-            eprintln!("warning: no {}: {e}", png.display());
+            crate::noteln!("warning: no {}: {e}", png.display());
         }
     }
     crate::sayln!(

@@ -3,6 +3,7 @@
 //! Every failure names the file and the tensor or setting at fault.
 
 use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -141,13 +142,6 @@ fn list(names: &BTreeSet<String>) -> String {
 pub fn load(path: impl AsRef<Path>, chosen: Option<&DitConfig>) -> Result<DitParams> {
     let f = StFile::open(path)?;
     let st = f.parse()?;
-    if !f.verify_checksum()? {
-        eprintln!(
-            "note: {} carries no checksum (written by another tool); its tensor data is not \
-             verified",
-            f.path.display()
-        );
-    }
     let meta = f.metadata()?;
     let config = match (meta.get(META_CONFIG), chosen) {
         (Some(js), chosen) => {
@@ -213,6 +207,18 @@ pub fn load(path: impl AsRef<Path>, chosen: Option<&DitConfig>) -> Result<DitPar
                 ),
             ));
         }
+    }
+    // The structure is right; now the data itself.
+    if !f.verify_checksum()? {
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: {} carries no checksum (written by another tool); its tensor data is not \
+             verified",
+            f.path.display()
+        );
+    }
+    for (name, slot) in params.named_mut() {
+        let (raw, view) = &by_name[&name];
         *slot = view_to_f32(&f.path, raw, view)?;
         if let Some(i) = slot.data.iter().position(|x| !x.is_finite()) {
             return Err(Error::checkpoint(

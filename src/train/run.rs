@@ -399,7 +399,8 @@ impl RunDir {
             match Self::load_checkpoint(&dir, config, adamw, &frozen) {
                 Ok(ld) => {
                     if let Some(p) = &problem {
-                        eprintln!(
+                        let _ = writeln!(
+                            std::io::stderr(),
                             "note: {p}\nnote: resuming from {}, the newest complete \
                              checkpoint",
                             dir.display()
