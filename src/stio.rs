@@ -211,9 +211,29 @@ pub fn write_atomic(
         META_CHECKSUM.to_string(),
         format!("crc32:{:08x}", crc.finalize()),
     );
-    let header = Metadata::new(Some(metadata), infos)
+    // The header is written with sorted metadata keys and tensors in file order, so the same
+    // tensors and metadata always give the same bytes (a HashMap's order would not).
+    let mut meta: Vec<(String, String)> = metadata.into_iter().collect();
+    meta.sort();
+    Metadata::new(Some(meta.iter().cloned().collect()), infos.clone())
         .map_err(|e| Error::checkpoint(path, format!("could not build the header: {e}")))?;
-    let mut header = serde_json::to_vec(&header).expect("header serialises");
+    let mut obj = serde_json::Map::new();
+    obj.insert(
+        "__metadata__".to_string(),
+        serde_json::Value::Object(
+            meta.into_iter()
+                .map(|(k, v)| (k, serde_json::Value::String(v)))
+                .collect(),
+        ),
+    );
+    for (name, info) in &infos {
+        obj.insert(
+            name.clone(),
+            serde_json::to_value(info).expect("tensor info serialises"),
+        );
+    }
+    let mut header =
+        serde_json::to_vec(&serde_json::Value::Object(obj)).expect("header serialises");
     header.resize(header.len().next_multiple_of(8), b' ');
     let mut tmp = TempFile::beside(path)?;
     let tmp_path = tmp.path().to_path_buf();
