@@ -13,6 +13,54 @@ use check::*;
 // ---- the twin ----------------------------------------------------------------------------
 
 #[test]
+fn twin_equals_the_cpu_backends_loss() {
+    // The kernel's twin and the CPU training backend's loss (`cpu::distill_loss`) are two
+    // implementations of one formula: same loss and gradient on dense rows.
+    for mode in DistillMode::ALL {
+        let (rows, vocab, mask) = (7, 13, 4);
+        let c = case(
+            40 + rows as u64,
+            rows,
+            vocab,
+            vocab,
+            vocab,
+            mask,
+            -4.0,
+            4.0,
+            false,
+        );
+        let masked = c.tokens.iter().filter(|&&t| t as usize == mask).count();
+        let scale = 1.0 / masked as f32;
+        let (loss, grad) = cpu::distill_kl(&c.logits, &c.teacher, &c.tokens, c.shape, mode, scale);
+        let mut z: Vec<f64> = c.logits.iter().map(|&x| x as f64).collect();
+        let want = crate::cpu::distill_loss::distill_loss_in_place(
+            &mut z,
+            &c.teacher,
+            &c.tokens,
+            mode,
+            masked as f64,
+            mask,
+            vocab,
+        );
+        // The twin's per-row losses are unscaled; its gradient carries the f32 `scale`.
+        let got = loss.iter().sum::<f64>() / masked as f64;
+        assert!(
+            (got - want).abs() <= 1e-9 * (1.0 + want.abs()),
+            "{mode:?}: twin loss {got} vs CPU backend {want}"
+        );
+        assert_grad(
+            &format!("{mode:?} twin vs CPU backend gradient"),
+            &grad,
+            &z,
+            Tol {
+                abs: 1e-9,
+                rel: 1e-6,
+            },
+        );
+    }
+}
+
+#[test]
 fn twin_matches_finite_differences() {
     // F = scale · Σ loss as a function of every logit (padding and mask columns included:
     // their finite differences are 0 because the loss ignores them).
