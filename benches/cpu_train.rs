@@ -42,6 +42,7 @@ fn config(d: usize, heads: usize, blocks: usize, len: usize, vocab: usize, nd: u
         noise_type: NoiseType::Rand,
         noise_scale: 1.0,
         causal: false,
+        time_conditioning: false,
     }
 }
 

@@ -45,6 +45,7 @@ fn config(vocab: usize, length: usize, hidden: usize) -> DitConfig {
         noise_type: NoiseType::Rand,
         noise_scale: 1.0,
         causal: false,
+        time_conditioning: false,
     }
 }
 

@@ -32,6 +32,7 @@ fn model(algo: Algo) -> DitConfig {
         noise_type: NoiseType::Rand,
         noise_scale: 1.0,
         causal: false,
+        time_conditioning: false,
     }
 }
 

@@ -269,6 +269,7 @@ fn init_from_an_mdlm_checkpoint_grafts_the_eps_mlp() {
         noise_type: NoiseType::Rand,
         noise_scale: 1.0,
         causal: false,
+        time_conditioning: false,
     };
     let src = random_params(&mdlm, 1);
     let file = tmp.path().join("mdlm.safetensors");

@@ -37,6 +37,7 @@ fn tiny(algo: Algo, softcap: f64, causal: bool) -> DitConfig {
         noise_type: NoiseType::Rand,
         noise_scale: 1.0,
         causal,
+        time_conditioning: false,
     }
 }
 

@@ -79,6 +79,11 @@ pub struct DitConfig {
     pub noise_scale: f64,
     /// Causal AR baseline: no adaLN, no sigma map, causal attention.
     pub causal: bool,
+    /// Per-row time conditioning: each sequence's adaLN modulation comes from its own
+    /// sigma(t) through the sigma map (SEDD, D3PM). Off for MDLM/IMDM, whose modulation is
+    /// one constant vector (sigma = 0, spec 2.2). Absent in older files: off.
+    #[serde(default)]
+    pub time_conditioning: bool,
 }
 
 impl DitConfig {
@@ -110,6 +115,7 @@ impl DitConfig {
             noise_type: NoiseType::Rand,
             noise_scale: 1.0,
             causal: false,
+            time_conditioning: false,
         }
     }
 

@@ -28,6 +28,7 @@ pub fn small_test_config(algo: Algo) -> DitConfig {
         noise_type: NoiseType::Rand,
         noise_scale: 1.0,
         causal: false,
+        time_conditioning: false,
     }
 }
 
