@@ -153,7 +153,6 @@ fn kernels_at(
         heads,
         head_dim: d / heads,
         causal: false,
-        time_conditioning: false,
         softcap: softcap as f32,
     };
     let ms = t.time(gpu, || attention_fwd(gpu, &mut o, &mut lse, &qkv, &ash))?;
