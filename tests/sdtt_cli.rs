@@ -290,3 +290,19 @@ fn errors_name_the_flag_or_file() {
     // Nothing was half-written by any of these.
     assert!(!Path::new(&run).exists());
 }
+
+/// `bench distill` measures the GPU: without one it fails saying so (with one it runs in the
+/// device check, scripts/gpu-check.sh).
+#[test]
+fn bench_distill_without_a_gpu_says_so() {
+    if imdm_engine::cuda::Gpu::new(0).is_ok() {
+        return;
+    }
+    let o = bin()
+        .args(["bench", "distill", "--preset", "small", "--shape", "owt"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8(o.stderr).unwrap();
+    assert!(e.contains("measures the GPU only"), "{e}");
+}
