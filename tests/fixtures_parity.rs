@@ -51,7 +51,7 @@ fn read_io(path: &Path, vocab: usize) -> Io {
 fn check(model: &Path, io: &Path, tag: &str) {
     let p = checkpoint::load(model, None).unwrap();
     let io = read_io(io, p.config.vocab_size);
-    let logits = dit_ref::forward(&p, &io.tokens, io.eps.as_ref()).unwrap();
+    let logits = dit_ref::forward(&p, &io.tokens, io.eps.as_ref(), None).unwrap();
     assert_eq!(logits.shape, io.logits.shape);
     assert_close(
         &format!("{tag} logits"),
