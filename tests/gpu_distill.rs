@@ -112,6 +112,7 @@ fn distill_grads_match(algo: Algo, modes: &[DistillMode]) {
             mode,
             // As the step divides: the masked positions of the (here single) micro-batch.
             norm: masked as f64,
+            sigma: None,
         };
         let opts = TrainOpts::default();
         let mut want = DitParams::zeros(&c);

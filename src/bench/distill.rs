@@ -160,6 +160,7 @@ pub fn distill(
                 target: &ro.target,
                 mode: DistillMode::KlBwd,
                 norm,
+                sigma: None,
             };
             let opts = TrainOpts {
                 dropout: dropout.map(|(seed, _)| (seed, (s * 64 + k as u64) << 20)),

@@ -101,6 +101,7 @@ impl Sdtt {
                 target: &ro.target,
                 mode: self.sdtt.mode,
                 norm,
+                sigma: None,
             };
             let opts = TrainOpts {
                 dropout: (self.model.dropout > 0.0).then(|| {
@@ -187,6 +188,7 @@ impl Sdtt {
                 target: &ro.target,
                 mode: DistillMode::KlBwd,
                 norm: 1.0,
+                sigma: None,
             };
             sum += cpu::distill_loss_eval::<f32>(params, &batch)?;
             masked += nb.masked();
@@ -217,6 +219,7 @@ impl Sdtt {
                 target: &ro.target,
                 mode: DistillMode::KlBwd,
                 norm: 1.0,
+                sigma: None,
             };
             let dev = self.device.as_mut().expect("checked above");
             sum += dev.trainer().eval_loss_ema(LossInput::Distill(batch))?;
