@@ -62,8 +62,12 @@ fn row<T: Real>(
         match mode {
             DistillMode::KlBwd => loss += (ls.exp_fast() * d).as_f64(),
             DistillMode::KlFwd => {
+                // A teacher column at -inf has q = 0 and contributes 0 (not 0·inf = NaN), as
+                // in the kernel and its twin.
                 let q = t.exp_fast();
-                loss += (q * (t - ls)).as_f64();
+                if lt[j] != f32::NEG_INFINITY {
+                    loss += (q * (t - ls)).as_f64();
+                }
                 red += q;
             }
             DistillMode::Mse => {

@@ -166,3 +166,26 @@ fn student_equal_to_teacher_is_the_minimum() {
         }
     }
 }
+
+/// A teacher that puts no mass on a column (log-prob −inf) contributes nothing there in
+/// kl-fwd (q·(t − ls) with q = 0), as in the kernel's twin: the loss stays finite and equals
+/// the sum over the other columns.
+#[test]
+fn kl_fwd_ignores_a_teacher_column_at_minus_infinity() {
+    let (v, mask) = (4, 3);
+    let xt = [3u32];
+    let z = [0.3f64, -0.2, 1.1, 0.0];
+    let target = [f32::NEG_INFINITY, 0.5f32.ln(), 0.5f32.ln(), NEG_INF];
+    let mut g = z.to_vec();
+    let loss = distill_loss_in_place(&mut g, &target, &xt, DistillMode::KlFwd, 1.0, mask, v);
+    let lse = (z[0].exp() + z[1].exp() + z[2].exp()).ln();
+    let want: f64 = [1, 2]
+        .iter()
+        .map(|&j| 0.5 * ((target[j] as f64) - (z[j] - lse)))
+        .sum();
+    assert!(
+        loss.is_finite() && (loss - want).abs() < 1e-6,
+        "{loss} vs {want}"
+    );
+    assert!(g.iter().all(|x| x.is_finite()), "{g:?}");
+}

@@ -235,6 +235,13 @@ pub fn check_teacher(teacher: &DitConfig, path: &Path) -> Result<()> {
             "--teacher: an autoregressive model, not an MDLM/IMDM denoiser",
         ));
     }
+    if teacher.time_conditioning {
+        return Err(Error::checkpoint(
+            path,
+            "--teacher: a time-conditioned model (SEDD/D3PM); SDTT distills MDLM/IMDM \
+             denoisers, whose conditioning is constant",
+        ));
+    }
     teacher.validate()
 }
 

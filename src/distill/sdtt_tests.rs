@@ -296,3 +296,33 @@ fn rounds_and_the_orig_steps_rule() {
     };
     assert!(bad.validate().is_err());
 }
+
+/// `--teacher` must be an MDLM/IMDM denoiser: a causal or a time-conditioned file is refused
+/// with the flag and the file in the message (the GPU step would otherwise run it at sigma 0).
+#[test]
+fn check_teacher_refuses_causal_and_time_conditioned_files() {
+    let path = std::path::Path::new("teacher.safetensors");
+    assert!(check_teacher(&tiny(Algo::Mdlm), path).is_ok());
+    for (c, what) in [
+        (
+            DitConfig {
+                causal: true,
+                ..tiny(Algo::Mdlm)
+            },
+            "autoregressive",
+        ),
+        (
+            DitConfig {
+                time_conditioning: true,
+                ..tiny(Algo::Mdlm)
+            },
+            "time-conditioned",
+        ),
+    ] {
+        let e = check_teacher(&c, path).unwrap_err().to_string();
+        assert!(
+            e.contains("--teacher") && e.contains("teacher.safetensors") && e.contains(what),
+            "{e}"
+        );
+    }
+}
