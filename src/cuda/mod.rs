@@ -18,6 +18,7 @@ pub mod nvtx;
 pub mod ops;
 pub mod param_tree;
 pub mod tape;
+pub mod time_cond;
 pub mod trace;
 pub mod trainer;
 pub mod workspace;
