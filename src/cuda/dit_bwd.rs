@@ -28,17 +28,18 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
+use crate::cuda::bwd_linear::{bias_grad, bias_of, frozen_bias, input_grad, weight_grad};
 pub use crate::cuda::bwd_scratch::{BwdScratch, ModGrads};
 use crate::cuda::dit::{ForwardOpts, GpuDit, ModLayer, Workspace};
 use crate::cuda::nvtx;
 use crate::cuda::ops::attention::{attention_bwd, AttentionShape};
 use crate::cuda::ops::embedding::{embedding_bwd, embedding_eps_bwd};
 use crate::cuda::ops::gelu::{gelu_bwd, GeluKind};
-use crate::cuda::ops::gemm::{Epilogue, Gemm};
+use crate::cuda::ops::gemm::Epilogue;
 use crate::cuda::ops::ln_modulate::ln_modulate_bwd;
 use crate::cuda::ops::modulation::{ModOut, ModRows};
 use crate::cuda::ops::residual::residual_bwd;
-use crate::cuda::param_tree::{LinearOf, ParamTree};
+use crate::cuda::param_tree::ParamTree;
 use crate::cuda::tape::{Dropout, LinSite, LnSite, Op, ResSite, Tape};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
@@ -53,89 +54,6 @@ pub(crate) fn attention_shape(c: &DitConfig, batch: usize, len: usize) -> Attent
         causal: c.causal,
         softcap: c.softcap as f32,
     }
-}
-
-/// `dW += dYᵀ X` unless `frozen`: dY (rows, out) bf16, X (rows, in) bf16, dW (out, in) f32.
-fn weight_grad(
-    gpu: &Gpu,
-    g: &Gemm,
-    dw: &mut CudaSlice<f32>,
-    frozen: bool,
-    dy: &CudaSlice<bf16>,
-    x: &CudaSlice<bf16>,
-    (rows, out, inp): (usize, usize, usize),
-) -> Result<()> {
-    if frozen {
-        return Ok(());
-    }
-    g.matmul(
-        gpu,
-        dw,
-        dy,
-        true,
-        x,
-        false,
-        (out, inp, rows),
-        1.0,
-        Epilogue::None,
-    )
-}
-
-/// `db += Σ_rows dY` unless `frozen` (a (1, rows) x (rows, out) GEMM with a row of ones).
-fn bias_grad(
-    gpu: &Gpu,
-    g: &Gemm,
-    db: &mut CudaSlice<f32>,
-    frozen: bool,
-    ones: &CudaSlice<bf16>,
-    dy: &CudaSlice<bf16>,
-    (rows, out): (usize, usize),
-) -> Result<()> {
-    if frozen {
-        return Ok(());
-    }
-    g.matmul(
-        gpu,
-        db,
-        ones,
-        false,
-        dy,
-        false,
-        (1, out, rows),
-        1.0,
-        Epilogue::None,
-    )
-}
-
-/// `dX = dY W`: dY (rows, out) bf16, W (out, in) bf16, dX (rows, in) f32 or bf16.
-fn input_grad<T: crate::cuda::ops::gemm::GemmOut>(
-    gpu: &Gpu,
-    g: &Gemm,
-    dx: &mut CudaSlice<T>,
-    dy: &CudaSlice<bf16>,
-    w: &CudaSlice<bf16>,
-    (rows, out, inp): (usize, usize, usize),
-) -> Result<()> {
-    g.matmul(
-        gpu,
-        dx,
-        dy,
-        false,
-        w,
-        false,
-        (rows, inp, out),
-        0.0,
-        Epilogue::None,
-    )
-}
-
-fn bias_of<'a>(l: &'a mut LinearOf<CudaSlice<f32>>, what: &str) -> Result<&'a mut CudaSlice<f32>> {
-    l.b.as_mut()
-        .ok_or_else(|| Error::Shape(format!("{what}: the gradient tree has no bias")))
-}
-
-fn frozen_bias(l: &LinearOf<bool>) -> bool {
-    l.b.unwrap_or(true)
 }
 
 /// The backward of the forward recorded on `tape` (with `opts`, on `ws`), from the fused SUBS

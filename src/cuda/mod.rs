@@ -7,12 +7,14 @@
 //! sources' constants ([`kernel_defines`]) and one module per kernel file under [`ops`] (its
 //! only launcher and its CPU twin).
 
+pub mod bwd_linear;
 pub mod bwd_scratch;
 pub mod cond;
 pub mod denoiser;
 pub mod device;
 pub mod dit;
 pub mod dit_bwd;
+pub mod folded_gates;
 pub mod kernel_defines;
 pub mod nvtx;
 pub mod ops;

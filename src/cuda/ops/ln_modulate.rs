@@ -423,3 +423,7 @@ pub mod cpu {
 #[cfg(test)]
 #[path = "ln_modulate_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "ln_modulate_bwd_tests.rs"]
+mod bwd_tests;
