@@ -1,8 +1,11 @@
 //! Time conditioning on the GPU (`DitConfig::time_conditioning`): the whole GPU DiT forward,
-//! fused loss and backward with per-sequence sigmas (`Workspace::load_sigma`), against the
-//! constant-conditioning path and against itself one sequence at a time. Skips without a GPU
-//! unless IMDM_REQUIRE_GPU=1.
+//! fused loss and backward with per-sequence sigmas (`Workspace::load_sigma`), against the CPU
+//! backend and `dit_ref`, against the constant-conditioning path and against itself one sequence
+//! at a time. Skips without a GPU unless IMDM_REQUIRE_GPU=1.
 //!
+//! - With sigma varying across the batch, the GPU's logits match `dit_ref::forward` and its
+//!   loss and every gradient (adaLN and sigma map included) match `cpu::loss_and_grad::<f64>`,
+//!   with the tolerances of tests/gpu_dit.rs and tests/gpu_train.rs.
 //! - At sigma = 0 for every sequence a time-conditioned model computes what the constant path
 //!   computes (the sigma map's feature at 0 is the constant one): logits, loss and every
 //!   gradient, the adaLN and sigma-map ones included, which the two paths reach by different
@@ -19,6 +22,7 @@
 
 use cudarc::driver::CudaSlice;
 
+use imdm_engine::cpu::{self, TrainOpts};
 use imdm_engine::cuda::cond::CondDevice;
 use imdm_engine::cuda::dit::{ForwardOpts, GpuDit, Workspace};
 use imdm_engine::cuda::dit_bwd::{backward, BwdScratch, ModGrads};
@@ -27,12 +31,18 @@ use imdm_engine::cuda::ops::subs::{subs_bwd_f32, SubsShape};
 use imdm_engine::cuda::param_tree::ParamTree;
 use imdm_engine::cuda::tape::Tape;
 use imdm_engine::cuda::Gpu;
+use imdm_engine::diffusion::denoiser::LossBatch;
 use imdm_engine::model::init::random_params;
-use imdm_engine::model::{Algo, DitConfig, DitParams};
+use imdm_engine::model::{dit_ref, Algo, DitConfig, DitParams};
+use imdm_engine::tensor::Tokens;
+use imdm_engine::testing::{compare, Tol};
 use imdm_engine::Error;
 
-/// Relative L2 error allowed for logits and for each gradient tensor.
+/// Relative L2 error allowed for logits and for each gradient tensor between two GPU runs.
 const REL_L2: f64 = 1e-2;
+/// Against the f64 CPU backend (tests/gpu_train.rs): each gradient tensor, and the loss.
+const CPU_GRAD_REL_L2: f64 = 5e-2;
+const CPU_LOSS_REL: f64 = 1e-2;
 
 /// A small time-conditioned MDLM: D 128, 2 blocks, cond 32, V 97, L 13 (not a multiple of the
 /// kernels' row blocks).
@@ -189,8 +199,8 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
-/// Every gradient tensor of `got` within [`REL_L2`] of `want`; returns the report.
-fn grads_close(tag: &str, got: &DitParams, want: &DitParams) -> Vec<String> {
+/// Every gradient tensor of `got` within `tol` (relative L2) of `want`; returns the report.
+fn grads_close(tag: &str, got: &DitParams, want: &DitParams, tol: f64) -> Vec<String> {
     let mut report = Vec::new();
     for ((name, g), (_, w)) in got.named().into_iter().zip(want.named()) {
         assert!(
@@ -200,11 +210,62 @@ fn grads_close(tag: &str, got: &DitParams, want: &DitParams) -> Vec<String> {
         let rel = rel_l2(&g.data, &w.data);
         report.push(format!("{name}: {rel:.2e}"));
         assert!(
-            rel <= REL_L2,
-            "{tag} {name}: relative L2 error {rel:.3e} > {REL_L2:e}; so far: {report:?}"
+            rel <= tol,
+            "{tag} {name}: relative L2 error {rel:.3e} > {tol:e}; so far: {report:?}"
         );
     }
     report
+}
+
+#[test]
+fn forward_and_gradients_match_the_cpu_backend() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let c = config();
+    let p = random_params(&c, 10);
+    let (l, v) = (c.length, c.vocab_size);
+    let bt = batch_of(&c, 3);
+    let sigma = [0.05, 1.5, 20.0];
+    let norm = (3 * l) as f64;
+    let got = run(&gpu, &p, &bt, Some(&sigma), norm);
+    // Logits against dit_ref (tests/gpu_dit.rs's bound: 3% of the logit scale).
+    let xt = Tokens::new(3, l, bt.ids.clone(), v).unwrap();
+    let want = dit_ref::forward(&p, &xt, None, Some(&sigma)).unwrap();
+    let scale = want.data.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    let tol = Tol {
+        abs: 0.03 * scale,
+        rel: 1.6e-2,
+    };
+    let (max_abs, _, worst, ratio) = compare(&got.logits, &want.data, tol);
+    assert!(
+        ratio <= 1.0,
+        "logits vs dit_ref: max abs err {max_abs:.3e} (scale {scale:.2}); worst [{worst}] got {} \
+         want {}",
+        got.logits[worst],
+        want.data[worst]
+    );
+    // Loss and gradients against the CPU backend in f64.
+    let x0 = Tokens::new(3, l, bt.x0.clone(), v).unwrap();
+    let batch = LossBatch {
+        xt: &xt,
+        x0: &x0,
+        eps: None,
+        weight: &bt.w,
+        norm,
+        sigma: Some(&sigma),
+    };
+    let mut grads = DitParams::zeros(&c);
+    let opts = TrainOpts { dropout: None };
+    let loss = cpu::loss_and_grad::<f64>(&p, &batch, &opts, &mut grads).unwrap();
+    assert!(
+        (got.loss - loss).abs() <= CPU_LOSS_REL * loss.abs(),
+        "loss {} vs CPU {loss}",
+        got.loss
+    );
+    let report = grads_close("GPU vs CPU", &got.grads, &grads, CPU_GRAD_REL_L2);
+    eprintln!(
+        "time-conditioned GPU vs CPU: loss {} (CPU {loss}); gradients {report:?}",
+        got.loss
+    );
 }
 
 #[test]
@@ -226,7 +287,7 @@ fn sigma_zero_equals_constant_conditioning() {
         tc.loss,
         k.loss
     );
-    let report = grads_close("sigma 0 vs constant", &tc.grads, &k.grads);
+    let report = grads_close("sigma 0 vs constant", &tc.grads, &k.grads, REL_L2);
     // The conditioning path really carries gradient (the comparison is not of zeros).
     let sm = tc.grads.sigma_map.as_ref().unwrap();
     assert!(sm.fc2.weight.data.iter().any(|&x| x != 0.0));
@@ -264,7 +325,7 @@ fn sequences_are_conditioned_independently() {
         "loss {} vs the sum over sequences {loss}",
         all.loss
     );
-    let report = grads_close("batch vs per sequence", &all.grads, &sum);
+    let report = grads_close("batch vs per sequence", &all.grads, &sum, REL_L2);
     eprintln!("batch of 3 vs 3 batches of 1: gradients {report:?}");
     // The sigma matters: the last sequence at sigma 0.05 instead of 20 changes its logits.
     let other = run(&gpu, &p, &bt, Some(&[0.05, 1.5, 0.05]), norm);
