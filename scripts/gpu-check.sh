@@ -16,7 +16,8 @@
 #   memcheck, racecheck   compute-sanitizer on one small shape of the attention backward, the
 #              SUBS forward and loss, and the sampler (skipped with the reason where the
 #              runtime refuses the device)
-#   gpu_*      every tests/gpu_*.rs binary: gpu_dit, gpu_train (gradient check, determinism)
+#   gpu_*      every tests/gpu_*.rs binary: gpu_dit, gpu_train (gradient check, determinism),
+#              gpu_timecond (time conditioning against the CPU backend)
 #   bench-*    bench kernels, forward, train --steps 3 (finite loss near ln V) and sample, at
 #              both reference shapes, each with --trace
 #   peer-*     tools/reference/peer_bench.py: our reference DiT in bf16 under torch.compile at
