@@ -17,9 +17,11 @@
 #              SUBS forward and loss, and the sampler (skipped with the reason where the
 #              runtime refuses the device)
 #   gpu_*      every tests/gpu_*.rs binary: gpu_dit, gpu_train (gradient check, determinism),
+#              gpu_distill (distillation gradients vs the CPU, resident SDTT steps, CLI resume),
 #              gpu_timecond (time conditioning against the CPU backend)
 #   bench-*    bench kernels, forward, train --steps 3 (finite loss near ln V) and sample, at
-#              both reference shapes, each with --trace
+#              both reference shapes, each with --trace; bench distill at small/OWT (teacher
+#              rollout vs student split, the reference's 3 forwards + 1 backward beside it)
 #   peer-*     tools/reference/peer_bench.py: our reference DiT in bf16 under torch.compile at
 #              the same shapes, and the ratio to our forward
 #
@@ -266,6 +268,10 @@ elif k == "train":
     print(f"{t['ms_step']:.1f} ms/step, MFU {100*t['mfu_6n']:.1f}%, loss {t['last_loss']:.3f} (ln V {lnv:.2f})")
 elif k == "sample":
     s = d["sample"]; print(f"{s['ms_step']:.2f} ms/step, kernel {s['step_kernel_gbps']:.0f} GB/s")
+elif k == "distill":
+    s = d["distill"]
+    print(f"{s['ms_step']:.0f} ms/step (rollout {s['ms_rollout']:.0f}, student {s['ms_student']:.0f}); "
+          f"reference 3F+B {s['ms_reference_equiv']:.0f} ms, ratio {s['ratio']:.2f}x, loss {s['last_loss']:.3f}")
 PY
 }
 if gpu_ready bench-kernels && bench bench-kernels 120 kernels; then
@@ -295,6 +301,13 @@ for shape in owt lm1b; do
     record "bench-sample-$shape" pass "$(figs "$work/bench-sample-$shape.json" sample)" "$step_secs"
   fi
 done
+# The distillation step at the small preset, OWT shape: its figures and a finite loss.
+n=bench-distill-owt
+if bench "$n" 150 distill --preset small --shape owt --steps 2; then
+  verdict="$(python3 -c 'import json,math,sys; d=json.load(open(sys.argv[1]))["distill"]; print("pass" if math.isfinite(d["last_loss"]) and d["ms_step"] > 0 else "fail")' \
+    "$work/$n.json" 2>/dev/null)"
+  record "$n" "${verdict:-fail}" "$(figs "$work/$n.json" distill)" "$step_secs"
+fi
 
 # ---- the PyTorch peer: our reference DiT in bf16 under torch.compile, same shapes -----------
 for shape in owt lm1b; do

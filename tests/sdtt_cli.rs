@@ -1,7 +1,7 @@
 //! `imdm-engine distill sdtt` through the binary: a run killed with SIGKILL and resumed ends
 //! bit-identical to an uninterrupted run, and the errors name the flag or file (a teacher of
 //! another shape or kind, data of another vocabulary, --orig-steps that is not a power of two
-//! times the final step count, --device cuda).
+//! times the final step count, --device cuda without a GPU).
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -265,8 +265,44 @@ fn errors_name_the_flag_or_file() {
         e.contains("--orig-steps 1000") && e.contains("--min-steps 4"),
         "{e}"
     );
+    // --device cuda with a head dim that has no GPU attention kernel (16 / 2 heads = 8) is
+    // refused on every machine, naming the flag and the head dim.
     let e = call(&["--device", "cuda"]);
-    assert!(e.contains("--device cuda") && e.contains("CPU"), "{e}");
+    assert!(
+        e.contains("--device cuda") && e.contains("head dim 8"),
+        "{e}"
+    );
+    // Without a usable GPU, --device cuda is refused before anything is written (with one it
+    // runs: tests/gpu_distill.rs).
+    if imdm_engine::cuda::Gpu::new(0).is_err() {
+        let wide = teacher(tmp.path(), "hd32.safetensors", &config(17, 8, 64));
+        let v: Vec<String> = ["--teacher", &wide, "--data", "synthetic", "--run-dir", &run]
+            .iter()
+            .chain(&["--device", "cuda"])
+            .map(|s| s.to_string())
+            .collect();
+        let e = fails(&v.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        assert!(
+            e.contains("--device cuda") && e.contains("no usable GPU") && e.contains("CPU"),
+            "{e}"
+        );
+    }
     // Nothing was half-written by any of these.
     assert!(!Path::new(&run).exists());
+}
+
+/// `bench distill` measures the GPU: without one it fails saying so (with one it runs in the
+/// device check, scripts/gpu-check.sh).
+#[test]
+fn bench_distill_without_a_gpu_says_so() {
+    if imdm_engine::cuda::Gpu::new(0).is_ok() {
+        return;
+    }
+    let o = bin()
+        .args(["bench", "distill", "--preset", "small", "--shape", "owt"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8(o.stderr).unwrap();
+    assert!(e.contains("measures the GPU only"), "{e}");
 }

@@ -1,7 +1,9 @@
 //! Benchmarks shared by `imdm-engine bench` and `benches/`: every kernel at the DiT-small and
-//! DiT-large shapes, whole forwards, sampler steps ([`sample`]) and training steps ([`train`]),
-//! reported beside the PyTorch figures of docs/benchmarks.md.
+//! DiT-large shapes, whole forwards, sampler steps ([`sample`]), training steps ([`train`])
+//! and distillation steps ([`distill`]), reported beside the PyTorch figures of
+//! docs/benchmarks.md (the distillation beside the reference's cost model).
 
+pub mod distill;
 pub mod sample;
 pub mod timing;
 pub mod train;

@@ -29,7 +29,7 @@ use crate::model::init::init_params;
 use crate::model::{Algo, DitConfig, Preset};
 use crate::tensor::Tokens;
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::{Ema, Resident};
+use crate::train::{Ema, LossInput, Resident};
 
 /// One row of the PyTorch reference (docs/benchmarks.md, H100 80GB HBM3, 2026-11-23).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -146,7 +146,7 @@ pub fn train(
             let opts = TrainOpts {
                 dropout: dropout.map(|(seed, _)| (seed, (s * 64 + k as u64) << 20)),
             };
-            loss += trainer.accumulate(&nb.as_loss(), &opts)?;
+            loss += trainer.accumulate(LossInput::Nelbo(nb.as_loss()), &opts)?;
         }
         trainer.update(s + 1, loss, 3e-4, 1.0)?;
         Ok(loss)

@@ -73,6 +73,25 @@ pub enum BenchWhat {
         #[arg(long)]
         autotune: bool,
     },
+    /// GPU SDTT distillation steps (K = 2, kl-bwd; random student and teacher): ms per step
+    /// split into the teacher rollout and the student's forward/backward/update, tok/s, and
+    /// the reference's cost (3 forwards + 1 backward) from our forward and backward times.
+    Distill {
+        #[arg(long, value_enum, default_value = "small")]
+        preset: Preset,
+        #[arg(long, value_enum, default_value = "owt")]
+        shape: Shape,
+        /// imdm: IM-SDTT (IMDM student and teacher); mdlm: SDTT.
+        #[arg(long, value_enum, default_value = "imdm")]
+        algo: Algo,
+        /// Timed steps (after 1 warm-up step).
+        #[arg(long, default_value_t = 2)]
+        steps: usize,
+        /// Sequences per rollout and forward/backward (the host holds three B·L·V f32 arrays
+        /// of a micro-batch during its rollout).
+        #[arg(long, default_value_t = 8)]
+        micro_batch: usize,
+    },
 }
 
 fn write_json(path: &Option<PathBuf>, value: serde_json::Value) -> Result<()> {
@@ -85,7 +104,16 @@ fn write_json(path: &Option<PathBuf>, value: serde_json::Value) -> Result<()> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    let gpu = Gpu::new(0)?;
+    let gpu = Gpu::new(0).map_err(|e| match e {
+        Error::NoDevice(m) => {
+            Error::NoDevice(format!("{m}; `imdm-engine bench` measures the GPU only"))
+        }
+        Error::NoKernels => Error::Config(format!(
+            "{}; `imdm-engine bench` measures the GPU only",
+            Error::NoKernels
+        )),
+        e => e,
+    })?;
     let device = gpu.name();
     println!("device: {device}");
     let trace = a.trace.clone();
@@ -164,6 +192,18 @@ fn run_what(a: BenchArgs, gpu: Gpu) -> Result<()> {
             let r = bench::train::train(gpu, preset, shape, algo, steps, micro_batch, autotune)?;
             bench::train::print(&r);
             write_json(&a.json, serde_json::json!({ "device": name, "train": r }))
+        }
+        BenchWhat::Distill {
+            preset,
+            shape,
+            algo,
+            steps,
+            micro_batch,
+        } => {
+            let name = gpu.name();
+            let r = bench::distill::distill(gpu, preset, shape, algo, steps, micro_batch)?;
+            bench::distill::print(&r);
+            write_json(&a.json, serde_json::json!({ "device": name, "distill": r }))
         }
     }
 }

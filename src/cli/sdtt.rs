@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use crate::cuda::DeviceChoice;
+use crate::cli::train::{resolve_device, ObjectiveKind};
+use crate::cuda::{DeviceChoice, Gpu};
 use crate::data::Manifest;
 use crate::diffusion::DistillMode;
 use crate::distill::rollout::Spacing;
@@ -37,7 +38,9 @@ and dt per logged step and val_kl (KL(student EMA || teacher) on held-out data).
 continues bit for bit; only --steps and the intervals may be given again.
 
 Defaults are the reference's: kl-bwd, K = 2, 1024 original steps, 10,000 steps per round, lr \
-6e-5, warm-up 500, global batch 128, EMA 0.9999, clip 1.0. The CPU is the supported device.";
+6e-5, warm-up 500, global batch 128, EMA 0.9999, clip 1.0.
+
+--device cuda runs the student on the resident GPU trainer (weights, gradients, AdamW and EMA on the device; the fused distill_kl loss) and the teacher's forwards on the same GPU; the teacher's posterior (which positions unmask) runs on the host in f64, as the CPU sampler's does, so each teacher step moves its B*L*V log-probs to the host and the target back (deviation 14.39). --device auto takes the GPU when one is usable. A run resumes on either device.";
 
 /// `distill sdtt`.
 #[derive(Args, Debug)]
@@ -132,7 +135,8 @@ pub struct SdttArgs {
     /// Checkpoints kept on disk [default: 2].
     #[arg(long)]
     pub keep_checkpoints: Option<usize>,
-    /// Where to compute: cpu or auto (the CPU); cuda is refused (see --help).
+    /// Where to compute: cpu, cuda (the student and the teacher forwards on the GPU), or auto
+    /// (the GPU when one is usable, else the CPU).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceChoice,
     /// Print only errors and the final summary.
@@ -140,17 +144,20 @@ pub struct SdttArgs {
     pub quiet: bool,
 }
 
-/// The GPU trainer (`cuda::trainer`) drives the NELBO only; the distillation needs its fused KL
-/// kernel wired into it and the teacher rollout on the GPU step kernel.
-fn check_device(d: DeviceChoice) -> Result<()> {
-    if d == DeviceChoice::Cuda {
-        return Err(Error::Config(
-            "distill sdtt --device cuda: the GPU trainer cannot drive the distillation \
-             objective yet; the CPU is the supported device (--device cpu)"
-                .into(),
-        ));
+/// The GPU of `--device` for a student of configuration `c` (train's rule: cuda requires one
+/// with an attention kernel for the head dim, auto takes one when usable). Called before the
+/// run directory is written, so a refused device leaves nothing behind.
+fn open_device(a: &SdttArgs, c: &DitConfig) -> Result<Option<Gpu>> {
+    let gpu = resolve_device(a.device, ObjectiveKind::Dit, c).map_err(|e| match e {
+        Error::NoDevice(_) | Error::NoKernels | Error::Cuda(_) => Error::Config(format!(
+            "--device cuda: no usable GPU ({e}); --device cpu runs the distillation on the CPU"
+        )),
+        e => e,
+    })?;
+    if let (Some(g), false) = (&gpu, a.quiet) {
+        println!("device: {}", g.name());
     }
-    Ok(())
+    Ok(gpu)
 }
 
 /// The student configuration from the teacher file and --imdm/--mdlm.
@@ -264,6 +271,7 @@ fn new_run(a: &SdttArgs, dir: &Path) -> Result<Sdtt> {
     let model = student_config(a, &teacher)?;
     let spec = super::train::parse_data(data_flag, a.token_dtype)?;
     check_data(&spec, data_flag, &teacher, &model)?;
+    let gpu = open_device(a, &model)?;
     let d = SdttConfig::default();
     let sd = SdttConfig {
         teacher: teacher.clone(),
@@ -338,7 +346,11 @@ fn new_run(a: &SdttArgs, dir: &Path) -> Result<Sdtt> {
             dir.display()
         );
     }
-    Sdtt::new(cfg, sd, student, teacher0, src, val, Some(rd))
+    let mut s = Sdtt::new(cfg, sd, student, teacher0, src, val, Some(rd))?;
+    if let Some(g) = gpu {
+        s.use_gpu(g);
+    }
+    Ok(s)
 }
 
 fn resume_run(a: &SdttArgs, dir: &Path) -> Result<Sdtt> {
@@ -380,6 +392,7 @@ fn resume_run(a: &SdttArgs, dir: &Path) -> Result<Sdtt> {
         )));
     }
     let sd = read_sdtt_config(dir)?;
+    let gpu = open_device(a, &rec.model)?;
     let mut cfg = rec.train.clone();
     if let Some(s) = a.steps {
         cfg.steps = s;
@@ -390,7 +403,10 @@ fn resume_run(a: &SdttArgs, dir: &Path) -> Result<Sdtt> {
     set!(log_every, eval_every, save_every, keep_checkpoints);
     let teacher0 = initial_params(&rec.model, Some(&sd.teacher), cfg.seed)?;
     let (src, val) = data::open(&cfg.data, &rec.model, cfg.seed, cfg.eval_size)?;
-    let s = Sdtt::resume(cfg, sd, &rec.model, teacher0, rd, src, val)?;
+    let mut s = Sdtt::resume(cfg, sd, &rec.model, teacher0, rd, src, val)?;
+    if let Some(g) = gpu {
+        s.use_gpu(g);
+    }
     if !a.quiet {
         println!(
             "resuming {} at step {} of {}",
@@ -412,7 +428,6 @@ fn hms(s: f64) -> String {
 }
 
 pub fn run(a: SdttArgs) -> Result<()> {
-    check_device(a.device)?;
     let mut s = match (&a.resume, &a.run_dir) {
         (Some(dir), None) => resume_run(&a, dir)?,
         (Some(_), Some(_)) => {
@@ -462,7 +477,7 @@ pub fn run(a: SdttArgs) -> Result<()> {
     }
     s.run()?;
     let root = s.run_dir().map(|r| r.root.clone()).unwrap_or_default();
-    let kl = s.validation_kl(&s.ema.shadow)?;
+    let kl = s.validation_kl_ema()?;
     println!(
         "done: {} steps, round {} (dt {:.3e}); last loss {}; {}; rounds in {}",
         s.step,

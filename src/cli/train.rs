@@ -65,7 +65,7 @@ impl ObjectiveKind {
 /// The GPU to train on, if any: `cuda` requires one (and a model the GPU kernels support),
 /// `auto` takes one when usable and the model fits the kernels, `cpu` never. The flag checks
 /// come before opening the device, so they fail the same way on every machine.
-fn resolve_device(
+pub(super) fn resolve_device(
     choice: DeviceChoice,
     kind: ObjectiveKind,
     model: &DitConfig,

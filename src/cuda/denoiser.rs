@@ -54,6 +54,17 @@ impl<'g> GpuDenoiser<'g> {
         })
     }
 
+    /// A denoiser over a model its owner keeps between uses (the distillation teacher, held
+    /// beside the trainer that owns `gpu`): pair with [`GpuDenoiser::into_parts`].
+    pub fn from_parts(gpu: &'g Gpu, model: GpuDit, ws: Option<Workspace>) -> Self {
+        GpuDenoiser { gpu, model, ws }
+    }
+
+    /// The model and the last workspace, for a later [`GpuDenoiser::from_parts`].
+    pub fn into_parts(self) -> (GpuDit, Option<Workspace>) {
+        (self.model, self.ws)
+    }
+
     /// The inference workspace for (batch, len), reallocated (old one freed first) when the
     /// shape changes.
     fn workspace(&mut self, batch: usize, len: usize) -> Result<&mut Workspace> {

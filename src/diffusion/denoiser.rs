@@ -192,6 +192,58 @@ pub struct DistillBatch<'a> {
     pub sigma: Option<&'a [f64]>,
 }
 
+impl DistillBatch<'_> {
+    /// Checks the batch against the model before a GPU computes it (the CPU backend checks the
+    /// same in `cpu::dit`): a non-empty (B, L) input with ids in the vocabulary, B·L·V target
+    /// values, a finite positive norm, and eps of shape (B, L, noise_dim) when the model has
+    /// the eps MLP. Returns (B, L).
+    pub fn check(&self, c: &DitConfig) -> Result<(usize, usize)> {
+        let xt = self.xt;
+        let (bsz, len) = (xt.batch, xt.len);
+        let rows = bsz * len;
+        if rows == 0 || xt.ids.len() != rows {
+            return Err(Error::Shape(format!(
+                "xt: expected a non-empty (B, L) = ({bsz}, {len}) with B·L ids, got {}",
+                xt.ids.len()
+            )));
+        }
+        if let Some((i, t)) = xt
+            .ids
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= c.vocab_size)
+        {
+            return Err(Error::Shape(format!(
+                "xt: id {t} at flat index {i} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        if self.target.len() != rows * c.vocab_size {
+            return Err(Error::Shape(format!(
+                "distillation target: expected B·L·V = {} values, got {}",
+                rows * c.vocab_size,
+                self.target.len()
+            )));
+        }
+        if !(self.norm.is_finite() && self.norm > 0.0) {
+            return Err(Error::Config(format!(
+                "distillation norm {} must be a positive count of masked positions",
+                self.norm
+            )));
+        }
+        if c.has_eps_mlp() {
+            let e = self.eps.ok_or_else(|| {
+                Error::Shape(format!(
+                    "eps: the IMDM student needs eps of shape [{bsz}, {len}, {}], got none",
+                    c.noise_dim
+                ))
+            })?;
+            e.expect_shape("eps", &[bsz, len, c.noise_dim])?;
+        }
+        Ok((bsz, len))
+    }
+}
+
 #[cfg(test)]
 #[path = "denoiser_tests.rs"]
 mod tests;

@@ -9,13 +9,19 @@
 //!   (IMDM) eps at masked positions, the teacher rollout ([`super::rollout`]) with that eps,
 //!   then the fused SUBS + distillation loss of the student (`cpu::distill_loss`),
 //!   averaged over the masked positions of the global batch, micro-batch gradients
-//!   accumulated, and the host update (clip, AdamW, EMA) of `train::update`.
+//!   accumulated, and the host update (clip, AdamW, EMA) of `train::update` (`sdtt_step.rs`).
+//!   With a GPU ([`Sdtt::use_gpu`], `sdtt_gpu.rs`) the same step runs on the resident GPU
+//!   trainer (the fused `distill_kl` kernel in place of the NELBO's, then the trainer's own
+//!   backward, clip, AdamW and EMA) with the teacher forwards on the same device; `params`,
+//!   `ema` and `opt` are then read back from the device only before checkpoints, round files
+//!   and at the end of [`Sdtt::run_until`] ([`Sdtt::sync_from_device`]).
 //! - Rounds: step i (0-based) belongs to round r = ⌊i / grow_dt_every⌋ with
 //!   dt_r = (1 − 1e-3)/orig_steps · 2^r. Before the first step of round r ≥ 1 the student is
 //!   copied into the teacher (with `ema_on_growth` the EMA weights become teacher and student
 //!   and the EMA restarts), the optimizer optionally restarts, and round r − 1's weights are
 //!   written to `DIR/rounds/round-RR/{model,ema}.safetensors`. The run ends after the last
 //!   round whose `round(1/dt_r)` is at least `min_steps` (the reference's exit test).
+//!   The loop, rounds and checkpoints are in `sdtt_rounds.rs`.
 //!
 //! Determinism: times, masks, eps and the rollout's race uniforms are drawn from streams
 //! keyed by (seed, purpose, step), the teacher of a round is a file in the run directory,
@@ -24,28 +30,33 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
-use crate::cpu::{self, CpuDenoiser, TrainOpts};
-use crate::diffusion::noising::{micro_batch, nelbo_batch, NoisedBatch};
-use crate::diffusion::schedule::{antithetic_times, SAMPLING_EPS};
-use crate::diffusion::{DistillBatch, DistillMode};
-use crate::distill::rollout::{teacher_rollout, Spacing};
+use crate::cuda::trainer::GpuTrainOptions;
+use crate::cuda::Gpu;
+use crate::diffusion::schedule::SAMPLING_EPS;
+use crate::diffusion::DistillMode;
+use crate::distill::rollout::Spacing;
 use crate::error::{Error, Result};
 use crate::model::{checkpoint, Algo, DitConfig, DitParams};
 use crate::tensor::Tokens;
 use crate::train::config::TrainConfig;
-use crate::train::optim::{zero, AdamW, LrSchedule};
+use crate::train::optim::AdamW;
 use crate::train::run::{
-    load_optimizer, RngState, RunDir, TrainState, EMA_FILE, MODEL_FILE, OPTIM_FILE, RUN_FORMAT,
-    STATE_FILE,
+    load_optimizer, RunDir, TrainState, EMA_FILE, MODEL_FILE, OPTIM_FILE, RUN_FORMAT, STATE_FILE,
 };
-use crate::train::trainer::{adamw_config, stream, VALIDATION_SEED};
-use crate::train::update::{host_update, HostState};
+use crate::train::trainer::adamw_config;
 use crate::train::DataSource;
 use crate::train::Ema;
+
+#[path = "sdtt_gpu.rs"]
+mod gpu;
+#[path = "sdtt_rounds.rs"]
+mod rounds;
+#[path = "sdtt_step.rs"]
+mod step;
+
+pub use gpu::SdttGpu;
 
 /// The SDTT settings of a run (`DIR/sdtt.json`); the rest is the run's `TrainConfig`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -212,6 +223,8 @@ pub struct Sdtt {
     last_loss: Option<f64>,
     last_report: (u64, Instant),
     observer: Box<dyn FnMut(&SdttEvent)>,
+    /// The GPU trainer and teacher; `None`: the CPU backend.
+    device: Option<SdttGpu>,
 }
 
 /// Refuses a `--teacher` that is not a diffusion denoiser (MDLM/IMDM).
@@ -310,6 +323,7 @@ impl Sdtt {
             last_loss: None,
             last_report: (0, now),
             observer: Box::new(|_| {}),
+            device: None,
         })
     }
 
@@ -400,6 +414,18 @@ impl Sdtt {
         Ok(t)
     }
 
+    /// Runs the following steps on `gpu` (resident trainer, teacher on the same device). The
+    /// host state is uploaded on the next step; GEMM autotuning stays off, so the run stays
+    /// bit-reproducible across a resume.
+    pub fn use_gpu(&mut self, gpu: Gpu) {
+        self.device = Some(SdttGpu::new(gpu, GpuTrainOptions::default()));
+    }
+
+    /// The GPU this run computes on, if any.
+    pub fn gpu(&self) -> Option<&Gpu> {
+        self.device.as_ref().map(|d| d.gpu())
+    }
+
     pub fn set_observer(&mut self, f: impl FnMut(&SdttEvent) + 'static) {
         self.observer = Box::new(f);
     }
@@ -410,292 +436,6 @@ impl Sdtt {
 
     pub fn elapsed_s(&self) -> f64 {
         self.elapsed_before + self.started.elapsed().as_secs_f64()
-    }
-
-    fn state(&self) -> TrainState {
-        TrainState {
-            format: RUN_FORMAT.into(),
-            step: self.step,
-            data_position: self.data.position(),
-            data_loader: self.data.loader_position(),
-            rng: RngState {
-                scheme: "chacha8(seed ^ purpose*golden, stream = step); purposes: 1 times, \
-                         2 masks, 5 eps, 7 rollout key; dropout: philox(seed ^ 3*golden)"
-                    .into(),
-                seed: self.cfg.seed,
-                counter: self.step,
-            },
-            ema_decay: self.ema.decay,
-            ema_num_updates: self.ema.num_updates,
-            tokens_seen: self.step * (self.cfg.batch * self.model.length) as u64,
-            elapsed_s: self.elapsed_s(),
-            last_loss: self.last_loss,
-        }
-    }
-
-    fn save_checkpoint(&mut self) -> Result<PathBuf> {
-        let state = self.state();
-        let keep = self.cfg.keep_checkpoints;
-        let Some(run) = &mut self.run else {
-            return Err(Error::Config("no run directory to checkpoint into".into()));
-        };
-        let dir = run.save_checkpoint(&self.params, &self.ema, &self.opt, &state, keep)?;
-        (self.observer)(&SdttEvent::Checkpoint {
-            step: self.step,
-            dir: dir.clone(),
-        });
-        Ok(dir)
-    }
-
-    /// Writes the weights that end round `round` (raw and EMA) into the run directory.
-    fn save_round(&mut self, round: u64) -> Result<()> {
-        let Some(run) = &self.run else {
-            return Ok(());
-        };
-        let dir = round_dir(&run.root, round);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        checkpoint::save(dir.join(MODEL_FILE), &self.params)?;
-        checkpoint::save(dir.join(EMA_FILE), &self.ema.shadow)?;
-        (self.observer)(&SdttEvent::Round {
-            round,
-            dt: self.sdtt.dt(round),
-            dir,
-        });
-        Ok(())
-    }
-
-    /// The round boundary before step `self.step` (0-based index of the next step).
-    fn grow_if_due(&mut self) -> Result<()> {
-        let r = self.sdtt.round_of(self.step);
-        if r == self.teacher_round {
-            return Ok(());
-        }
-        self.save_round(self.teacher_round)?;
-        if self.sdtt.ema_on_growth {
-            self.params = self.ema.shadow.clone();
-            self.ema = Ema::new(&self.params, self.cfg.ema);
-        }
-        self.teacher = self.params.clone();
-        if self.sdtt.reset_optimizer_on_growth {
-            self.opt = AdamW::new(&self.params, adamw_config(&self.cfg), |_| false);
-        }
-        self.teacher_round = r;
-        Ok(())
-    }
-
-    /// Noised micro-batches of one global batch, drawn row by row from the step's streams.
-    fn noised(&self, x0: &Tokens, t: &[f64], s: u64, seed: u64) -> Result<Vec<NoisedBatch>> {
-        let (mut noise, mut eps) = (stream(seed, NOISE, s), stream(seed, EPS, s));
-        let m = self.cfg.micro_batch;
-        (0..self.cfg.accumulation())
-            .map(|k| {
-                let (xk, tk) = micro_batch(x0, t, m, k)?;
-                nelbo_batch(&mut noise, &mut eps, &xk, tk, &self.model, 1.0)
-            })
-            .collect()
-    }
-
-    /// One optimizer step (with the round boundary before it when due).
-    pub fn step(&mut self) -> Result<SdttStep> {
-        self.grow_if_due()?;
-        let (s, seed) = (self.step, self.cfg.seed);
-        let b = self.cfg.batch;
-        let x0 = self.data.next_batch(b)?;
-        if x0.batch != b || x0.len != self.model.length {
-            return Err(Error::Shape(format!(
-                "data source returned {}x{}, expected {b}x{}",
-                x0.batch, x0.len, self.model.length
-            )));
-        }
-        let t = antithetic_times(&mut stream(seed, TIMES, s), b);
-        let batches = self.noised(&x0, &t, s, seed)?;
-        let masked: usize = batches.iter().map(|nb| nb.masked()).sum();
-        let norm = masked.max(1) as f64;
-        let (round, dt) = (self.sdtt.round_of(s), self.sdtt.dt(self.sdtt.round_of(s)));
-        let mut key = stream(seed, ROLLOUT, s);
-        let mut teacher = CpuDenoiser::new(self.teacher.clone())?;
-        zero(&mut self.grads);
-        let accum = self.cfg.accumulation() as u64;
-        let mut loss = 0.0;
-        for (k, nb) in batches.iter().enumerate() {
-            let ro = teacher_rollout(
-                &mut teacher,
-                &nb.xt,
-                &nb.t,
-                nb.eps.as_ref(),
-                (self.sdtt.distill_steps, dt, self.sdtt.spacing),
-                key.next_u64(),
-            )?;
-            let batch = DistillBatch {
-                xt: &nb.xt,
-                eps: nb.eps.as_ref(),
-                target: &ro.target,
-                mode: self.sdtt.mode,
-                norm,
-                sigma: None,
-            };
-            let opts = TrainOpts {
-                dropout: (self.model.dropout > 0.0).then(|| {
-                    let dseed = seed ^ DROPOUT.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                    (dseed, (s * accum + k as u64) * DROPOUT_CALLS_PER_MICRO)
-                }),
-            };
-            loss +=
-                cpu::distill_loss_and_grad::<f32>(&self.params, &batch, &opts, &mut self.grads)?;
-        }
-        let lr = LrSchedule {
-            peak: self.cfg.lr,
-            warmup: self.cfg.warmup,
-        }
-        .at(s);
-        let state = HostState {
-            params: &mut self.params,
-            grads: &mut self.grads,
-            trainable: &self.trainable,
-            opt: &mut self.opt,
-            ema: &mut self.ema,
-        };
-        let grad_norm = host_update(state, s + 1, loss, lr, self.cfg.clip)?;
-        self.step = s + 1;
-        self.last_loss = Some(loss);
-        Ok(SdttStep {
-            step: s + 1,
-            round,
-            dt,
-            loss,
-            lr,
-            grad_norm,
-            masked,
-        })
-    }
-
-    /// Held-out KL(student ‖ teacher) (kl-bwd whatever the training mode) of `params` against
-    /// the current teacher, with fixed times, masks, eps and rollout draws.
-    pub fn validation_kl(&self, params: &DitParams) -> Result<Option<f64>> {
-        let Some(val) = &self.val else {
-            return Ok(None);
-        };
-        let mut rng = stream(VALIDATION_SEED, VALIDATION, 0);
-        let mut eps = stream(VALIDATION_SEED, EPS, 0);
-        let mut key = stream(VALIDATION_SEED, ROLLOUT, 0);
-        let (m, l) = (self.cfg.micro_batch, val.len);
-        let dt = self.sdtt.dt(self.teacher_round);
-        let mut teacher = CpuDenoiser::new(self.teacher.clone())?;
-        let (mut sum, mut masked) = (0.0, 0usize);
-        for start in (0..val.batch).step_by(m) {
-            let n = m.min(val.batch - start);
-            let x = Tokens {
-                batch: n,
-                len: l,
-                ids: val.ids[start * l..(start + n) * l].to_vec(),
-            };
-            let t = antithetic_times(&mut rng, n);
-            let nb = nelbo_batch(&mut rng, &mut eps, &x, &t, &self.model, 1.0)?;
-            let ro = teacher_rollout(
-                &mut teacher,
-                &nb.xt,
-                &nb.t,
-                nb.eps.as_ref(),
-                (self.sdtt.distill_steps, dt, self.sdtt.spacing),
-                key.next_u64(),
-            )?;
-            let batch = DistillBatch {
-                xt: &nb.xt,
-                eps: nb.eps.as_ref(),
-                target: &ro.target,
-                mode: DistillMode::KlBwd,
-                norm: 1.0,
-                sigma: None,
-            };
-            sum += cpu::distill_loss_eval::<f32>(params, &batch)?;
-            masked += nb.masked();
-        }
-        Ok(Some(sum / masked.max(1) as f64))
-    }
-
-    fn validate(&mut self) -> Result<()> {
-        let Some(kl) = self.validation_kl(&self.ema.shadow)? else {
-            return Ok(());
-        };
-        let (step, round) = (self.step, self.teacher_round);
-        if let Some(run) = &self.run {
-            run.append_metrics(&json!({
-                "kind": "val", "step": step, "round": round, "val_kl": kl,
-                "elapsed_s": self.elapsed_s(),
-            }))?;
-        }
-        (self.observer)(&SdttEvent::Validation { step, round, kl });
-        Ok(())
-    }
-
-    fn report(&mut self, log: &SdttStep) -> Result<()> {
-        let (s0, t0) = self.last_report;
-        let el = t0.elapsed().as_secs_f64();
-        let n = log.step.saturating_sub(s0) as f64;
-        let tok_per_s = if el > 0.0 {
-            n * (self.cfg.batch * self.model.length) as f64 / el
-        } else {
-            0.0
-        };
-        let per_step = if n > 0.0 { el / n } else { 0.0 };
-        let eta_s = per_step * self.cfg.steps.saturating_sub(log.step) as f64;
-        let kl = (self.sdtt.mode == DistillMode::KlBwd).then_some(log.loss);
-        if let Some(run) = &self.run {
-            run.append_metrics(&json!({
-                "kind": "train", "step": log.step, "round": log.round, "dt": log.dt,
-                "loss": log.loss, "kl": kl, "lr": log.lr, "grad_norm": log.grad_norm,
-                "masked": log.masked, "tok_per_s": tok_per_s, "elapsed_s": self.elapsed_s(),
-            }))?;
-        }
-        let elapsed_s = self.elapsed_s();
-        (self.observer)(&SdttEvent::Progress {
-            log: log.clone(),
-            tok_per_s,
-            elapsed_s,
-            eta_s,
-        });
-        self.last_report = (log.step, Instant::now());
-        Ok(())
-    }
-
-    /// Trains until step `stop` (at most `cfg.steps`). Reaching `cfg.steps` ends the run:
-    /// validation, the last round's weights and the final checkpoint.
-    pub fn run_until(&mut self, stop: u64) -> Result<()> {
-        let end = self.cfg.steps;
-        let first = self.step;
-        self.last_report = (self.step, Instant::now());
-        while self.step < stop.min(end) {
-            let log = self.step()?;
-            let s = log.step;
-            if s % self.cfg.log_every == 0 || s == end {
-                self.report(&log)?;
-            }
-            if s < end {
-                if self.cfg.eval_every > 0 && s % self.cfg.eval_every == 0 {
-                    self.validate()?;
-                }
-                if self.run.is_some() && self.cfg.save_every > 0 && s % self.cfg.save_every == 0 {
-                    self.save_checkpoint()?;
-                }
-            }
-        }
-        if self.step == end && self.step > first {
-            self.validate()?;
-            self.save_round(self.teacher_round)?;
-            if self.run.is_some() {
-                self.save_checkpoint()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The loss of the last step taken.
-    pub fn state_last_loss(&self) -> Option<f64> {
-        self.last_loss
-    }
-
-    pub fn run(&mut self) -> Result<()> {
-        self.run_until(self.cfg.steps)
     }
 }
 

@@ -1,14 +1,18 @@
 use super::*;
+use crate::cpu::CpuDenoiser;
+use crate::diffusion::noising::nelbo_batch;
 use crate::diffusion::posterior::{
     exp_race, masked_weights, probs_from_log, SamplerKind, StepAlphas,
 };
 use crate::diffusion::schedule::alpha;
 use crate::diffusion::{Denoiser, SamplerStream};
+use crate::distill::rollout::teacher_rollout;
 use crate::distill::rollout::teacher_times;
 use crate::model::init::{init_params, random_params};
 use crate::model::NoiseType;
 use crate::tensor::Tensor;
 use crate::train::data::SyntheticSource;
+use crate::train::trainer::stream;
 
 fn tiny(algo: Algo) -> DitConfig {
     DitConfig {

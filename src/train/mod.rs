@@ -24,7 +24,7 @@ pub mod update;
 
 pub use config::{DataSpec, Freeze, TokenDtype, TrainConfig};
 pub use ema::Ema;
-pub use objective::{CpuDit, LinearSoftmax, Objective, Resident};
+pub use objective::{CpuDit, LinearSoftmax, LossInput, Objective, Resident};
 pub use optim::{AdamW, AdamWConfig, LrSchedule};
 pub use run::{RunConfig, RunDir};
 pub use source::DataSource;

@@ -11,7 +11,7 @@
 //!   the real one. The mean-pooled context lets it learn the synthetic task (all tokens equal).
 
 use crate::cpu::{self, TrainOpts};
-use crate::diffusion::LossBatch;
+use crate::diffusion::{DistillBatch, LossBatch};
 use crate::error::{Error, Result};
 use crate::model::DitParams;
 use crate::tensor::Tensor;
@@ -39,6 +39,15 @@ pub trait Objective {
     }
 }
 
+/// What one micro-batch of a resident step optimises: the NELBO's weighted cross-entropy, or
+/// the distillation loss against a stored teacher target (spec 6.1 step 4). Everything after
+/// the loss (backward, clip, AdamW, EMA) is the same for both.
+#[derive(Clone, Copy, Debug)]
+pub enum LossInput<'a> {
+    Nelbo(LossBatch<'a>),
+    Distill(DistillBatch<'a>),
+}
+
 /// An objective that holds the whole training state on its device. The loop hands it the
 /// host state once ([`Resident::load`]), runs every step through it, and reads the state back
 /// ([`Resident::store`]) before checkpoints and at the end. The update rule is the host
@@ -52,14 +61,14 @@ pub trait Resident {
     /// Zeroes the gradients (start of a step).
     fn zero_grads(&mut self) -> Result<()>;
     /// Loss of one micro-batch; its gradient accumulates on the device.
-    fn accumulate(&mut self, batch: &LossBatch, opts: &TrainOpts) -> Result<f64>;
+    fn accumulate(&mut self, batch: LossInput, opts: &TrainOpts) -> Result<f64>;
     /// Ends step `step` (1-based) whose micro-batch losses sum to `loss`: fails with
     /// `Error::NonFinite` naming the first bad gradient (or the loss), clips to `clip`
     /// (global norm over trainable tensors; <= 0: off), runs AdamW at `lr`, fails naming a
     /// parameter that became non-finite, updates the EMA. Returns the norm before clipping.
     fn update(&mut self, step: u64, loss: f64, lr: f64, clip: f64) -> Result<f64>;
     /// The loss of `batch` in evaluation mode on the EMA weights.
-    fn eval_loss_ema(&mut self, batch: &LossBatch) -> Result<f64>;
+    fn eval_loss_ema(&mut self, batch: LossInput) -> Result<f64>;
     /// Downloads weights, EMA shadow, moments and counters into the host state.
     fn store(&mut self, params: &mut DitParams, ema: &mut Ema, opt: &mut AdamW) -> Result<()>;
 }

@@ -32,7 +32,7 @@ use crate::model::{DitConfig, DitParams};
 use crate::tensor::Tokens;
 use crate::train::config::TrainConfig;
 use crate::train::ema::Ema;
-use crate::train::objective::Objective;
+use crate::train::objective::{LossInput, Objective};
 use crate::train::optim::{first_non_finite, zero, AdamW, AdamWConfig, LrSchedule};
 use crate::train::run::{RngState, RunDir, TrainState, RUN_FORMAT};
 use crate::train::source::DataSource;
@@ -365,7 +365,7 @@ impl Trainer {
             };
             loss += if resident {
                 let r = obj.resident().expect("resident");
-                r.accumulate(&nb.as_loss(), &opts)?
+                r.accumulate(LossInput::Nelbo(nb.as_loss()), &opts)?
             } else {
                 obj.loss_and_grad(&self.params, &nb.as_loss(), &opts, &mut self.grads)?
             };
@@ -440,7 +440,7 @@ impl Trainer {
             let nb = nelbo_batch(&mut rng, &mut eps, &x, &t, &self.model, 1.0)?;
             sum += if resident {
                 let r = obj.resident().expect("resident");
-                r.eval_loss_ema(&nb.as_loss())?
+                r.eval_loss_ema(LossInput::Nelbo(nb.as_loss()))?
             } else {
                 obj.eval_loss(&self.ema.shadow, &nb.as_loss())?
             };
