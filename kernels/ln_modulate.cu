@@ -1,42 +1,48 @@
 // ln_modulate: LayerNorm without bias fused with adaLN modulate (spec 2.3).
 //
-// Maths, per row r of x (rows = B*L, width D), with b = r / rows_per_batch:
+// Maths, per row r of x (rows = B*L, width D), with b = r / rows_per_batch and the modulation
+// row offset o = b * mod_stride (mod_stride 0: every row reads modulation row 0, the constant
+// conditioning of MDLM/IMDM; mod_stride 6D or 2D: sequence b reads row b of a block's (B, 6D)
+// or the final layer's (B, 2D) time-conditioned modulation):
 //   mean_r = sum_j x[r,j] / D
 //   rstd_r = 1 / sqrt(sum_j (x[r,j] - mean_r)^2 / D + 1e-5)        (biased variance, eps 1e-5)
 //   z      = (x[r,j] - mean_r) * rstd_r * weight[j]
-//   y[r,j] = z * (1 + scale[b,j]) + shift[b,j]                     (shift/scale null: y = z)
-// Shapes and dtypes: x (rows, D) f32 (the fp32 residual stream); weight (D) f32;
-//   shift, scale (B, D) f32 or both null (AR baseline); y (rows, D) bf16 (the next GEMM's input).
+//   y[r,j] = z * (1 + scale[o + j]) + shift[o + j]                 (shift/scale null: y = z)
+// Shapes and dtypes: x (rows, D) f32 (the fp32 residual stream); weight (D) f32; shift, scale:
+//   D f32 values at every row offset o (chunks of one modulation buffer, rows mod_stride apart),
+//   or both null (AR baseline); y (rows, D) bf16 (the next GEMM's input).
 // Saved for the backward: mean (rows) f32, rstd (rows) f32.
 // Thread mapping: one warp per row, ROWS_PER_BLOCK warps per block. Two-pass statistics in fp32
 //   (exact mean first, then centred squares) so large-mean rows lose no precision.
-//   Fast path (D % 4 == 0 and D <= 32*4*LN_MAX_VEC = 1536: every preset): lane l holds the
-//   float4s at columns 4l + 128k, k < LN_MAX_VEC, in registers, so the row is read from DRAM
-//   once and never re-read; the output pass loads weight/scale/shift as float4 and stores four
-//   bf16 (8 bytes) per lane. The per-lane summation order is the generic path's, so both paths
-//   give bit-identical results.
+//   Fast path (D % 4 == 0 and D <= 32*4*LN_MAX_VEC = 1536: every preset; shift/scale 16-byte
+//   aligned with mod_stride % 4 == 0): lane l holds the float4s at columns 4l + 128k,
+//   k < LN_MAX_VEC, in registers, so the row is read from DRAM once and never re-read; the
+//   output pass loads weight/scale/shift as float4 and stores four bf16 (8 bytes) per lane. The
+//   per-lane summation order is the generic path's, so both paths give bit-identical results.
 //   Each lane keeps up to LN_MAX_VEC independent 16-byte loads in flight.
-//   Generic path (other D): lanes stride the row (float4 loads when D % 4 == 0), re-reading it
+//   Generic path (otherwise): lanes stride the row (float4 loads when D % 4 == 0), re-reading it
 //   from L1/L2 for each pass, and write scalars.
 // Accumulation rule: outputs are written (=), never accumulated.
 //
 // ---- Backward (ln_modulate_bwd_f32 + ln_modulate_bwd_reduce_f32) ----------------------------
-// Maths, per row r, b = r / rows_per_batch, with xh = (x - mean_r) rstd_r, z = xh weight,
-// s = scale[b,:] (s = 0 and no shift/scale gradients when the forward had no modulation):
-//   d shift[b,j] += sum_{r in b} dy[r,j]
-//   d scale[b,j] += sum_{r in b} dy[r,j] z[r,j]
-//   dz           = dy (1 + s[j])
-//   d weight[j]  += sum_r dz[r,j] xh[r,j]
-//   dxh          = dz weight[j]
-//   dx[r,j]      += rstd_r (dxh[r,j] - mean_j(dxh[r,:]) - xh[r,j] mean_j(dxh[r,:] xh[r,:]))
+// Maths, per row r, b = r / rows_per_batch, o = b * mod_stride, with xh = (x - mean_r) rstd_r,
+// z = xh weight, s = scale[o + :] (s = 0 and no shift/scale gradients without modulation):
+//   d shift[o + j] += sum_{r in b} dy[r,j]         (mod_stride 0: the sum over all rows)
+//   d scale[o + j] += sum_{r in b} dy[r,j] z[r,j]
+//   dz             = dy (1 + s[j])
+//   d weight[j]    += sum_r dz[r,j] xh[r,j]
+//   dxh            = dz weight[j]
+//   dx[r,j]        += rstd_r (dxh[r,j] - mean_j(dxh[r,:]) - xh[r,j] mean_j(dxh[r,:] xh[r,:]))
 // (the LayerNorm input gradient with biased variance; the saved mean/rstd are reused, not
 // recomputed, so the backward is exactly the derivative of the forward that produced them).
 // Shapes and dtypes: dy (rows, D) f32: the input gradient of the consumer GEMM (qkv, MLP fc1 or
 //   final linear), which cuBLASLt writes in f32 (fp32 accumulators; D-wide, so f32 costs little
 //   and keeps the residual-stream gradient free of bf16 rounding); x (rows, D) f32; mean, rstd
-//   (rows) f32 (saved by the forward); weight (D) f32; scale (B, D) f32 or null (no modulation;
-//   shift is not needed by the backward); dx (rows, D) f32; d weight (D), d shift, d scale
-//   (B, D) f32; part: scratch of (B * chunks, 3, D) f32, chunks = ceil(rows_per_batch / 32).
+//   (rows) f32 (saved by the forward); weight (D) f32; scale as in the forward or null (no
+//   modulation; shift is not needed by the backward); dx (rows, D) f32; d weight (D) f32;
+//   dmod: the (shift, scale) gradient pair of the modulation buffer's gradient, d shift at
+//   dmod[o + j] and d scale at dmod[o + D + j] (the two chunks are adjacent in every layer);
+//   part: scratch of (B * chunks, 3, D) f32, chunks = ceil(rows_per_batch / 32).
 // Accumulation rule: dx += (dx is the residual-stream gradient: it already holds the skip path's
 //   gradient, and this adds the LayerNorm branch's); d weight, d shift, d scale += (parameter and
 //   modulation gradients, reduced deterministically in two stages; no atomics).
@@ -50,9 +56,11 @@
 //   and adds dx. At the end each thread writes its columns of the block's partials
 //   part[(b*chunks + c), k, j], k = 0 shift, 1 scale, 2 weight (written even without modulation).
 // Thread mapping, stage 2 (ln_modulate_bwd_reduce_f32): grid (ceil(D/32), B + 1), 256 threads;
-//   blockIdx.y = b < B adds the chunks partials of batch b into d shift[b], d scale[b] (skipped
-//   without modulation); blockIdx.y = B adds all B*chunks partials into d weight
-//   (imdm_colsum_partials: fixed order).
+//   blockIdx.y = b < B adds the chunks partials of batch b into d shift, d scale at o = b *
+//   mod_stride (skipped without modulation; with mod_stride 0 block row b = 0 adds all B*chunks
+//   partials and the others return, so the broadcast gradient is one fixed-order sum);
+//   blockIdx.y = B adds all B*chunks partials into d weight (imdm_colsum_partials: fixed order).
+//   The launcher runs the broadcast case as one batch of all rows (B = 1, rows_per_batch = rows).
 #include "common.cuh"
 
 #define ROWS_PER_BLOCK 8
@@ -119,14 +127,17 @@ extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * IMDM_WARP)
 ln_modulate_fwd_bf16(__nv_bfloat16* __restrict__ y, float* __restrict__ mean_out,
                      float* __restrict__ rstd_out, const float* __restrict__ x,
                      const float* __restrict__ weight, const float* __restrict__ shift,
-                     const float* __restrict__ scale, int rows, int d, int rows_per_batch) {
+                     const float* __restrict__ scale, int rows, int d, int rows_per_batch,
+                     int mod_stride) {
     const int lane = threadIdx.x % IMDM_WARP;
     const int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / IMDM_WARP;
     if (row >= rows) return;
     const float* xr = x + (size_t)row * d;
     const bool vec = (d % 4) == 0;
-    if (vec && d <= IMDM_WARP * 4 * LN_MAX_VEC) {
-        const size_t mod = (size_t)(row / rows_per_batch) * d;
+    const bool mod_vec = shift == nullptr || (mod_stride % 4 == 0 && imdm_aligned16(shift) &&
+                                              imdm_aligned16(scale));
+    const size_t mod = (size_t)(row / rows_per_batch) * mod_stride;
+    if (vec && mod_vec && d <= IMDM_WARP * 4 * LN_MAX_VEC) {
         ln_fwd_row_regs(y + (size_t)row * d, mean_out, rstd_out, xr, weight, shift, scale, mod,
                         row, d, lane);
         return;
@@ -162,7 +173,6 @@ ln_modulate_fwd_bf16(__nv_bfloat16* __restrict__ y, float* __restrict__ mean_out
         rstd_out[row] = rstd;
     }
 
-    const size_t mod = (size_t)(row / rows_per_batch) * d;
     __nv_bfloat16* yr = y + (size_t)row * d;
     for (int j = lane; j < d; j += IMDM_WARP) {
         float z = (xr[j] - mean) * rstd * weight[j];
@@ -179,7 +189,7 @@ ln_modulate_bwd_f32(float* __restrict__ dx, float* __restrict__ part,
                     const float* __restrict__ mean, const float* __restrict__ rstd,
                     const float* __restrict__ dy, const float* __restrict__ x,
                     const float* __restrict__ weight, const float* __restrict__ scale, int rows,
-                    int d, int rows_per_batch) {
+                    int d, int rows_per_batch, int mod_stride) {
     extern __shared__ float ln_bwd_acc[];  // [3][d]: shift, scale, weight column partials
     __shared__ float2 red[LN_BWD_THREADS / IMDM_WARP];
     float* acc_shift = ln_bwd_acc;
@@ -191,7 +201,7 @@ ln_modulate_bwd_f32(float* __restrict__ dx, float* __restrict__ part,
 
     const int i0 = c * LN_BWD_ROWS;  // first row of this chunk inside the batch
     const int n_rows = min(LN_BWD_ROWS, rows_per_batch - i0);  // block-uniform
-    const float* sc = scale != nullptr ? scale + (size_t)b * d : nullptr;
+    const float* sc = scale != nullptr ? scale + (size_t)b * mod_stride : nullptr;
     const float inv_d = 1.f / (float)d;
     for (int i = 0; i < n_rows; ++i) {
         const size_t r = (size_t)b * rows_per_batch + i0 + i;
@@ -233,17 +243,21 @@ ln_modulate_bwd_f32(float* __restrict__ dx, float* __restrict__ part,
 }
 
 extern "C" __global__ void __launch_bounds__(IMDM_RED_WARPS * IMDM_WARP)
-ln_modulate_bwd_reduce_f32(float* __restrict__ dweight, float* __restrict__ dshift,
-                           float* __restrict__ dscale, const float* __restrict__ part,
-                           int batches, int chunks, int d) {
+ln_modulate_bwd_reduce_f32(float* __restrict__ dweight, float* __restrict__ dmod,
+                           const float* __restrict__ part, int batches, int chunks, int d,
+                           int mod_stride) {
     const int col0 = blockIdx.x * IMDM_WARP;
     const int y = blockIdx.y;  // block-uniform: every branch below is taken by the whole block
     const size_t stride = 3 * (size_t)d;
     if (y < batches) {
-        if (dshift == nullptr) return;
+        if (dmod == nullptr) return;
+        // Broadcast (mod_stride 0): one row of gradients, the sum over every batch's partials.
+        if (mod_stride == 0 && y > 0) return;
+        const size_t n = mod_stride == 0 ? (size_t)batches * chunks : (size_t)chunks;
         const float* pb = part + (size_t)y * chunks * stride;
-        imdm_colsum_partials(dshift + (size_t)y * d, pb, chunks, stride, d, col0);
-        imdm_colsum_partials(dscale + (size_t)y * d, pb + d, chunks, stride, d, col0);
+        float* out = dmod + (size_t)y * mod_stride;
+        imdm_colsum_partials(out, pb, n, stride, d, col0);
+        imdm_colsum_partials(out + d, pb + d, n, stride, d, col0);
     } else {
         imdm_colsum_partials(dweight, part + 2 * (size_t)d, (size_t)batches * chunks, stride, d,
                              col0);

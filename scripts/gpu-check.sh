@@ -17,7 +17,8 @@
 #              SUBS forward and loss, and the sampler (skipped with the reason where the
 #              runtime refuses the device)
 #   gpu_*      every tests/gpu_*.rs binary: gpu_dit, gpu_train (gradient check, determinism),
-#              gpu_distill (distillation gradients vs the CPU, resident SDTT steps, CLI resume)
+#              gpu_distill (distillation gradients vs the CPU, resident SDTT steps, CLI resume),
+#              gpu_timecond (time conditioning against the CPU backend)
 #   bench-*    bench kernels, forward, train --steps 3 (finite loss near ln V) and sample, at
 #              both reference shapes, each with --trace; bench distill at small/OWT (teacher
 #              rollout vs student split, the reference's 3 forwards + 1 backward beside it)

@@ -23,6 +23,7 @@ use crate::cuda::ops::embedding::embedding_fwd;
 use crate::cuda::ops::gelu::{gelu_fwd, GeluKind};
 use crate::cuda::ops::gemm::{self, Epilogue, Gemm};
 use crate::cuda::ops::ln_modulate::{ln_modulate_fwd, LnModulateOut};
+use crate::cuda::ops::modulation::ModIn;
 use crate::cuda::ops::residual::residual_fwd;
 use crate::cuda::ops::subs::{subs_fwd_f32, SubsShape};
 use crate::cuda::Gpu;
@@ -81,13 +82,12 @@ fn kernels_at(
 
     let h = rand_dev_f32(gpu, &mut rng, rows * d)?;
     let w = rand_dev_f32(gpu, &mut rng, d)?;
-    let (shift, scale) = (
-        rand_dev_f32(gpu, &mut rng, d)?,
-        rand_dev_f32(gpu, &mut rng, d)?,
-    );
+    // One (shift, scale) row broadcast over all rows (constant conditioning).
+    let modulation = rand_dev_f32(gpu, &mut rng, 2 * d)?;
     let mut ln = LnModulateOut::new(gpu, rows, d)?;
     let ms = t.time(gpu, || {
-        ln_modulate_fwd(gpu, &mut ln, &h, &w, Some((&shift, &scale)), rows, d, rows)
+        let m = Some(ModIn::broadcast(&modulation, 0));
+        ln_modulate_fwd(gpu, &mut ln, &h, &w, m, rows, d, rows)
     })?;
     out.push(Row::memory(
         "ln_modulate_fwd",
@@ -136,7 +136,8 @@ fn kernels_at(
     let gate = rand_dev_f32(gpu, &mut rng, d)?;
     for p in [0.0f32, 0.1] {
         let ms = t.time(gpu, || {
-            residual_fwd(gpu, &mut hh, &branch, Some(&gate), rows, d, rows, p, 1, 0)
+            let g = Some(ModIn::broadcast(&gate, 0));
+            residual_fwd(gpu, &mut hh, &branch, g, rows, d, rows, p, 1, 0)
         })?;
         out.push(Row::memory(
             &format!("residual_fwd p={p}"),

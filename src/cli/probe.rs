@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::cuda::ops::ln_modulate;
+use crate::cuda::ops::modulation::{HostMod, ModIn, ModRows};
 use crate::cuda::{Gpu, ARCH, PTX};
 use crate::error::{Error, Result};
 use crate::testing::{compare, Tol};
@@ -51,25 +52,34 @@ pub fn run(a: ProbeArgs) -> Result<()> {
             .map(|_| rng.random_range(lo..hi))
             .collect::<Vec<f32>>()
     };
-    let (x, w, shift, scale) = (
+    // (shift, scale) per sequence: a (B, 2D) modulation buffer.
+    let (x, w, modulation) = (
         r(rows * d, -3.0, 3.0),
         r(d, 0.5, 1.5),
-        r(rows / len * d, -0.5, 0.5),
-        r(rows / len * d, -0.5, 0.5),
+        r(rows / len * 2 * d, -0.5, 0.5),
     );
+    let layout = ModRows::PerSequence { stride: 2 * d };
     let s = &gpu.stream;
-    let (dx, dw, dsh, dsc) = (
+    let (dx, dw, dm) = (
         s.clone_htod(&x)?,
         s.clone_htod(&w)?,
-        s.clone_htod(&shift)?,
-        s.clone_htod(&scale)?,
+        s.clone_htod(&modulation)?,
     );
     let mut out = ln_modulate::LnModulateOut::new(&gpu, rows, d)?;
-    ln_modulate::ln_modulate_fwd(&gpu, &mut out, &dx, &dw, Some((&dsh, &dsc)), rows, d, len)?;
+    let m = ModIn {
+        buf: &dm,
+        chunk: 0,
+        rows: layout,
+    };
+    ln_modulate::ln_modulate_fwd(&gpu, &mut out, &dx, &dw, Some(m), rows, d, len)?;
     let y: Vec<f32> = s.clone_dtoh(&out.y)?.iter().map(|v| v.to_f32()).collect();
     let rstd = s.clone_dtoh(&out.rstd)?;
-    let (y_ref, _, rstd_ref) =
-        ln_modulate::cpu::ln_modulate_fwd(&x, &w, Some((&shift, &scale)), d, len);
+    let hm = HostMod {
+        buf: &modulation[..],
+        chunk: 0,
+        rows: layout,
+    };
+    let (y_ref, _, rstd_ref) = ln_modulate::cpu::ln_modulate_fwd(&x, &w, Some(hm), d, len);
     let mut ok = true;
     for (name, got, want, tol) in [
         ("y (bf16)", &y, &y_ref, Tol::BF16),

@@ -1,6 +1,7 @@
 //! What the GPU DiT backward ([`crate::cuda::dit_bwd`]) works in: the gradient registers of
-//! `tape.rs` for one (batch, len) ([`BwdScratch`]) and the modulation gradients summed over
-//! rows ([`ModGrads`]).
+//! `tape.rs` for one (batch, len) ([`BwdScratch`], with the per-sequence modulation gradients of
+//! a time-conditioned model) and the constant modulations' gradients summed over rows
+//! ([`ModGrads`]).
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -11,44 +12,43 @@ use crate::cuda::ops::embedding::EmbeddingBwdPlan;
 use crate::cuda::ops::gelu::gelu_bwd_scratch_len;
 use crate::cuda::ops::ln_modulate::ln_modulate_bwd_scratch_len;
 use crate::cuda::ops::residual::residual_bwd_scratch_len;
+use crate::cuda::time_cond::RowModGrads;
 use crate::cuda::Gpu;
 use crate::error::Result;
 use crate::model::DitConfig;
 
-/// Gradients of the modulation vectors, each (1, D) f32, summed over all rows (and over the
-/// micro-batches of a step): per block (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
-/// gate_mlp), and the final layer's (shift, scale). The adaLN bias gradient is exactly their
-/// concatenation.
+/// Gradients of the constant modulation vectors, summed over all rows (and over the
+/// micro-batches of a step): per block one (6D) f32 row (shift_msa, scale_msa, gate_msa,
+/// shift_mlp, scale_mlp, gate_mlp), and the final layer's (2D) (shift, scale): the adaLN bias
+/// gradients themselves.
 pub struct ModGrads {
-    pub blocks: Vec<[CudaSlice<f32>; 6]>,
-    pub final_layer: [CudaSlice<f32>; 2],
+    pub blocks: Vec<CudaSlice<f32>>,
+    pub final_layer: CudaSlice<f32>,
 }
 
 impl ModGrads {
-    /// Zeroed buffers for `c`, or `None` when the model has no adaLN (AR baseline).
+    /// Zeroed buffers for `c`, or `None` when the model has no constant modulation: no adaLN
+    /// (AR baseline), or time conditioning (whose per-sequence gradients live in
+    /// [`BwdScratch`] and are finished by each backward).
     pub fn new(gpu: &Gpu, c: &DitConfig) -> Result<Option<Self>> {
-        if !c.has_adaln() {
+        if !c.has_adaln() || c.time_conditioning {
             return Ok(None);
         }
-        let z = || gpu.stream.alloc_zeros::<f32>(c.hidden);
+        let z = |n: usize| gpu.stream.alloc_zeros::<f32>(n * c.hidden);
         let blocks = (0..c.blocks)
-            .map(|_| Ok([z()?, z()?, z()?, z()?, z()?, z()?]))
+            .map(|_| Ok(z(6)?))
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(ModGrads {
             blocks,
-            final_layer: [z()?, z()?],
+            final_layer: z(2)?,
         }))
     }
 
     pub fn zero(&mut self, gpu: &Gpu) -> Result<()> {
-        for b in &mut self.blocks {
-            for x in b.iter_mut() {
-                gpu.stream.memset_zeros(x)?;
-            }
-        }
-        for x in self.final_layer.iter_mut() {
+        for x in self.blocks.iter_mut() {
             gpu.stream.memset_zeros(x)?;
         }
+        gpu.stream.memset_zeros(&mut self.final_layer)?;
         Ok(())
     }
 }
@@ -90,15 +90,19 @@ pub struct BwdScratch {
     pub(crate) attn: AttentionBwdWorkspace,
     pub(crate) emb: EmbeddingBwdPlan,
     pub(crate) emb_loaded: bool,
+    /// Time conditioning: the per-sequence modulation gradients of this backward.
+    pub(crate) rowmods: Option<RowModGrads>,
 }
 
 impl BwdScratch {
     pub fn new(gpu: &Gpu, c: &DitConfig, batch: usize, len: usize) -> Result<Self> {
         let (rows, d, h) = (batch * len, c.hidden, c.mlp_hidden());
         let s = &gpu.stream;
+        // Per-sequence reductions (time conditioning) need the most partials: one set per
+        // chunk of each sequence.
         let red = [
-            ln_modulate_bwd_scratch_len(rows, d, rows),
-            residual_bwd_scratch_len(rows, d, rows),
+            ln_modulate_bwd_scratch_len(rows, d, len.max(1)),
+            residual_bwd_scratch_len(rows, d, len.max(1)),
             gelu_bwd_scratch_len(rows, h),
             gelu_bwd_scratch_len(rows, 4 * d),
         ]
@@ -131,6 +135,7 @@ impl BwdScratch {
             attn: AttentionBwdWorkspace::new(gpu, &attention_shape(c, batch, len))?,
             emb: EmbeddingBwdPlan::new(gpu, rows, d)?,
             emb_loaded: false,
+            rowmods: RowModGrads::new(gpu, c, batch)?,
         })
     }
 

@@ -1,8 +1,11 @@
 //! The conditioning path of GPU training: the constant vector
 //! `c = SiLU(fc2(SiLU(fc1(feat(σ=0)))))` (spec 2.2 step 2, 4.2) and the adaLN modulations
-//! `m = W c + b` of every block and of the final layer, forward and backward.
+//! `m = W c + b` of every block and of the final layer, forward and backward, and the sigma
+//! map's host activations [`CondHost`] at any sigma (the per-sequence path of time conditioning
+//! is `cuda::time_cond`; for such a model [`CondDevice::refresh_modulations`] hands it the new
+//! weights instead).
 //!
-//! Time conditioning is off, so `c` is one vector per set of weights and each modulation is
+//! Without time conditioning `c` is one vector per set of weights and each modulation is
 //! one vector broadcast over all rows. The backward kernels therefore leave per-step sums
 //! `dm` (`dit_bwd::ModGrads`), and the whole path's gradients follow from them once per
 //! optimizer step (`c` does not change within a step, so summing `dm` over micro-batches first
@@ -60,7 +63,8 @@ fn affine(l: &Linear, x: &[f64]) -> Vec<f64> {
 /// The sigma map's activations on the host, in f64 (one row).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CondHost {
-    /// (256) time feature at sigma = 0: `[1]*128 ++ [0]*128`
+    /// (256) time feature `[cos(σ f_k)] ++ [sin(σ f_k)]`, f_k = 10000^(-k/128) (spec 2.2); at
+    /// sigma = 0 `[1]*128 ++ [0]*128`
     pub feat: Vec<f64>,
     /// (cond) fc1 output, its SiLU, fc2 output
     pub c1: Vec<f64>,
@@ -74,12 +78,25 @@ pub struct CondHost {
 pub type LinearGrad = (Vec<f64>, Vec<f64>);
 
 impl CondHost {
-    /// The forward of the sigma map `fc1` (256 -> cond), `fc2` (cond -> cond).
+    /// The forward of the sigma map `fc1` (256 -> cond), `fc2` (cond -> cond) at sigma = 0
+    /// (constant conditioning).
     pub fn forward(fc1: &Linear, fc2: &Linear) -> Self {
+        Self::forward_at(fc1, fc2, 0.0)
+    }
+
+    /// The forward of the sigma map at `sigma` (time conditioning: one call per sequence).
+    pub fn forward_at(fc1: &Linear, fc2: &Linear, sigma: f64) -> Self {
         let half = TIME_FEATURES / 2;
-        // cos(0) = 1 for the first half, sin(0) = 0 for the second (spec 2.2).
+        // cos(0) = 1 and sin(0) = 0 exactly, so sigma = 0 gives the constant feature.
         let feat: Vec<f64> = (0..TIME_FEATURES)
-            .map(|k| if k < half { 1.0 } else { 0.0 })
+            .map(|k| {
+                let f = (-(10000f64.ln()) * (k % half) as f64 / half as f64).exp();
+                if k < half {
+                    (sigma * f).cos()
+                } else {
+                    (sigma * f).sin()
+                }
+            })
             .collect();
         let c1 = affine(fc1, &feat);
         let s1: Vec<f64> = c1.iter().map(|&x| silu(x)).collect();
@@ -138,12 +155,10 @@ pub struct CondDevice {
     c: CudaSlice<f32>,
     /// (cond) f32 accumulated W_adaLNᵀ dm
     dc: CudaSlice<f32>,
-    /// (6D) f32 one modulation vector
-    m: CudaSlice<f32>,
     /// host activations and the sigma map's f32 weights they came from
     host: CondHost,
+    fc1: Linear,
     fc2: Linear,
-    d: usize,
     cond: usize,
 }
 
@@ -168,10 +183,9 @@ impl CondDevice {
             blas,
             c: s.alloc_zeros(c.cond_dim)?,
             dc: s.alloc_zeros(c.cond_dim)?,
-            m: s.alloc_zeros(6 * c.hidden)?,
             host: CondHost::forward(fc1, fc2),
+            fc1: fc1.clone(),
             fc2: fc2.clone(),
-            d: c.hidden,
             cond: c.cond_dim,
         };
         me.set_sigma_map(gpu, fc1, fc2)?;
@@ -189,14 +203,20 @@ impl CondDevice {
             )));
         }
         self.host = CondHost::forward(fc1, fc2);
+        self.fc1 = fc1.clone();
         self.fc2 = fc2.clone();
         gpu.stream.memcpy_htod(&self.host.c_f32(), &mut self.c)?;
         Ok(())
     }
 
     /// `out (n·D) = W c + b` for an adaLN layer with weight (n·D, cond) and bias (n·D), f32.
-    fn modulation(&mut self, gpu: &Gpu, l: &LinearOf<CudaSlice<f32>>, n: usize) -> Result<()> {
-        let nd = n * self.d;
+    fn modulation(
+        &mut self,
+        gpu: &Gpu,
+        l: &LinearOf<CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let nd = out.len();
         let b =
             l.b.as_ref()
                 .ok_or_else(|| Error::Shape("adaLN without bias".into()))?;
@@ -208,8 +228,7 @@ impl CondDevice {
                 self.cond
             )));
         }
-        let mut out = self.m.slice_mut(0..nd);
-        gpu.stream.memcpy_dtod(b, &mut out)?;
+        gpu.stream.memcpy_dtod(b, out)?;
         // Row-major W (nd, cond) is column-major (cond, nd) with ld = cond: m = W_cmᵀ c.
         let cfg = GemvConfig {
             trans: cublasOperation_t::CUBLAS_OP_T,
@@ -222,54 +241,50 @@ impl CondDevice {
             incy: 1,
         };
         // SAFETY: W holds cond·nd f32 (checked), c holds cond and out nd, matching the config.
-        unsafe { self.blas.gemv(cfg, &l.w, &self.c, &mut out) }
+        unsafe { self.blas.gemv(cfg, &l.w, &self.c, out) }
             .map_err(|e| blas_err("modulation gemv", e))?;
         Ok(())
     }
 
     /// Rewrites every modulation vector of `model` from the f32 master adaLN weights in
-    /// `master` and the current `c`.
+    /// `master` and the current `c`. A time-conditioned model instead takes the masters and
+    /// the sigma map into its [`crate::cuda::time_cond::TimeCond`] (its modulations are
+    /// computed per forward).
     pub fn refresh_modulations(
         &mut self,
         gpu: &Gpu,
         model: &mut GpuDit,
         master: &ParamTree<CudaSlice<f32>>,
     ) -> Result<()> {
-        let d = self.d;
+        if let Some(tc) = model.time_cond.as_mut() {
+            return tc.set_weights(gpu, master, &self.fc1, &self.fc2);
+        }
         for (blk, mb) in model.blocks.iter_mut().zip(&master.blocks) {
             let (Some(mods), Some(l)) = (blk.modulation.as_mut(), mb.adaln.as_ref()) else {
                 continue;
             };
-            self.modulation(gpu, l, 6)?;
-            for (k, dst) in mods.iter_mut().enumerate() {
-                gpu.stream
-                    .memcpy_dtod(&self.m.slice(k * d..(k + 1) * d), dst)?;
-            }
+            self.modulation(gpu, l, mods)?;
         }
         if let (Some(mods), Some(l)) =
             (model.final_modulation.as_mut(), master.final_adaln.as_ref())
         {
-            self.modulation(gpu, l, 2)?;
-            for (k, dst) in mods.iter_mut().enumerate() {
-                gpu.stream
-                    .memcpy_dtod(&self.m.slice(k * d..(k + 1) * d), dst)?;
-            }
+            self.modulation(gpu, l, mods)?;
         }
         Ok(())
     }
 
-    /// One adaLN layer's gradients from its chunk sums `dm`: `d b = dm` (copied into the bias
-    /// gradient, which the caller zeroed), `d W += dm ⊗ c` unless frozen, `dc += Wᵀ dm`.
+    /// One adaLN layer's gradients from its row sums `dm` (n·D): `d b = dm` (copied into the
+    /// bias gradient, which the caller zeroed), `d W += dm ⊗ c` unless frozen, `dc += Wᵀ dm`.
     fn layer_grads(
         &mut self,
         gpu: &Gpu,
         w: &CudaSlice<f32>,
-        dm: &[CudaSlice<f32>],
+        dm: &CudaSlice<f32>,
         g: &mut LinearOf<CudaSlice<f32>>,
         w_frozen: bool,
     ) -> Result<()> {
-        let (d, cond) = (self.d, self.cond);
-        let nd = dm.len() * d;
+        let cond = self.cond;
+        let nd = dm.len();
         let db =
             g.b.as_mut()
                 .ok_or_else(|| Error::Shape("adaLN without bias".into()))?;
@@ -280,10 +295,7 @@ impl CondDevice {
                 g.w.len()
             )));
         }
-        for (k, part) in dm.iter().enumerate() {
-            gpu.stream
-                .memcpy_dtod(part, &mut db.slice_mut(k * d..(k + 1) * d))?;
-        }
+        gpu.stream.memcpy_dtod(dm, db)?;
         if !w_frozen {
             // Column-major: dW_cm (cond, nd) += c (cond, 1) · dmᵀ (1, nd).
             let cfg = GemmConfig {

@@ -1,9 +1,13 @@
 //! The GPU DiT forward, built from our kernels (`ops::*`) and cuBLASLt GEMMs (`ops::gemm`).
 //!
 //! Weights: an f32 master copy stays on the host (`DitParams`); the GPU holds bf16 copies of
-//! the matrices and f32 LayerNorm weights. Time conditioning is constant (sigma = 0, spec 4.2),
-//! so every adaLN modulation vector is computed once per weight upload on the host and stored as
-//! (1, D) rows: the per-token adaLN GEMMs of the reference disappear.
+//! the matrices and f32 LayerNorm weights. Without time conditioning the conditioning is
+//! constant (sigma = 0, spec 4.2), so every adaLN modulation vector is computed once per weight
+//! upload on the host and stored as one (6D) / (2D) row broadcast over all rows: the per-token
+//! adaLN GEMMs of the reference disappear. With time conditioning (`DitConfig::
+//! time_conditioning`: SEDD, D3PM) each forward computes (B, 6D) / (B, 2D) modulations from the
+//! sequences' sigmas ([`Workspace::load_sigma`], `cuda::time_cond`), read per sequence by the
+//! same kernels.
 //!
 //! Per block, with rows = B·L (buffers in [`BlockActs`], kept per block for the backward):
 //! ```text
@@ -22,7 +26,9 @@
 //! Inference ([`GpuDit::upload_inference`]): the gates are constant too, so each gated
 //! residual `h += g ∘ (x W^T + b)` becomes one GEMM accumulating into the f32 stream,
 //! `h += x (diag(g) W)^T + g ∘ b` (beta = 1, [`FoldedGates`]): no residual kernel and no bf16
-//! `proj`/`mlp_out` round trip. The MLP's GELU epilogue skips saving its pre-activation.
+//! `proj`/`mlp_out` round trip. The MLP's GELU epilogue skips saving its pre-activation. A
+//! time-conditioned model has per-sequence gates, so nothing is folded for it (the residual
+//! kernels run).
 //!
 //! Training ([`GpuDit::forward_recorded`] on a [`Workspace::training`]) records every op on a
 //! [`Tape`] for `cuda::dit_bwd`, keeps every block's activations, also saves each LayerNorm's
@@ -34,15 +40,18 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
+pub use crate::cuda::folded_gates::{fold_rows, FoldedGates};
 use crate::cuda::nvtx;
 use crate::cuda::ops::attention::{attention_fwd, AttentionShape};
 use crate::cuda::ops::embedding::embedding_fwd;
 use crate::cuda::ops::gelu::{gelu_fwd, GeluKind};
 use crate::cuda::ops::gemm::{Epilogue, Gemm};
 use crate::cuda::ops::ln_modulate::ln_modulate_fwd;
+use crate::cuda::ops::modulation::{ModIn, ModRows};
 use crate::cuda::ops::residual::residual_fwd;
 use crate::cuda::ops::subs::{subs_fwd_f32, SubsShape};
 use crate::cuda::tape::{Dropout, LinSite, LnSite, Op, ResSite, Tape};
+use crate::cuda::time_cond::{RowCond, TimeCond};
 pub use crate::cuda::workspace::{BlockActs, Keep, Workspace};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
@@ -74,7 +83,7 @@ fn upload_bf16(gpu: &Gpu, l: &Linear) -> Result<GpuLinear<bf16>> {
     })
 }
 
-/// One block's weights and its precomputed modulation vectors (each (1, D) f32).
+/// One block's weights and its precomputed constant modulation row.
 pub struct GpuBlock {
     pub norm1: CudaSlice<f32>,
     pub norm2: CudaSlice<f32>,
@@ -82,64 +91,11 @@ pub struct GpuBlock {
     pub attn_out: GpuLinear<bf16>,
     pub mlp1: GpuLinear<bf16>,
     pub mlp2: GpuLinear<bf16>,
-    /// shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp; None for the AR baseline.
-    pub modulation: Option<[CudaSlice<f32>; 6]>,
+    /// (6D) f32: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp; None for the
+    /// AR baseline and for time conditioning (per-sequence modulations, `GpuDit::time_cond`).
+    pub modulation: Option<CudaSlice<f32>>,
     /// The gated output layers with the gates folded in ([`GpuDit::upload_inference`] only).
     pub folded: Option<FoldedGates>,
-}
-
-/// A block's two gated output layers with their (constant) adaLN gates folded into the weights,
-/// for forwards without dropout or tape: `g ∘ (x W^T + b) = x (diag(g) W)^T + g ∘ b`. The
-/// folded weights are rounded to bf16 once (instead of rounding each GEMM output to bf16 before
-/// the gate), which keeps the result within the forward's bf16 tolerance of `dit_ref`.
-pub struct FoldedGates {
-    /// diag(gate_msa) · W_out, (D, D) bf16
-    pub attn_out: CudaSlice<bf16>,
-    /// diag(gate_mlp) · W_2, (D, 4D) bf16
-    pub mlp2: CudaSlice<bf16>,
-    /// gate_mlp ∘ b_2, (D) f32
-    pub mlp2_bias: CudaSlice<f32>,
-}
-
-/// `diag(g) · W` for W stored (out, in) row-major: row r scaled by g[r] (f32 products, as the
-/// upload then rounds to bf16). No gate (`None`, the AR baseline) leaves W as it is.
-pub fn fold_rows(w: &[f32], g: Option<&[f32]>, inp: usize) -> Vec<f32> {
-    match g {
-        None => w.to_vec(),
-        Some(g) => w
-            .chunks_exact(inp)
-            .zip(g)
-            .flat_map(|(row, &gr)| row.iter().map(move |&x| x * gr))
-            .collect(),
-    }
-}
-
-impl FoldedGates {
-    /// From a block's host weights and its host modulation (6 chunks of D, or none).
-    fn new(gpu: &Gpu, b: &crate::model::params::Block, m: Option<&[f32]>) -> Result<Self> {
-        let d = b.attn_out.out_dim();
-        let gate = |k: usize| m.map(|m| &m[k * d..(k + 1) * d]);
-        let (w_o, w_2) = (&b.attn_out, &b.mlp_fc2);
-        let bias = w_2.bias.as_ref().expect("mlp bias");
-        let b2: Vec<f32> = match gate(5) {
-            Some(g) => bias.data.iter().zip(g).map(|(&x, &gi)| x * gi).collect(),
-            None => bias.data.clone(),
-        };
-        let s = &gpu.stream;
-        Ok(FoldedGates {
-            attn_out: s.clone_htod(&to_bf16(&fold_rows(
-                &w_o.weight.data,
-                gate(2),
-                w_o.in_dim(),
-            )))?,
-            mlp2: s.clone_htod(&to_bf16(&fold_rows(
-                &w_2.weight.data,
-                gate(5),
-                w_2.in_dim(),
-            )))?,
-            mlp2_bias: s.clone_htod(&b2)?,
-        })
-    }
 }
 
 /// The whole model on the GPU.
@@ -151,11 +107,21 @@ pub struct GpuDit {
     pub eps_mlp: Option<(GpuLinear<bf16>, GpuLinear<bf16>)>,
     pub blocks: Vec<GpuBlock>,
     pub final_norm: CudaSlice<f32>,
-    /// Final (shift, scale), each (1, D).
-    pub final_modulation: Option<[CudaSlice<f32>; 2]>,
+    /// Final (shift, scale): (2D) f32; None as for the blocks.
+    pub final_modulation: Option<CudaSlice<f32>>,
     /// D -> V with an f32 bias (the logits are f32).
     pub final_linear: GpuLinear<f32>,
     pub gemm: Gemm,
+    /// Time conditioning: the f32 adaLN layers and the sigma map the forward computes its
+    /// per-sequence modulations from.
+    pub time_cond: Option<TimeCond>,
+}
+
+/// The adaLN layer a modulation operand belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ModLayer {
+    Block(usize),
+    Final,
 }
 
 /// The host modulation vector `adaLN(c)` of one adaLN layer (N chunks of D), or None without
@@ -164,19 +130,12 @@ fn host_modulation(adaln: Option<&Linear>, cond: Option<&[f32]>) -> Option<Vec<f
     Some(linear(cond?, adaln?))
 }
 
-/// Uploads a host modulation vector as its N chunks of D.
-fn modulation<const N: usize>(
-    gpu: &Gpu,
-    host: Option<&[f32]>,
-) -> Result<Option<[CudaSlice<f32>; N]>> {
-    let Some(m) = host else {
-        return Ok(None);
-    };
-    let d = m.len() / N;
-    let parts: Vec<CudaSlice<f32>> = (0..N)
-        .map(|k| gpu.stream.clone_htod(&m[k * d..(k + 1) * d]))
-        .collect::<std::result::Result<_, _>>()?;
-    Ok(Some(parts.try_into().ok().expect("N parts")))
+/// Uploads a host modulation vector (one row of its chunks).
+fn modulation(gpu: &Gpu, host: Option<&[f32]>) -> Result<Option<CudaSlice<f32>>> {
+    Ok(match host {
+        Some(m) => Some(gpu.stream.clone_htod(m)?),
+        None => None,
+    })
 }
 
 impl GpuDit {
@@ -188,14 +147,22 @@ impl GpuDit {
 
     /// [`GpuDit::upload`] plus the gate-folded output layers ([`FoldedGates`]) that forwards
     /// without dropout or tape use. For fixed weights (sampling, evaluation, benchmarks): the
-    /// folded copies do not follow later in-place weight updates.
+    /// folded copies do not follow later in-place weight updates. Valid for constant gates
+    /// only: a time-conditioned model gets no folded layers (its forwards run the residual
+    /// kernels with per-sequence gates).
     pub fn upload_inference(gpu: &Gpu, p: &DitParams) -> Result<Self> {
         Self::upload_with(gpu, p, true)
     }
 
     fn upload_with(gpu: &Gpu, p: &DitParams, fold: bool) -> Result<Self> {
         let s = &gpu.stream;
-        let cond = cond_vector(p, 0.0);
+        let time_cond = TimeCond::new(gpu, p)?;
+        // Constant conditioning only: a time-conditioned model has no sigma = 0 modulation.
+        let cond = match time_cond {
+            Some(_) => None,
+            None => cond_vector(p, 0.0),
+        };
+        let fold = fold && time_cond.is_none();
         let blocks = p
             .blocks
             .iter()
@@ -212,7 +179,7 @@ impl GpuDit {
                     attn_out: upload_bf16(gpu, &b.attn_out)?,
                     mlp1: upload_bf16(gpu, &b.mlp_fc1)?,
                     mlp2: upload_bf16(gpu, &b.mlp_fc2)?,
-                    modulation: modulation::<6>(gpu, host_mod.as_deref())?,
+                    modulation: modulation(gpu, host_mod.as_deref())?,
                     folded,
                 })
             })
@@ -227,7 +194,7 @@ impl GpuDit {
             },
             blocks,
             final_norm: s.clone_htod(&f.norm.data)?,
-            final_modulation: modulation::<2>(
+            final_modulation: modulation(
                 gpu,
                 host_modulation(f.adaln.as_ref(), cond.as_deref()).as_deref(),
             )?,
@@ -238,7 +205,36 @@ impl GpuDit {
                 inp: f.linear.in_dim(),
             },
             gemm: Gemm::new(gpu)?,
+            time_cond,
         })
+    }
+
+    /// Chunk `k` of `layer`'s modulation as the kernels read it: the constant row broadcast
+    /// over all rows, or (time conditioning) sequence b's row of the workspace's per-sequence
+    /// modulations `cond`. `None` without adaLN (AR baseline) or without `cond`.
+    pub(crate) fn mod_in<'a>(
+        &'a self,
+        cond: Option<&'a RowCond>,
+        layer: ModLayer,
+        k: usize,
+    ) -> Option<ModIn<'a>> {
+        let d = self.config.hidden;
+        if self.time_cond.is_some() {
+            let (buf, n) = match layer {
+                ModLayer::Block(i) => (&cond?.blocks[i], 6),
+                ModLayer::Final => (&cond?.final_layer, 2),
+            };
+            return Some(ModIn {
+                buf,
+                chunk: k,
+                rows: ModRows::PerSequence { stride: n * d },
+            });
+        }
+        let buf = match layer {
+            ModLayer::Block(i) => self.blocks[i].modulation.as_ref()?,
+            ModLayer::Final => self.final_modulation.as_ref()?,
+        };
+        Some(ModIn::broadcast(buf, k))
     }
 }
 
@@ -266,8 +262,9 @@ impl ForwardOpts {
 }
 
 impl GpuDit {
-    /// The forward on the inputs already in `ws` (see [`Workspace::load_inputs`]). Results stay
-    /// on the GPU in `ws.logits` (and `ws.log_probs`, `ws.lse` when `opts.subs`).
+    /// The forward on the inputs already in `ws` (see [`Workspace::load_inputs`], and
+    /// [`Workspace::load_sigma`] for a time-conditioned model). Results stay on the GPU in
+    /// `ws.logits` (and `ws.log_probs`, `ws.lse` when `opts.subs`).
     pub fn forward(&self, gpu: &Gpu, ws: &mut Workspace, opts: ForwardOpts) -> Result<()> {
         self.forward_recorded(gpu, ws, opts, None)
     }
@@ -292,6 +289,15 @@ impl GpuDit {
             return Err(Error::Shape(
                 "SUBS log-probs are not kept by a training workspace (the loss is fused)".into(),
             ));
+        }
+        if let Some(tc) = &self.time_cond {
+            let rc = ws.cond.as_mut().ok_or_else(|| {
+                Error::Shape(
+                    "a time-conditioned forward needs a workspace built for that configuration"
+                        .into(),
+                )
+            })?;
+            tc.modulations(gpu, rc)?;
         }
         if let Some(t) = tape.as_deref_mut() {
             t.clear();
@@ -398,9 +404,8 @@ impl GpuDit {
         let _r = nvtx::range(&format!("block {i}"));
         let n_acts = ws.blocks.len();
         let a = &mut ws.blocks[i % n_acts];
-        let m = blk.modulation.as_ref();
-        let pair = |k: usize| m.map(|m| (&m[k], &m[k + 1]));
-        let gate = |k: usize| m.map(|m| &m[k]);
+        let cond = ws.cond.as_ref();
+        let m = |k: usize| self.mod_in(cond, ModLayer::Block(i), k);
         let off = opts.offset + 2 * i as u64;
         let dropout_at = |offset: u64| Dropout {
             p: opts.dropout,
@@ -410,7 +415,7 @@ impl GpuDit {
         if let Some(x) = a.ln1_x.as_mut() {
             gpu.stream.memcpy_dtod(&ws.h, x)?;
         }
-        ln_modulate_fwd(gpu, &mut a.ln1, &ws.h, &blk.norm1, pair(0), rows, d, rows)?;
+        ln_modulate_fwd(gpu, &mut a.ln1, &ws.h, &blk.norm1, m(0), rows, d, ws.len)?;
         rec(Op::LnModulate(LnSite::Block1(i)));
         g.matmul(
             gpu,
@@ -457,10 +462,10 @@ impl GpuDit {
                 gpu,
                 &mut ws.h,
                 &a.proj,
-                gate(2),
+                m(2),
                 rows,
                 d,
-                rows,
+                ws.len,
                 opts.dropout,
                 opts.seed,
                 off,
@@ -470,7 +475,7 @@ impl GpuDit {
         if let Some(x) = a.ln2_x.as_mut() {
             gpu.stream.memcpy_dtod(&ws.h, x)?;
         }
-        ln_modulate_fwd(gpu, &mut a.ln2, &ws.h, &blk.norm2, pair(3), rows, d, rows)?;
+        ln_modulate_fwd(gpu, &mut a.ln2, &ws.h, &blk.norm2, m(3), rows, d, ws.len)?;
         rec(Op::LnModulate(LnSite::Block2(i)));
         let (b1, b2) = (
             blk.mlp1.b.as_ref().expect("mlp bias"),
@@ -522,10 +527,10 @@ impl GpuDit {
                 gpu,
                 &mut ws.h,
                 &a.mlp_out,
-                gate(5),
+                m(5),
                 rows,
                 d,
-                rows,
+                ws.len,
                 opts.dropout,
                 opts.seed,
                 off + 1,
@@ -543,7 +548,7 @@ impl GpuDit {
         // The logits GEMM dominates: 2 · rows · D · V FLOPs.
         let flops = 2.0 * (rows * d) as f64 * self.config.vocab_size as f64;
         let _r = nvtx::range_work("final layer", flops, 0.0);
-        let fm = self.final_modulation.as_ref().map(|m| (&m[0], &m[1]));
+        let fm = self.mod_in(ws.cond.as_ref(), ModLayer::Final, 0);
         ln_modulate_fwd(
             gpu,
             &mut ws.final_ln,
@@ -552,7 +557,7 @@ impl GpuDit {
             fm,
             rows,
             d,
-            rows,
+            ws.len,
         )?;
         rec(Op::LnModulate(LnSite::Final));
         let fl = &self.final_linear;

@@ -12,10 +12,13 @@
 //! db (out)     += 1ᵀ dY       matmul(db, ones (1, rows), -, dY, -, (1, out, rows), beta = 1)
 //! ```
 //! (`db` of fc1 layers comes from the GELU backward's deterministic column sum instead.) The
-//! weight-gradient GEMM of a frozen tensor is skipped. The adaLN modulations are constant over
-//! rows (sigma = 0), so the LayerNorm and residual backward kernels reduce their gradients
-//! over all rows into one (1, D) vector per chunk ([`ModGrads`]); `cuda::cond` turns those
-//! into the adaLN and sigma-map gradients once per optimizer step.
+//! weight-gradient GEMM of a frozen tensor is skipped. Without time conditioning the adaLN
+//! modulations are constant over rows (sigma = 0), so the LayerNorm and residual backward
+//! kernels reduce their gradients over all rows into one row per layer ([`ModGrads`]);
+//! `cuda::cond` turns those into the adaLN and sigma-map gradients once per optimizer step.
+//! With time conditioning they reduce per sequence into the (B, 6D) / (B, 2D) buffers of
+//! [`BwdScratch`], and the end of each backward turns those into the adaLN and sigma-map
+//! gradients (`cuda::time_cond::TimeCond::backward`, `+=`).
 //!
 //! Accumulation: every parameter gradient is `+=` (micro-batches accumulate; the caller zeroes
 //! at the start of a step), `ModGrads` too; the registers of [`BwdScratch`] are scratch.
@@ -25,16 +28,18 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
+use crate::cuda::bwd_linear::{bias_grad, bias_of, frozen_bias, input_grad, weight_grad};
 pub use crate::cuda::bwd_scratch::{BwdScratch, ModGrads};
-use crate::cuda::dit::{ForwardOpts, GpuDit, Workspace};
+use crate::cuda::dit::{ForwardOpts, GpuDit, ModLayer, Workspace};
 use crate::cuda::nvtx;
 use crate::cuda::ops::attention::{attention_bwd, AttentionShape};
 use crate::cuda::ops::embedding::{embedding_bwd, embedding_eps_bwd};
 use crate::cuda::ops::gelu::{gelu_bwd, GeluKind};
-use crate::cuda::ops::gemm::{Epilogue, Gemm};
+use crate::cuda::ops::gemm::Epilogue;
 use crate::cuda::ops::ln_modulate::ln_modulate_bwd;
+use crate::cuda::ops::modulation::{ModOut, ModRows};
 use crate::cuda::ops::residual::residual_bwd;
-use crate::cuda::param_tree::{LinearOf, ParamTree};
+use crate::cuda::param_tree::ParamTree;
 use crate::cuda::tape::{Dropout, LinSite, LnSite, Op, ResSite, Tape};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
@@ -51,93 +56,12 @@ pub(crate) fn attention_shape(c: &DitConfig, batch: usize, len: usize) -> Attent
     }
 }
 
-/// `dW += dYᵀ X` unless `frozen`: dY (rows, out) bf16, X (rows, in) bf16, dW (out, in) f32.
-fn weight_grad(
-    gpu: &Gpu,
-    g: &Gemm,
-    dw: &mut CudaSlice<f32>,
-    frozen: bool,
-    dy: &CudaSlice<bf16>,
-    x: &CudaSlice<bf16>,
-    (rows, out, inp): (usize, usize, usize),
-) -> Result<()> {
-    if frozen {
-        return Ok(());
-    }
-    g.matmul(
-        gpu,
-        dw,
-        dy,
-        true,
-        x,
-        false,
-        (out, inp, rows),
-        1.0,
-        Epilogue::None,
-    )
-}
-
-/// `db += Σ_rows dY` unless `frozen` (a (1, rows) x (rows, out) GEMM with a row of ones).
-fn bias_grad(
-    gpu: &Gpu,
-    g: &Gemm,
-    db: &mut CudaSlice<f32>,
-    frozen: bool,
-    ones: &CudaSlice<bf16>,
-    dy: &CudaSlice<bf16>,
-    (rows, out): (usize, usize),
-) -> Result<()> {
-    if frozen {
-        return Ok(());
-    }
-    g.matmul(
-        gpu,
-        db,
-        ones,
-        false,
-        dy,
-        false,
-        (1, out, rows),
-        1.0,
-        Epilogue::None,
-    )
-}
-
-/// `dX = dY W`: dY (rows, out) bf16, W (out, in) bf16, dX (rows, in) f32 or bf16.
-fn input_grad<T: crate::cuda::ops::gemm::GemmOut>(
-    gpu: &Gpu,
-    g: &Gemm,
-    dx: &mut CudaSlice<T>,
-    dy: &CudaSlice<bf16>,
-    w: &CudaSlice<bf16>,
-    (rows, out, inp): (usize, usize, usize),
-) -> Result<()> {
-    g.matmul(
-        gpu,
-        dx,
-        dy,
-        false,
-        w,
-        false,
-        (rows, inp, out),
-        0.0,
-        Epilogue::None,
-    )
-}
-
-fn bias_of<'a>(l: &'a mut LinearOf<CudaSlice<f32>>, what: &str) -> Result<&'a mut CudaSlice<f32>> {
-    l.b.as_mut()
-        .ok_or_else(|| Error::Shape(format!("{what}: the gradient tree has no bias")))
-}
-
-fn frozen_bias(l: &LinearOf<bool>) -> bool {
-    l.b.unwrap_or(true)
-}
-
 /// The backward of the forward recorded on `tape` (with `opts`, on `ws`), from the fused SUBS
 /// loss gradient that `ops::subs::subs_bwd_f32` wrote over `ws.logits`. Every parameter
-/// gradient is added (`+=`) into `grads`, the modulation gradients into `dmods` (required iff
-/// the model has adaLN); weight-gradient GEMMs of tensors flagged in `frozen` are skipped.
+/// gradient is added (`+=`) into `grads`, the constant modulations' gradients into `dmods`
+/// (required iff the model has adaLN without time conditioning; a time-conditioned model's
+/// adaLN and sigma-map gradients are added into `grads` by this call); weight-gradient GEMMs of
+/// tensors flagged in `frozen` are skipped.
 /// `sc.load_tokens` must have been called with the forward's ids.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
@@ -165,14 +89,24 @@ pub fn backward(
             "backward: the embedding plan was not loaded for this forward (load_tokens)".into(),
         ));
     }
-    if c.has_adaln() != dmods.is_some() {
+    if (c.has_adaln() && model.time_cond.is_none()) != dmods.is_some() {
         return Err(Error::Shape(
-            "backward: modulation gradients are needed exactly when the model has adaLN".into(),
+            "backward: constant modulation gradients (ModGrads) are needed exactly when the \
+             model has adaLN without time conditioning"
+                .into(),
+        ));
+    }
+    if model.time_cond.is_some() != sc.rowmods.is_some() {
+        return Err(Error::Shape(
+            "backward: the scratch was built for another conditioning (time_conditioning)".into(),
         ));
     }
     let rows = ws.batch * ws.len;
     // The LayerNorm backward adds into dh; nothing has written it yet in this backward.
     gpu.stream.memset_zeros(&mut sc.dh)?;
+    if let Some(g) = sc.rowmods.as_mut() {
+        g.zero(gpu)?;
+    }
     let mut cx = Bwd {
         gpu,
         model,
@@ -200,7 +134,45 @@ pub fn backward(
         }
     }
     cx.sc.emb_loaded = false;
+    if let (Some(tc), Some(g)) = (model.time_cond.as_ref(), cx.sc.rowmods.as_mut()) {
+        let rc = ws.cond.as_ref().ok_or_else(|| {
+            Error::Shape("backward: the time-conditioned forward's workspace has no sigma".into())
+        })?;
+        tc.backward(gpu, rc, g, cx.grads, frozen)?;
+    }
     Ok(())
+}
+
+/// The gradient target of chunk `k` of `layer`'s modulation: the constant row sums in
+/// `dmods`, or (time conditioning) the per-sequence rows in `rowmods`.
+fn mod_out<'a>(
+    model: &GpuDit,
+    dmods: Option<&'a mut ModGrads>,
+    rowmods: Option<&'a mut crate::cuda::time_cond::RowModGrads>,
+    layer: ModLayer,
+    k: usize,
+) -> Option<ModOut<'a>> {
+    let d = model.config.hidden;
+    if let Some(g) = rowmods {
+        let (buf, n) = match layer {
+            ModLayer::Block(i) => (&mut g.blocks[i], 6),
+            ModLayer::Final => (&mut g.final_layer, 2),
+        };
+        return Some(ModOut {
+            buf,
+            chunk: k,
+            rows: ModRows::PerSequence { stride: n * d },
+        });
+    }
+    let buf = match layer {
+        ModLayer::Block(i) => &mut dmods?.blocks[i],
+        ModLayer::Final => &mut dmods?.final_layer,
+    };
+    Some(ModOut {
+        buf,
+        chunk: k,
+        rows: ModRows::Broadcast,
+    })
 }
 
 /// What every op's backward reads and writes: the forward's model, workspace and frozen flags,
@@ -298,23 +270,22 @@ fn bwd_layer_norm(cx: &mut Bwd, site: LnSite) -> Result<()> {
         sc, grads, dmods, ..
     } = cx;
     let _r = nvtx::range("bwd layernorm");
-    let (lno, x, weight, gw, scale, dm) = match site {
+    let (layer, k) = match site {
+        LnSite::Final => (ModLayer::Final, 0),
+        LnSite::Block1(i) => (ModLayer::Block(i), 0),
+        LnSite::Block2(i) => (ModLayer::Block(i), 3),
+    };
+    let (lno, x, weight, gw) = match site {
         LnSite::Final => (
             &ws.final_ln,
             &ws.h,
             &model.final_norm,
             &mut grads.final_norm,
-            model.final_modulation.as_ref().map(|m| &m[1]),
-            dmods.as_deref_mut().map(|m| {
-                let [a, b] = &mut m.final_layer;
-                (a, b)
-            }),
         ),
         LnSite::Block1(i) | LnSite::Block2(i) => {
             let first = matches!(site, LnSite::Block1(_));
             let a = &ws.blocks[i];
             let blk = &model.blocks[i];
-            let k = if first { 0 } else { 3 };
             let saved = if first { &a.ln1_x } else { &a.ln2_x };
             let x = saved
                 .as_ref()
@@ -325,19 +296,14 @@ fn bwd_layer_norm(cx: &mut Bwd, site: LnSite) -> Result<()> {
                 x,
                 if first { &blk.norm1 } else { &blk.norm2 },
                 if first { &mut gb.norm1 } else { &mut gb.norm2 },
-                blk.modulation.as_ref().map(|m| &m[k + 1]),
-                dmods.as_deref_mut().map(|m| {
-                    let [a0, a1, _, a3, a4, _] = &mut m.blocks[i];
-                    if first {
-                        (a0, a1)
-                    } else {
-                        (a3, a4)
-                    }
-                }),
             )
         }
     };
-    let dm = if scale.is_some() { dm } else { None };
+    let m = model.mod_in(ws.cond.as_ref(), layer, k);
+    let dm = match m {
+        Some(_) => mod_out(model, dmods.as_deref_mut(), sc.rowmods.as_mut(), layer, k),
+        None => None,
+    };
     ln_modulate_bwd(
         gpu,
         &mut sc.dh,
@@ -349,10 +315,10 @@ fn bwd_layer_norm(cx: &mut Bwd, site: LnSite) -> Result<()> {
         &sc.dln,
         x,
         weight,
-        scale,
+        m,
         rows,
         d,
-        rows,
+        ws.len,
     )?;
     Ok(())
 }
@@ -368,10 +334,12 @@ fn bwd_residual(cx: &mut Bwd, site: ResSite, drop: Dropout) -> Result<()> {
         ResSite::Attn(i) => (i, &ws.blocks[i].proj, 2),
         ResSite::Mlp(i) => (i, &ws.blocks[i].mlp_out, 5),
     };
-    let gate = model.blocks[i].modulation.as_ref().map(|m| &m[k]);
-    let dgate = match (dmods.as_deref_mut(), gate) {
-        (Some(m), Some(_)) => Some((&mut m.blocks[i][k], &mut sc.red)),
-        _ => None,
+    let layer = ModLayer::Block(i);
+    let gate = model.mod_in(ws.cond.as_ref(), layer, k);
+    let dgate = match gate {
+        Some(_) => mod_out(model, dmods.as_deref_mut(), sc.rowmods.as_mut(), layer, k)
+            .map(|g| (g, &mut sc.red)),
+        None => None,
     };
     residual_bwd(
         gpu,
@@ -382,7 +350,7 @@ fn bwd_residual(cx: &mut Bwd, site: ResSite, drop: Dropout) -> Result<()> {
         gate,
         rows,
         d,
-        rows,
+        ws.len,
         drop.p,
         drop.seed,
         drop.offset,

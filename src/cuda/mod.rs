@@ -7,17 +7,20 @@
 //! sources' constants ([`kernel_defines`]) and one module per kernel file under [`ops`] (its
 //! only launcher and its CPU twin).
 
+pub mod bwd_linear;
 pub mod bwd_scratch;
 pub mod cond;
 pub mod denoiser;
 pub mod device;
 pub mod dit;
 pub mod dit_bwd;
+pub mod folded_gates;
 pub mod kernel_defines;
 pub mod nvtx;
 pub mod ops;
 pub mod param_tree;
 pub mod tape;
+pub mod time_cond;
 pub mod trace;
 pub mod trainer;
 pub mod workspace;

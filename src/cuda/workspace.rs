@@ -8,6 +8,7 @@ use half::bf16;
 
 use crate::cuda::dit::to_bf16;
 use crate::cuda::ops::ln_modulate::LnModulateOut;
+use crate::cuda::time_cond::RowCond;
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
 use crate::model::DitConfig;
@@ -96,6 +97,9 @@ pub struct Workspace {
     pub lse: CudaSlice<f32>,
     /// Whether this workspace can record a training forward (saved LayerNorm inputs).
     pub training: bool,
+    /// Time conditioning: the sequences' sigmas and the per-sequence conditioning and
+    /// modulations the forward computes from them (`None` for other models).
+    pub cond: Option<RowCond>,
 }
 
 impl Workspace {
@@ -151,6 +155,7 @@ impl Workspace {
             },
             lse: s.alloc_zeros(rows)?,
             training,
+            cond: RowCond::new(gpu, c, batch)?,
         })
     }
 
@@ -180,6 +185,27 @@ impl Workspace {
             .flat_map(|row| &row[..self.vocab])
             .copied()
             .collect()
+    }
+
+    /// Sets each sequence's sigma (B values) for the forwards of a time-conditioned model (the
+    /// sigma map's input, spec 2.2); an error for other models, whose conditioning is constant.
+    pub fn load_sigma(&mut self, sigma: &[f64]) -> Result<()> {
+        let batch = self.batch;
+        let rc = self.cond.as_mut().ok_or_else(|| {
+            Error::Config(
+                "load_sigma: the model is not time-conditioned (DitConfig::time_conditioning \
+                 is off), its conditioning is constant"
+                    .into(),
+            )
+        })?;
+        if sigma.len() != batch || sigma.iter().any(|s| !s.is_finite()) {
+            return Err(Error::Shape(format!(
+                "load_sigma: {} sigmas for batch {batch}; every one must be finite",
+                sigma.len()
+            )));
+        }
+        rc.sigma = Some(sigma.to_vec());
+        Ok(())
     }
 
     /// Copies token ids (and IMDM eps, rounded to bf16) into the workspace.

@@ -4,6 +4,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use crate::cuda::ops::modulation::{ModIn, ModOut, ModRows};
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
 
@@ -34,15 +35,16 @@ impl LnModulateOut {
 }
 
 /// Launches `ln_modulate_fwd_bf16` into `out`. `x`: (rows, d) f32; `weight`: (d);
-/// `modulation`: `(shift, scale)`, each (rows / rows_per_batch, d), or `None` for plain
-/// LayerNorm. Every buffer length is checked before the launch.
+/// `modulation`: shift at its chunk and scale at the next one, rows as its [`ModRows`]
+/// (sequence b = r / `rows_per_batch`), or `None` for plain LayerNorm. Every buffer length is
+/// checked before the launch.
 #[allow(clippy::too_many_arguments)]
 pub fn ln_modulate_fwd(
     gpu: &Gpu,
     out: &mut LnModulateOut,
     x: &CudaSlice<f32>,
     weight: &CudaSlice<f32>,
-    modulation: Option<(&CudaSlice<f32>, &CudaSlice<f32>)>,
+    modulation: Option<ModIn<'_>>,
     rows: usize,
     d: usize,
     rows_per_batch: usize,
@@ -68,18 +70,20 @@ pub fn ln_modulate_fwd(
             "ln_modulate: rows {rows} is not a multiple of rows_per_batch {rows_per_batch}"
         )));
     }
-    if let Some((shift, scale)) = modulation {
-        let want = rows / rows_per_batch * d;
-        if shift.len() != want || scale.len() != want {
-            return Err(Error::Shape(format!(
-                "ln_modulate: shift/scale have {}/{} elements, expected {want}",
-                shift.len(),
-                scale.len()
-            )));
-        }
+    if let Some(m) = &modulation {
+        m.rows.check(
+            "ln_modulate",
+            m.buf.len(),
+            m.chunk,
+            2,
+            rows / rows_per_batch,
+            d,
+        )?;
     }
     let f = gpu.function(MODULE, "ln_modulate_fwd_bf16")?;
     let (rows_i, d_i, rpb_i) = (rows as i32, d as i32, rows_per_batch as i32);
+    let stride_i = modulation.map_or(0, |m| m.rows.stride()) as i32;
+    let views = modulation.map(|m| (m.view(0, d), m.view(1, d)));
     let null: u64 = 0;
     let cfg = LaunchConfig {
         grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
@@ -92,14 +96,16 @@ pub fn ln_modulate_fwd(
         .arg(&mut out.rstd)
         .arg(x)
         .arg(weight);
-    match modulation {
+    match &views {
         Some((shift, scale)) => b.arg(shift).arg(scale),
         None => b.arg(&null).arg(&null),
     };
-    b.arg(&rows_i).arg(&d_i).arg(&rpb_i);
+    b.arg(&rows_i).arg(&d_i).arg(&rpb_i).arg(&stride_i);
     // SAFETY: argument order and types match the kernel signature; every buffer was checked
-    // above to hold rows*d (x, y), d (weight), rows (mean, rstd) or B*d (shift, scale) elements,
-    // and the grid covers exactly ceil(rows / ROWS_PER_BLOCK) blocks with a bounds check inside.
+    // above to hold rows*d (x, y), d (weight), rows (mean, rstd) elements, and the modulation
+    // views d values at every row offset b * mod_stride the kernel reads (b < rows /
+    // rows_per_batch); the grid covers exactly ceil(rows / ROWS_PER_BLOCK) blocks with a bounds
+    // check inside.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -129,26 +135,29 @@ pub fn ln_modulate_bwd_scratch_len(rows: usize, d: usize, rows_per_batch: usize)
 /// `ln_modulate_bwd_reduce_f32`; maths in the kernel header):
 /// - `dx` (rows, d) f32 **+=** the input gradient (the residual-stream gradient buffer, which
 ///   already holds the skip path's gradient);
-/// - `dweight` (d) **+=**; `dmodulation` = (d shift, d scale), each (B, d), **+=**, present
-///   exactly when `scale` is (the forward had a modulation);
+/// - `dweight` (d) **+=**; `dmodulation`: d shift at its chunk and d scale at the next **+=**,
+///   per modulation row of its [`ModRows`] (broadcast: summed over all rows; per sequence:
+///   over each sequence's rows), present exactly when `modulation` is and with its layout;
 /// - `scratch`: at least [`ln_modulate_bwd_scratch_len`] f32 (contents are overwritten);
 /// - saved `mean`, `rstd` (rows) from [`ln_modulate_fwd`]; `dy` (rows, d) f32 (the consumer
-///   GEMM's input gradient); `x` (rows, d), `weight` (d), `scale` (B, d) as in the forward.
+///   GEMM's input gradient); `x` (rows, d), `weight` (d), `modulation` as in the forward.
 ///
-/// Deterministic: no atomics, fixed summation order. Every length is checked before launching.
+/// A broadcast modulation runs as one batch of all rows (one fixed-order sum, the constant
+/// path's). Deterministic: no atomics, fixed summation order. Every length is checked before
+/// launching.
 #[allow(clippy::too_many_arguments)]
 pub fn ln_modulate_bwd(
     gpu: &Gpu,
     dx: &mut CudaSlice<f32>,
     dweight: &mut CudaSlice<f32>,
-    dmodulation: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+    dmodulation: Option<ModOut<'_>>,
     scratch: &mut CudaSlice<f32>,
     mean: &CudaSlice<f32>,
     rstd: &CudaSlice<f32>,
     dy: &CudaSlice<f32>,
     x: &CudaSlice<f32>,
     weight: &CudaSlice<f32>,
-    scale: Option<&CudaSlice<f32>>,
+    modulation: Option<ModIn<'_>>,
     rows: usize,
     d: usize,
     rows_per_batch: usize,
@@ -184,38 +193,44 @@ pub fn ln_modulate_bwd(
             dweight.len()
         )));
     }
-    let batches = rows / rows_per_batch;
-    if batches + 1 > MAX_GRID_Y {
-        return Err(Error::Shape(format!(
-            "ln_modulate backward: {batches} modulation rows exceed the grid limit"
-        )));
-    }
-    let want = batches * d;
-    match (&dmodulation, scale) {
-        (Some((ds, dc)), Some(sc)) => {
-            if ds.len() != want || dc.len() != want || sc.len() != want {
-                return Err(Error::Shape(format!(
-                    "ln_modulate backward: dshift/dscale/scale hold {}/{}/{} elements, \
-                     expected (B {batches}, d {d}) = {want}",
-                    ds.len(),
-                    dc.len(),
-                    sc.len()
-                )));
-            }
-        }
-        (None, None) => {}
-        _ => {
-            return Err(Error::Shape(
-                "ln_modulate backward: dmodulation and scale must be both given or both absent"
-                    .into(),
-            ))
-        }
-    }
     let need = ln_modulate_bwd_scratch_len(rows, d, rows_per_batch);
     if scratch.len() < need {
         return Err(Error::Shape(format!(
             "ln_modulate backward: scratch holds {} f32, needs {need}",
             scratch.len()
+        )));
+    }
+    match (&dmodulation, &modulation) {
+        (Some(dm), Some(m)) => {
+            if dm.rows != m.rows {
+                return Err(Error::Shape(format!(
+                    "ln_modulate backward: the modulation is {:?} but its gradient {:?}",
+                    m.rows, dm.rows
+                )));
+            }
+            let batches = rows / rows_per_batch;
+            let what = "ln_modulate backward";
+            m.rows.check(what, m.buf.len(), m.chunk, 2, batches, d)?;
+            dm.rows.check(what, dm.buf.len(), dm.chunk, 2, batches, d)?;
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::Shape(
+                "ln_modulate backward: dmodulation and modulation must be both given or both \
+                 absent"
+                    .into(),
+            ))
+        }
+    }
+    // Broadcast: one batch of all rows (one row of gradients, the constant path's order).
+    let rows_per_batch = match modulation.map(|m| m.rows) {
+        Some(ModRows::Broadcast) => rows,
+        _ => rows_per_batch,
+    };
+    let batches = rows / rows_per_batch.max(1);
+    if batches + 1 > MAX_GRID_Y {
+        return Err(Error::Shape(format!(
+            "ln_modulate backward: {batches} modulation rows exceed the grid limit"
         )));
     }
     if rows == 0 {
@@ -224,6 +239,7 @@ pub fn ln_modulate_bwd(
     let chunks = rows_per_batch.div_ceil(BWD_ROWS);
     let (rows_i, d_i, rpb_i) = (rows as i32, d as i32, rows_per_batch as i32);
     let (batches_i, chunks_i) = (batches as i32, chunks as i32);
+    let stride_i = modulation.map_or(0, |m| m.rows.stride()) as i32;
     let null: u64 = 0;
 
     let f = gpu.function(MODULE, "ln_modulate_bwd_f32")?;
@@ -232,6 +248,7 @@ pub fn ln_modulate_bwd(
         block_dim: (BWD_THREADS as u32, 1, 1),
         shared_mem_bytes: (3 * d * 4) as u32,
     };
+    let scale = modulation.map(|m| m.view(1, d));
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(&mut *dx)
         .arg(&mut *scratch)
@@ -240,15 +257,17 @@ pub fn ln_modulate_bwd(
         .arg(dy)
         .arg(x)
         .arg(weight);
-    match scale {
+    match &scale {
         Some(sc) => b.arg(sc),
         None => b.arg(&null),
     };
-    b.arg(&rows_i).arg(&d_i).arg(&rpb_i);
+    b.arg(&rows_i).arg(&d_i).arg(&rpb_i).arg(&stride_i);
     // SAFETY: argument order and types match the kernel signature; dx, dy, x hold rows*d
-    // elements, mean/rstd rows, weight d, scale B*d, scratch at least B*chunks*3*d, as checked
-    // above; the grid is (chunks, B) exactly, each block stays inside its batch's rows, and the
-    // dynamic shared memory holds the kernel's 3*d floats (at most 48 000 bytes).
+    // elements, mean/rstd rows, weight d, the scale view d values at every row offset b *
+    // mod_stride (b < batches), scratch at least batches*chunks*3*d (the caller's rows_per_batch
+    // needs at least as many as one batch of all rows), as checked above; the grid is (chunks,
+    // batches) exactly, each block stays inside its batch's rows, and the dynamic shared memory
+    // holds the kernel's 3*d floats (at most 48 000 bytes).
     unsafe { b.launch(cfg) }?;
 
     let f = gpu.function(MODULE, "ln_modulate_bwd_reduce_f32")?;
@@ -257,17 +276,23 @@ pub fn ln_modulate_bwd(
         block_dim: (RED_THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
+    let mut dmodulation = dmodulation;
+    let mut dview = dmodulation.as_mut().map(|dm| dm.view(d));
     let mut b = gpu.stream.launch_builder(&f);
     b.arg(dweight);
-    match dmodulation {
-        Some((ds, dc)) => b.arg(ds).arg(dc),
-        None => b.arg(&null).arg(&null),
+    match dview.as_mut() {
+        Some(dm) => b.arg(dm),
+        None => b.arg(&null),
     };
-    b.arg(&*scratch).arg(&batches_i).arg(&chunks_i).arg(&d_i);
+    b.arg(&*scratch)
+        .arg(&batches_i)
+        .arg(&chunks_i)
+        .arg(&d_i)
+        .arg(&stride_i);
     // SAFETY: argument order and types match the kernel signature; dweight holds d elements,
-    // dshift/dscale B*d (or both null, which the kernel checks before use), scratch the
-    // B*chunks*3*d partials the first kernel wrote (same stream, so ordered); columns >= d are
-    // skipped inside the kernel.
+    // the dmod view 2d values (d shift, d scale) at every row offset b * mod_stride (or is null,
+    // which the kernel checks before use), scratch the batches*chunks*3*d partials the first
+    // kernel wrote (same stream, so ordered); columns >= d are skipped inside the kernel.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -276,12 +301,16 @@ pub fn ln_modulate_bwd(
 pub mod cpu {
     use rayon::prelude::*;
 
+    use crate::cuda::ops::modulation::{HostMod, HostModMut, ModRows};
+
     /// The forward in f64 on any float inputs: returns (y, mean, rstd) unrounded. The f32 twin
-    /// below and the finite-difference tests both call this one implementation.
+    /// below and the finite-difference tests both call this one implementation. `modulation`:
+    /// shift at its chunk, scale at the next, rows as its layout (sequence b = r /
+    /// `rows_per_batch`).
     pub fn ln_modulate_fwd_f64<T: Copy + Into<f64> + Sync>(
         x: &[T],
         weight: &[T],
-        modulation: Option<(&[T], &[T])>,
+        modulation: Option<HostMod<'_, T>>,
         d: usize,
         rows_per_batch: usize,
     ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
@@ -299,8 +328,8 @@ pub mod cpu {
                 let b = r / rows_per_batch;
                 for j in 0..d {
                     let mut z = (xr[j].into() - mean) * rstd * weight[j].into();
-                    if let Some((shift, scale)) = modulation {
-                        z = z * (1.0 + scale[b * d + j].into()) + shift[b * d + j].into();
+                    if let Some(m) = &modulation {
+                        z = z * (1.0 + m.at(b, 1, j, d).into()) + m.at(b, 0, j, d).into();
                     }
                     yr[j] = z;
                 }
@@ -314,7 +343,7 @@ pub mod cpu {
     pub fn ln_modulate_fwd(
         x: &[f32],
         weight: &[f32],
-        modulation: Option<(&[f32], &[f32])>,
+        modulation: Option<HostMod<'_, f32>>,
         d: usize,
         rows_per_batch: usize,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -324,26 +353,28 @@ pub mod cpu {
     }
 
     /// The backward with the kernels' accumulation rules: `dx +=`, `dweight +=`,
-    /// `dmodulation` = (d shift, d scale) `+=` (present exactly when `scale` is). Uses the saved
-    /// f32 `mean`/`rstd` as the kernel does; every sum is f64, rounded once when added.
+    /// `dmodulation` (d shift at its chunk, d scale at the next) `+=` per modulation row of
+    /// its layout (broadcast: the sum over all rows), present exactly when `modulation` is.
+    /// Uses the saved f32 `mean`/`rstd` as the kernel does; every sum is f64, rounded once when
+    /// added.
     #[allow(clippy::too_many_arguments)]
     pub fn ln_modulate_bwd(
         dx: &mut [f32],
         dweight: &mut [f32],
-        dmodulation: Option<(&mut [f32], &mut [f32])>,
+        dmodulation: Option<HostModMut<'_>>,
         mean: &[f32],
         rstd: &[f32],
         dy: &[f32],
         x: &[f32],
         weight: &[f32],
-        scale: Option<&[f32]>,
+        modulation: Option<HostMod<'_, f32>>,
         d: usize,
         rows_per_batch: usize,
     ) {
         let rows = x.len() / d;
         let xh = |r: usize, j: usize| (x[r * d + j] as f64 - mean[r] as f64) * rstd[r] as f64;
         let one_plus_s = |r: usize, j: usize| {
-            1.0 + scale.map_or(0.0, |s| s[(r / rows_per_batch) * d + j] as f64)
+            1.0 + modulation.map_or(0.0, |m| m.at(r / rows_per_batch, 1, j, d) as f64)
         };
         let dz = |r: usize, j: usize| dy[r * d + j] as f64 * one_plus_s(r, j);
         dx.par_chunks_mut(d).enumerate().for_each(|(r, dxr)| {
@@ -359,23 +390,32 @@ pub mod cpu {
             let s: f64 = (0..rows).map(|r| dz(r, j) * xh(r, j)).sum();
             *dw = (*dw as f64 + s) as f32;
         });
-        if let Some((dshift, dscale)) = dmodulation {
-            dshift
-                .par_iter_mut()
-                .zip(dscale.par_iter_mut())
-                .enumerate()
-                .for_each(|(bj, (dsh, dsc))| {
-                    let (b, j) = (bj / d, bj % d);
-                    let batch = b * rows_per_batch..(b + 1) * rows_per_batch;
+        if let Some(dm) = dmodulation {
+            let groups = dm.rows.rows(rows / rows_per_batch);
+            let group_rows = |g: usize| match dm.rows {
+                ModRows::Broadcast => 0..rows,
+                ModRows::PerSequence { .. } => g * rows_per_batch..(g + 1) * rows_per_batch,
+            };
+            let sums: Vec<(f64, f64)> = (0..groups * d)
+                .into_par_iter()
+                .map(|gj| {
+                    let (g, j) = (gj / d, gj % d);
                     let (mut a, mut c) = (0f64, 0f64);
-                    for r in batch {
-                        let g = dy[r * d + j] as f64;
-                        a += g;
-                        c += g * xh(r, j) * weight[j] as f64;
+                    for r in group_rows(g) {
+                        let gy = dy[r * d + j] as f64;
+                        a += gy;
+                        c += gy * xh(r, j) * weight[j] as f64;
                     }
-                    *dsh = (*dsh as f64 + a) as f32;
-                    *dsc = (*dsc as f64 + c) as f32;
-                });
+                    (a, c)
+                })
+                .collect();
+            for (gj, (a, c)) in sums.into_iter().enumerate() {
+                let (g, j) = (gj / d, gj % d);
+                for (k, v) in [(0, a), (1, c)] {
+                    let i = dm.index(g, k, j, d);
+                    dm.buf[i] = (dm.buf[i] as f64 + v) as f32;
+                }
+            }
         }
     }
 }
@@ -383,3 +423,7 @@ pub mod cpu {
 #[cfg(test)]
 #[path = "ln_modulate_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "ln_modulate_bwd_tests.rs"]
+mod bwd_tests;

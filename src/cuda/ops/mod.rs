@@ -8,6 +8,7 @@ pub mod embedding;
 pub mod gelu;
 pub mod gemm;
 pub mod ln_modulate;
+pub mod modulation;
 pub mod residual;
 pub mod sample;
 pub mod subs;
