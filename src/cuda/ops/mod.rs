@@ -9,5 +9,6 @@ pub mod gelu;
 pub mod gemm;
 pub mod ln_modulate;
 pub mod residual;
+pub mod rollout_target;
 pub mod sample;
 pub mod subs;
