@@ -53,7 +53,8 @@ struct Buffers {
     at: CudaSlice<u32>,
     /// (rows) u32 the last sampler step's outcomes
     cat: CudaSlice<u32>,
-    /// (2) u32 the sampler's (unmasks, resets), accumulated and never read
+    /// (2) u32 the sampler's (unmasks, resets), accumulated (wrapping) and never read: the
+    /// rollout has no cache rule, every step runs its forward, as the CPU rollout does
     counters: CudaSlice<u32>,
     /// (B, 2) f64 the step's (α_t, α_s) per batch row
     alphas: CudaSlice<f64>,
@@ -156,7 +157,6 @@ impl DeviceTeacher {
         let ws = self.ws.as_mut().expect("allocated above");
         let bufs = self.bufs.as_mut().expect("allocated above");
         ws.load_inputs(gpu, &xt.ids, eps.filter(|_| c.has_eps_mlp()))?;
-        gpu.stream.memset_zeros(&mut bufs.counters)?;
         let mut be = GpuBackend {
             gpu,
             model: &self.model,
