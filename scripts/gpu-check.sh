@@ -14,14 +14,17 @@
 #              families come from the test names (`cuda::ops::<op>`), so a new op's tests run
 #              in t-ops-other without a change here
 #   memcheck, racecheck   compute-sanitizer on one small shape of the attention backward, the
-#              SUBS forward and loss, and the sampler (skipped with the reason where the
-#              runtime refuses the device)
+#              SUBS forward and loss, the sampler and the rollout target rule (skipped with the
+#              reason where the runtime refuses the device)
 #   gpu_*      every tests/gpu_*.rs binary: gpu_dit, gpu_train (gradient check, determinism),
 #              gpu_distill (distillation gradients vs the CPU, resident SDTT steps, CLI resume),
 #              gpu_timecond (time conditioning against the CPU backend)
+#              gpu_rollout (the device teacher rollout bit for bit vs the host rollout, the loss
+#              on its device target)
 #   bench-*    bench kernels, forward, train --steps 3 (finite loss near ln V) and sample, at
-#              both reference shapes, each with --trace; bench distill at small/OWT (teacher
-#              rollout vs student split, the reference's 3 forwards + 1 backward beside it)
+#              both reference shapes, each with --trace; bench distill at small/OWT (device
+#              teacher rollout vs student split, the reference's 3 forwards + 1 backward beside
+#              it)
 #   peer-*     tools/reference/peer_bench.py: our reference DiT in bf16 under torch.compile at
 #              the same shapes, and the ratio to our forward
 #
@@ -204,7 +207,7 @@ fi
 san_tests=()
 for t in attention::tests::bwd::gpu_bwd_is_bitwise_deterministic \
   subs::tests::gpu_matches_twin subs::tests::gpu_xent_is_deterministic_and_sums \
-  sample::tests::gpu_reset_eps_rows; do
+  sample::tests::gpu_reset_eps_rows rollout_target::tests::gpu_matches_twin; do
   leaf="${t##*::}"
   full="$(grep -E "(^|::)$leaf\$" "$work/lib_tests.txt" 2>/dev/null | grep "${t%%::*}" | head -1)"
   [[ -n "$full" ]] && san_tests+=("$full")

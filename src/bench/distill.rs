@@ -2,19 +2,22 @@
 //! initialisation for the student, an independent one for the teacher, random tokens), split
 //! the way the step is built (`distill::sdtt`, `SdttGpu`):
 //!
-//! - **Teacher rollout**, per micro-batch: K = 2 teacher forwards on the GPU, each one's B·L·V
-//!   f32 log-probs to the host, the f64 posterior there (which positions unmask, the target
-//!   rows), the target assembled (deviation 14.39). Host wall clock, the step being synchronous.
-//! - **Student**: per micro-batch the target's upload, the recorded forward, the fused
-//!   `distill_kl` loss and the tape backward; then the conditioning gradients, the clip norm,
-//!   AdamW and EMA (`Resident::update`). Host wall clock, synchronised.
+//! - **Teacher rollout**, per micro-batch, all on the device (`cuda::rollout`): x_t and eps
+//!   up, then K = 2 times the teacher forward, the fused sampler step (f64 posterior, which
+//!   positions unmask) and the target kernel; the target stays on the device. Host wall clock
+//!   up to a device synchronisation.
+//! - **Student**: per micro-batch the recorded forward, the fused `distill_kl` loss reading the
+//!   rollout's target in place and the tape backward; then the conditioning gradients, the clip
+//!   norm, AdamW and EMA (`Resident::update`). Host wall clock, synchronised.
 //! - **Forward**: one eval forward with SUBS of the global batch on the device (CUDA events,
 //!   median; no download), the unit of the reference's cost model.
 //!
 //! The reference's step is 2 teacher forwards + 1 student forward + 1 backward, all on the
 //! device; its equivalent from our figures is `3 · forward + backward`, with backward = student
 //! − forward (the student's backward, loss and optimizer). The ratio ours / that says what the
-//! host posterior and the PCIe round trips cost. The noising is prepared once and excluded.
+//! sampler and target kernels and the host orchestration cost beyond the reference's model; the
+//! rollout's share beyond its K forwards is `ms_rollout_extra`. The noising is prepared once
+//! and excluded.
 
 use std::time::Instant;
 
@@ -29,7 +32,7 @@ use crate::cuda::trainer::{device_memory_used, GpuTrainOptions};
 use crate::cuda::Gpu;
 use crate::diffusion::noising::{micro_batch, nelbo_batch, NoisedBatch};
 use crate::diffusion::schedule::{antithetic_times, SAMPLING_EPS};
-use crate::diffusion::{DistillBatch, DistillMode};
+use crate::diffusion::DistillMode;
 use crate::distill::rollout::Spacing;
 use crate::distill::sdtt::SdttGpu;
 use crate::error::{Error, Result};
@@ -37,7 +40,7 @@ use crate::model::init::init_params;
 use crate::model::{Algo, DitConfig, DitParams, Preset};
 use crate::tensor::Tokens;
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::{Ema, LossInput, Resident};
+use crate::train::{Ema, Resident};
 
 /// Teacher steps per student step (the reference's K).
 const K: usize = 2;
@@ -59,9 +62,9 @@ pub struct DistillResult {
     pub steps: usize,
     /// Teacher rollout + student.
     pub ms_step: f64,
-    /// K teacher forwards, the log-probs to the host, the host posterior and target.
+    /// K teacher forwards, fused sampler steps and target kernels, on the device.
     pub ms_rollout: f64,
-    /// Target upload, forward, fused loss, backward, clip, AdamW, EMA.
+    /// Forward, fused loss, backward, clip, AdamW, EMA.
     pub ms_student: f64,
     /// One eval forward with SUBS of the global batch on the device.
     pub ms_forward: f64,
@@ -71,8 +74,9 @@ pub struct DistillResult {
     pub ms_reference_equiv: f64,
     /// `ms_step / ms_reference_equiv`.
     pub ratio: f64,
-    /// `ms_rollout − K · ms_forward`: what the rollout costs beyond its forwards.
-    pub ms_rollout_host: f64,
+    /// `ms_rollout − K · ms_forward`: what the rollout costs beyond its forwards (the sampler
+    /// and target kernels, the inputs' and alphas' uploads, launch and synchronisation).
+    pub ms_rollout_extra: f64,
     pub tok_per_s: f64,
     pub memory_gib: f64,
     /// Loss of the last timed step (finite; the KL of two random models).
@@ -144,29 +148,23 @@ pub fn distill(
         for (k, nb) in batches.iter().enumerate() {
             let t0 = Instant::now();
             let key = s * 64 + k as u64;
-            let ro = dev.rollout(
+            let eps = nb.eps.as_ref();
+            dev.rollout(
                 &teacher,
                 &nb.xt,
                 &nb.t,
-                nb.eps.as_ref(),
+                eps,
                 (K, dt, Spacing::Reference),
                 key,
             )?;
+            dev.gpu().sync()?;
             let t1 = Instant::now();
             r += (t1 - t0).as_secs_f64();
-            let batch = DistillBatch {
-                xt: &nb.xt,
-                eps: nb.eps.as_ref(),
-                target: &ro.target,
-                mode: DistillMode::KlBwd,
-                norm,
-                sigma: None,
-            };
             let opts = TrainOpts {
                 dropout: dropout.map(|(seed, _)| (seed, (s * 64 + k as u64) << 20)),
             };
             // The loss comes back to the host, so the micro-batch has finished here.
-            loss += dev.trainer().accumulate(LossInput::Distill(batch), &opts)?;
+            loss += dev.accumulate(&nb.xt, eps, (DistillMode::KlBwd, norm), &opts)?;
             st += t1.elapsed().as_secs_f64();
         }
         let t0 = Instant::now();
@@ -205,7 +203,7 @@ pub fn distill(
         ms_backward,
         ms_reference_equiv,
         ratio: ms_step / ms_reference_equiv,
-        ms_rollout_host: ms_rollout - K as f64 * ms_forward,
+        ms_rollout_extra: ms_rollout - K as f64 * ms_forward,
         tok_per_s: (b * l) as f64 / (ms_step * 1e-3),
         memory_gib: mem1.saturating_sub(mem0) as f64 / (1u64 << 30) as f64,
         last_loss,
@@ -241,15 +239,15 @@ pub fn print(r: &DistillResult) {
     println!("| part | ms per step |");
     println!("|---|---|");
     println!(
-        "| teacher rollout (K forwards + log-probs to host + f64 posterior) | {:.1} |",
+        "| teacher rollout on the device (K forwards + fused sampler steps + target) | {:.1} |",
         r.ms_rollout
     );
     println!(
-        "| of which beyond the K forwards (PCIe, host posterior, target) | {:.1} |",
-        r.ms_rollout_host
+        "| of which beyond the K forwards (sampler and target kernels, uploads, sync) | {:.1} |",
+        r.ms_rollout_extra
     );
     println!(
-        "| student (target upload, forward, fused KL, backward, AdamW, EMA) | {:.1} |",
+        "| student (forward, fused KL on the device target, backward, AdamW, EMA) | {:.1} |",
         r.ms_student
     );
     println!(

@@ -40,7 +40,7 @@ continues bit for bit; only --steps and the intervals may be given again.
 Defaults are the reference's: kl-bwd, K = 2, 1024 original steps, 10,000 steps per round, lr \
 6e-5, warm-up 500, global batch 128, EMA 0.9999, clip 1.0.
 
---device cuda runs the student on the resident GPU trainer (weights, gradients, AdamW and EMA on the device; the fused distill_kl loss) and the teacher's forwards on the same GPU; the teacher's posterior (which positions unmask) runs on the host in f64, as the CPU sampler's does, so each teacher step moves its B*L*V log-probs to the host and the target back (deviation 14.39). --device auto takes the GPU when one is usable. A run resumes on either device.";
+--device cuda runs the student on the resident GPU trainer (weights, gradients, AdamW and EMA on the device; the fused distill_kl loss) and the whole teacher rollout on the same GPU: the teacher's forwards, the fused sampler step (the f64 posterior and draws of the CPU rollout) and the target, which the student's loss reads where it is. --device auto takes the GPU when one is usable. A run resumes on either device.";
 
 /// `distill sdtt`.
 #[derive(Args, Debug)]

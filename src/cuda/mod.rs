@@ -2,8 +2,8 @@
 //! the DiT forward ([`dit`], its buffers in [`workspace`]) and backward ([`dit_bwd`], its
 //! gradient registers in [`bwd_scratch`]) over the training [`tape`], the conditioning path
 //! ([`cond`]), the device parameter tree ([`param_tree`]), the sampling denoiser
-//! ([`denoiser`]), the training objective ([`trainer`]), NVTX ranges ([`nvtx`]) and
-//! their GPU timeline ([`trace`]), the kernel
+//! ([`denoiser`]), the distillation teacher rollout ([`rollout`]), the training objective
+//! ([`trainer`]), NVTX ranges ([`nvtx`]) and their GPU timeline ([`trace`]), the kernel
 //! sources' constants ([`kernel_defines`]) and one module per kernel file under [`ops`] (its
 //! only launcher and its CPU twin).
 
@@ -19,6 +19,7 @@ pub mod kernel_defines;
 pub mod nvtx;
 pub mod ops;
 pub mod param_tree;
+pub mod rollout;
 pub mod tape;
 pub mod time_cond;
 pub mod trace;

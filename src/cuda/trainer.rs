@@ -45,7 +45,8 @@ mod loss;
 #[path = "trainer_state.rs"]
 mod state;
 
-use loss::{oom, Slot};
+pub(crate) use loss::oom;
+use loss::Slot;
 use state::{download_into, download_linear, Core, OptState};
 
 /// Options of the GPU trainer.

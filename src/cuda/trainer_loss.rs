@@ -8,9 +8,11 @@
 //! - NELBO ([`LossInput::Nelbo`]): `ops::subs::subs_bwd_f32`, the weighted SUBS cross-entropy.
 //! - Distillation ([`LossInput::Distill`], spec 6.1 step 4): `ops::distill_kl`, the SUBS
 //!   log-softmax of the student and the divergence from the teacher's log-probs at masked
-//!   positions, scaled by 1/norm (norm = the masked positions of the global batch). The
-//!   teacher's target (rows, V) f32 is uploaded into a buffer allocated on the first
-//!   distillation batch of a shape, so a NELBO run never holds it.
+//!   positions, scaled by 1/norm (norm = the masked positions of the global batch). A host
+//!   target ([`LossInput::Distill`], (rows, V) f32) is uploaded into a buffer allocated on the
+//!   first such batch of a shape, so a NELBO run never holds it; a device target
+//!   ([`LossInput::DistillDevice`], the device teacher rollout's (rows, ldt) buffer,
+//!   `cuda::rollout`) is read where it is, with no copy and no buffer here.
 
 use cudarc::driver::CudaSlice;
 
@@ -19,13 +21,13 @@ use crate::cuda::dit_bwd::BwdScratch;
 use crate::cuda::ops::distill_kl::{distill_kl_fwd_bwd_f32, DistillKlShape};
 use crate::cuda::ops::subs::{subs_bwd_f32, SubsShape};
 use crate::cuda::Gpu;
-use crate::diffusion::{DistillBatch, LossBatch};
+use crate::diffusion::{DistillBatch, DistillMode, LossBatch};
 use crate::error::{Error, Result};
 use crate::model::DitConfig;
 use crate::train::objective::LossInput;
 
 /// Adds context to an out-of-memory error: what was being allocated and what to change.
-pub(super) fn oom(e: Error, what: impl FnOnce() -> String) -> Error {
+pub(crate) fn oom(e: Error, what: impl FnOnce() -> String) -> Error {
     match e {
         Error::Cuda(msg) if msg.contains("OUT_OF_MEMORY") || msg.contains("out of memory") => {
             Error::Cuda(format!("out of GPU memory for {}: {msg}", what()))
@@ -39,6 +41,7 @@ pub(super) fn check(b: &LossInput, c: &DitConfig) -> Result<(usize, usize)> {
     match b {
         LossInput::Nelbo(b) => b.check(c),
         LossInput::Distill(b) => b.check(c),
+        LossInput::DistillDevice(b) => b.check(c),
     }
 }
 
@@ -76,10 +79,19 @@ impl Slot {
         match b {
             LossInput::Nelbo(b) => self.load_nelbo(gpu, c, b),
             LossInput::Distill(b) => self.load_distill(gpu, c, b),
+            LossInput::DistillDevice(b) => {
+                // The target is read in place by the loss; only the student's inputs go up.
+                self.ws.load_inputs(gpu, &b.xt.ids, b.eps)?;
+                self.sc.load_tokens(gpu, &b.xt.ids, c.vocab_size)
+            }
         }
     }
 
     fn load_nelbo(&mut self, gpu: &Gpu, c: &DitConfig, b: &LossBatch) -> Result<()> {
+        // A time-conditioned model's forward reads each sequence's sigma (spec 2.2).
+        if let Some(sigma) = b.sigma {
+            self.ws.load_sigma(sigma)?;
+        }
         self.ws.load_inputs(gpu, &b.xt.ids, b.eps)?;
         gpu.stream.memcpy_htod(&b.x0.ids, &mut self.x0)?;
         gpu.stream.memcpy_htod(b.weight, &mut self.w)?;
@@ -88,6 +100,9 @@ impl Slot {
     }
 
     fn load_distill(&mut self, gpu: &Gpu, c: &DitConfig, b: &DistillBatch) -> Result<()> {
+        if let Some(sigma) = b.sigma {
+            self.ws.load_sigma(sigma)?;
+        }
         self.ws.load_inputs(gpu, &b.xt.ids, b.eps)?;
         self.sc.load_tokens(gpu, &b.xt.ids, c.vocab_size)?;
         let n = b.target.len();
@@ -138,22 +153,14 @@ impl Slot {
                 let target = self.target.as_ref().ok_or_else(|| {
                     Error::Config("GPU trainer: distillation target not loaded".into())
                 })?;
-                distill_kl_fwd_bwd_f32(
-                    gpu,
-                    &mut self.ws.logits,
-                    &mut self.loss,
-                    target,
-                    &self.ws.tokens,
-                    DistillKlShape {
-                        rows,
-                        vocab: c.vocab_size,
-                        ld: self.ws.logits_ld,
-                        ldt: c.vocab_size,
-                        mask_index: c.mask_index,
-                    },
-                    b.mode,
-                    (1.0 / b.norm) as f32,
-                )?;
+                let ws = &mut self.ws;
+                let t = (target, c.vocab_size);
+                distill(gpu, c, ws, &mut self.loss, t, b.mode, b.norm)?;
+                b.norm
+            }
+            LossInput::DistillDevice(b) => {
+                let t = (b.target.data, b.target.ldt);
+                distill(gpu, c, &mut self.ws, &mut self.loss, t, b.mode, b.norm)?;
                 b.norm
             }
         };
@@ -165,4 +172,33 @@ impl Slot {
             .sum();
         Ok(sum / norm)
     }
+}
+
+/// The fused distillation loss over the workspace's logits against `target` (rows, ldt),
+/// scaled by 1/norm, per-row losses into `loss`.
+fn distill(
+    gpu: &Gpu,
+    c: &DitConfig,
+    ws: &mut Workspace,
+    loss: &mut CudaSlice<f32>,
+    (target, ldt): (&CudaSlice<f32>, usize),
+    mode: DistillMode,
+    norm: f64,
+) -> Result<()> {
+    distill_kl_fwd_bwd_f32(
+        gpu,
+        &mut ws.logits,
+        loss,
+        target,
+        &ws.tokens,
+        DistillKlShape {
+            rows: ws.batch * ws.len,
+            vocab: c.vocab_size,
+            ld: ws.logits_ld,
+            ldt,
+            mask_index: c.mask_index,
+        },
+        mode,
+        (1.0 / norm) as f32,
+    )
 }

@@ -198,26 +198,8 @@ impl DistillBatch<'_> {
     /// values, a finite positive norm, and eps of shape (B, L, noise_dim) when the model has
     /// the eps MLP. Returns (B, L).
     pub fn check(&self, c: &DitConfig) -> Result<(usize, usize)> {
-        let xt = self.xt;
-        let (bsz, len) = (xt.batch, xt.len);
+        let (bsz, len) = check_distill_input(self.xt, self.eps, self.norm, c)?;
         let rows = bsz * len;
-        if rows == 0 || xt.ids.len() != rows {
-            return Err(Error::Shape(format!(
-                "xt: expected a non-empty (B, L) = ({bsz}, {len}) with B·L ids, got {}",
-                xt.ids.len()
-            )));
-        }
-        if let Some((i, t)) = xt
-            .ids
-            .iter()
-            .enumerate()
-            .find(|(_, &t)| t as usize >= c.vocab_size)
-        {
-            return Err(Error::Shape(format!(
-                "xt: id {t} at flat index {i} is outside the vocabulary of {}",
-                c.vocab_size
-            )));
-        }
         if self.target.len() != rows * c.vocab_size {
             return Err(Error::Shape(format!(
                 "distillation target: expected B·L·V = {} values, got {}",
@@ -225,23 +207,54 @@ impl DistillBatch<'_> {
                 self.target.len()
             )));
         }
-        if !(self.norm.is_finite() && self.norm > 0.0) {
-            return Err(Error::Config(format!(
-                "distillation norm {} must be a positive count of masked positions",
-                self.norm
-            )));
-        }
-        if c.has_eps_mlp() {
-            let e = self.eps.ok_or_else(|| {
-                Error::Shape(format!(
-                    "eps: the IMDM student needs eps of shape [{bsz}, {len}, {}], got none",
-                    c.noise_dim
-                ))
-            })?;
-            e.expect_shape("eps", &[bsz, len, c.noise_dim])?;
-        }
         Ok((bsz, len))
     }
+}
+
+/// The checks of a distillation micro-batch's student side, wherever its target is held
+/// ([`DistillBatch::check`], `train::objective::DeviceDistillBatch::check`): a non-empty
+/// (B, L) input with ids in the vocabulary, a finite positive norm, and eps of shape
+/// (B, L, noise_dim) when the model has the eps MLP. Returns (B, L).
+pub fn check_distill_input(
+    xt: &Tokens,
+    eps: Option<&Tensor>,
+    norm: f64,
+    c: &DitConfig,
+) -> Result<(usize, usize)> {
+    let (bsz, len) = (xt.batch, xt.len);
+    let rows = bsz * len;
+    if rows == 0 || xt.ids.len() != rows {
+        return Err(Error::Shape(format!(
+            "xt: expected a non-empty (B, L) = ({bsz}, {len}) with B·L ids, got {}",
+            xt.ids.len()
+        )));
+    }
+    if let Some((i, t)) = xt
+        .ids
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= c.vocab_size)
+    {
+        return Err(Error::Shape(format!(
+            "xt: id {t} at flat index {i} is outside the vocabulary of {}",
+            c.vocab_size
+        )));
+    }
+    if !(norm.is_finite() && norm > 0.0) {
+        return Err(Error::Config(format!(
+            "distillation norm {norm} must be a positive count of masked positions"
+        )));
+    }
+    if c.has_eps_mlp() {
+        let e = eps.ok_or_else(|| {
+            Error::Shape(format!(
+                "eps: the IMDM student needs eps of shape [{bsz}, {len}, {}], got none",
+                c.noise_dim
+            ))
+        })?;
+        e.expect_shape("eps", &[bsz, len, c.noise_dim])?;
+    }
+    Ok((bsz, len))
 }
 
 #[cfg(test)]

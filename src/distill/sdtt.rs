@@ -12,7 +12,8 @@
 //!   accumulated, and the host update (clip, AdamW, EMA) of `train::update` (`sdtt_step.rs`).
 //!   With a GPU ([`Sdtt::use_gpu`], `sdtt_gpu.rs`) the same step runs on the resident GPU
 //!   trainer (the fused `distill_kl` kernel in place of the NELBO's, then the trainer's own
-//!   backward, clip, AdamW and EMA) with the teacher forwards on the same device; `params`,
+//!   backward, clip, AdamW and EMA) with the whole teacher rollout on the same device (its
+//!   target never leaves it; `cuda::rollout`); `params`,
 //!   `ema` and `opt` are then read back from the device only before checkpoints, round files
 //!   and at the end of [`Sdtt::run_until`] ([`Sdtt::sync_from_device`]).
 //! - Rounds: step i (0-based) belongs to round r = ⌊i / grow_dt_every⌋ with

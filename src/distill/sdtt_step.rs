@@ -1,6 +1,6 @@
 //! One SDTT optimizer step and the validation KL (`distill::sdtt`), on either device with the
 //! same streams: the CPU backend with the host update, or the resident GPU trainer with the
-//! teacher on the same device ([`super::gpu::SdttGpu`]). The times, masks, eps, rollout keys
+//! teacher and its rollout on the same device ([`super::gpu::SdttGpu`]). The times, masks, eps, rollout keys
 //! and dropout offsets are drawn identically on both, so a run may resume on the other device
 //! (with that device's numerics from then on).
 
@@ -11,11 +11,11 @@ use crate::cpu::{self, CpuDenoiser, TrainOpts};
 use crate::diffusion::noising::{micro_batch, nelbo_batch, NoisedBatch};
 use crate::diffusion::schedule::antithetic_times;
 use crate::diffusion::{DistillBatch, DistillMode};
-use crate::distill::rollout::{teacher_rollout, Rollout};
+use crate::distill::rollout::teacher_rollout;
 use crate::train::optim::{zero, LrSchedule};
 use crate::train::trainer::{stream, VALIDATION_SEED};
 use crate::train::update::{host_update, HostState};
-use crate::train::{LossInput, Resident};
+use crate::train::Resident;
 
 /// The round's teacher for one step or validation pass.
 enum Teacher {
@@ -51,21 +51,11 @@ impl Sdtt {
         }
     }
 
-    fn rollout(
-        &mut self,
-        teacher: &mut Teacher,
-        nb: &NoisedBatch,
-        dt: f64,
-        key: u64,
-    ) -> Result<Rollout> {
-        let spec = (self.sdtt.distill_steps, dt, self.sdtt.spacing);
-        match (teacher, self.device.as_mut()) {
-            (Teacher::Gpu, Some(dev)) => {
-                dev.rollout(&self.teacher, &nb.xt, &nb.t, nb.eps.as_ref(), spec, key)
-            }
-            (Teacher::Cpu(t), _) => teacher_rollout(t, &nb.xt, &nb.t, nb.eps.as_ref(), spec, key),
-            (Teacher::Gpu, None) => Err(Error::Config("SDTT: no GPU for the teacher".into())),
-        }
+    /// The run's GPU side (the teacher of a [`Teacher::Gpu`] pass).
+    fn gpu_side(device: &mut Option<SdttGpu>) -> Result<&mut SdttGpu> {
+        device
+            .as_mut()
+            .ok_or_else(|| Error::Config("SDTT: no GPU for the teacher".into()))
     }
 
     /// One optimizer step (with the round boundary before it when due).
@@ -92,26 +82,33 @@ impl Sdtt {
             None => zero(&mut self.grads),
         }
         let accum = self.cfg.accumulation() as u64;
+        let spec = (self.sdtt.distill_steps, dt, self.sdtt.spacing);
         let mut loss = 0.0;
         for (k, nb) in batches.iter().enumerate() {
-            let ro = self.rollout(&mut teacher, nb, dt, key.next_u64())?;
-            let batch = DistillBatch {
-                xt: &nb.xt,
-                eps: nb.eps.as_ref(),
-                target: &ro.target,
-                mode: self.sdtt.mode,
-                norm,
-                sigma: None,
-            };
+            let (xt, eps, rkey) = (&nb.xt, nb.eps.as_ref(), key.next_u64());
             let opts = TrainOpts {
                 dropout: (self.model.dropout > 0.0).then(|| {
                     let dseed = seed ^ DROPOUT.wrapping_mul(0x9E37_79B9_7F4A_7C15);
                     (dseed, (s * accum + k as u64) * DROPOUT_CALLS_PER_MICRO)
                 }),
             };
-            loss += match self.device.as_mut() {
-                Some(dev) => dev.trainer().accumulate(LossInput::Distill(batch), &opts)?,
-                None => {
+            loss += match &mut teacher {
+                Teacher::Gpu => {
+                    // The rollout's target stays on the device for the student's loss.
+                    let dev = Self::gpu_side(&mut self.device)?;
+                    dev.rollout(&self.teacher, xt, &nb.t, eps, spec, rkey)?;
+                    dev.accumulate(xt, eps, (self.sdtt.mode, norm), &opts)?
+                }
+                Teacher::Cpu(t) => {
+                    let ro = teacher_rollout(t, xt, &nb.t, eps, spec, rkey)?;
+                    let batch = DistillBatch {
+                        xt,
+                        eps,
+                        target: &ro.target,
+                        mode: self.sdtt.mode,
+                        norm,
+                        sigma: None,
+                    };
                     cpu::distill_loss_and_grad::<f32>(&self.params, &batch, &opts, &mut self.grads)?
                 }
             };
@@ -209,20 +206,14 @@ impl Sdtt {
         self.val = Some(val);
         let mut key = stream(VALIDATION_SEED, ROLLOUT, 0);
         let dt = self.sdtt.dt(self.teacher_round);
-        let mut teacher = self.round_teacher()?;
+        let spec = (self.sdtt.distill_steps, dt, self.sdtt.spacing);
+        self.round_teacher()?;
         let (mut sum, mut masked) = (0.0, 0usize);
         for nb in batches? {
-            let ro = self.rollout(&mut teacher, &nb, dt, key.next_u64())?;
-            let batch = DistillBatch {
-                xt: &nb.xt,
-                eps: nb.eps.as_ref(),
-                target: &ro.target,
-                mode: DistillMode::KlBwd,
-                norm: 1.0,
-                sigma: None,
-            };
-            let dev = self.device.as_mut().expect("checked above");
-            sum += dev.trainer().eval_loss_ema(LossInput::Distill(batch))?;
+            let (xt, eps) = (&nb.xt, nb.eps.as_ref());
+            let dev = Self::gpu_side(&mut self.device)?;
+            dev.rollout(&self.teacher, xt, &nb.t, eps, spec, key.next_u64())?;
+            sum += dev.eval_loss_ema(xt, eps, DistillMode::KlBwd)?;
             masked += nb.masked();
         }
         Ok(Some(sum / masked.max(1) as f64))

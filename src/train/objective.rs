@@ -11,10 +11,12 @@
 //!   the real one. The mean-pooled context lets it learn the synthetic task (all tokens equal).
 
 use crate::cpu::{self, TrainOpts};
-use crate::diffusion::{DistillBatch, LossBatch};
+use crate::cuda::rollout::DeviceTarget;
+use crate::diffusion::denoiser::check_distill_input;
+use crate::diffusion::{DistillBatch, DistillMode, LossBatch};
 use crate::error::{Error, Result};
-use crate::model::DitParams;
-use crate::tensor::Tensor;
+use crate::model::{DitConfig, DitParams};
+use crate::tensor::{Tensor, Tokens};
 use crate::train::{AdamW, Ema};
 
 /// A differentiable loss over `DitParams`.
@@ -40,12 +42,54 @@ pub trait Objective {
 }
 
 /// What one micro-batch of a resident step optimises: the NELBO's weighted cross-entropy, or
-/// the distillation loss against a stored teacher target (spec 6.1 step 4). Everything after
-/// the loss (backward, clip, AdamW, EMA) is the same for both.
+/// the distillation loss against a stored teacher target (spec 6.1 step 4), held on the host
+/// or already on the objective's device. Everything after the loss (backward, clip, AdamW,
+/// EMA) is the same for all.
 #[derive(Clone, Copy, Debug)]
 pub enum LossInput<'a> {
     Nelbo(LossBatch<'a>),
     Distill(DistillBatch<'a>),
+    DistillDevice(DeviceDistillBatch<'a>),
+}
+
+/// A distillation micro-batch whose teacher target is already on the GPU (the device teacher
+/// rollout's, `cuda::rollout`): the student's input as in [`DistillBatch`], the target read in
+/// place by the fused loss, never copied.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceDistillBatch<'a> {
+    /// (B, L) noisy input; only positions holding the mask contribute.
+    pub xt: &'a Tokens,
+    /// (B, L, noise_dim) eps used as given; `None` without the eps MLP.
+    pub eps: Option<&'a Tensor>,
+    /// The teacher's (B·L, ldt) f32 log-probs on the objective's device.
+    pub target: DeviceTarget<'a>,
+    pub mode: DistillMode,
+    /// Divisor of the summed row losses: the masked positions of the whole (global) batch.
+    pub norm: f64,
+}
+
+impl DeviceDistillBatch<'_> {
+    /// [`DistillBatch::check`]'s checks of the input, plus the target's shape: rollout (B, L)
+    /// equal to the input's, ldt >= V, (B·L)·ldt values. Returns (B, L).
+    pub fn check(&self, c: &DitConfig) -> Result<(usize, usize)> {
+        let (bsz, len) = check_distill_input(self.xt, self.eps, self.norm, c)?;
+        let t = &self.target;
+        if (t.batch, t.len) != (bsz, len)
+            || t.ldt < c.vocab_size
+            || t.data.len() != bsz * len * t.ldt
+        {
+            return Err(Error::Shape(format!(
+                "device distillation target: a ({}, {}) rollout of {} values at row stride {} \
+                 for a ({bsz}, {len}) input with V {} (expected B·L·ldt values, ldt >= V)",
+                t.batch,
+                t.len,
+                t.data.len(),
+                t.ldt,
+                c.vocab_size
+            )));
+        }
+        Ok((bsz, len))
+    }
 }
 
 /// An objective that holds the whole training state on its device. The loop hands it the

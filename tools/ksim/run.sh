@@ -29,8 +29,8 @@
 # Usage: tools/ksim/run.sh [--tsan] [all | FAMILY [ARGS]]
 #   all (default): every harness, then the coverage list (each kernel with the cases that
 #     launched it); exits non-zero when a case fails or a __global__ of the kernel files has no
-#     case. FAMILY: one harness (attention, adamw, embedding, gelu, ln, residual, sample, subs),
-#     ARGS passed to it (attention: lazy|eager [hd]; the others: a case filter, see each main).
+#     case. FAMILY: one harness (attention, adamw, embedding, gelu, kl, ln, residual, rollout,
+#     sample, subs), ARGS passed to it (attention: lazy|eager [hd]; the others: a case filter, see each main).
 # Needs g++ >= 12 (C++20) and python3.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

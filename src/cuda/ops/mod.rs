@@ -10,5 +10,6 @@ pub mod gemm;
 pub mod ln_modulate;
 pub mod modulation;
 pub mod residual;
+pub mod rollout_target;
 pub mod sample;
 pub mod subs;
