@@ -117,7 +117,7 @@ fn run_ppl(a: PplArgs) -> Result<()> {
             c.algo.name()
         )));
     }
-    if !baseline && (a.d3pm_steps.is_some() || a.d3pm_alpha_s.is_some()) {
+    if c.algo != Algo::D3pm && (a.d3pm_steps.is_some() || a.d3pm_alpha_s.is_some()) {
         return Err(Error::Config(format!(
             "--d3pm-steps/--d3pm-alpha-s: --checkpoint {} holds a {} model, not d3pm",
             a.checkpoint.display(),
