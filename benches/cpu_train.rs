@@ -125,6 +125,7 @@ fn main() {
             eps: Some(&eps),
             weight: &weight,
             norm: rows as f64,
+            sigma: None,
         };
         let mut grads = DitParams::zeros(&c);
         let (step, step_min) = time_ms(
@@ -138,7 +139,7 @@ fn main() {
         );
         let (fwd, _) = time_ms(
             || {
-                std::hint::black_box(log_probs::<f32>(&p, &xt, Some(&eps)).unwrap());
+                std::hint::black_box(log_probs::<f32>(&p, &xt, Some(&eps), None).unwrap());
             },
             7,
         );

@@ -28,11 +28,11 @@ fn main() {
         let tokens = Tokens::new(batch, l, ids, v).unwrap();
         let seeds: Vec<i64> = (0..batch as i64).collect();
         let eps = seeded_eps(&seeds, l, config.noise_dim, config.noise_type, 1.0);
-        let _ = dit_ref::forward(&p, &tokens, Some(&eps)).unwrap();
+        let _ = dit_ref::forward(&p, &tokens, Some(&eps), None).unwrap();
         let mut ms: Vec<f64> = (0..5)
             .map(|_| {
                 let t = Instant::now();
-                std::hint::black_box(dit_ref::forward(&p, &tokens, Some(&eps)).unwrap());
+                std::hint::black_box(dit_ref::forward(&p, &tokens, Some(&eps), None).unwrap());
                 t.elapsed().as_secs_f64() * 1e3
             })
             .collect();

@@ -121,6 +121,21 @@ pub fn view_to_f32(path: &Path, name: &str, v: &TensorView<'_>) -> Result<Tensor
     Tensor::from_vec(v.shape(), data)
 }
 
+/// Converts a float tensor view (F64, or anything [`view_to_f32`] reads) to f64 values, with
+/// its shape.
+pub fn view_to_f64(path: &Path, name: &str, v: &TensorView<'_>) -> Result<(Vec<usize>, Vec<f64>)> {
+    if v.dtype() == Dtype::F64 {
+        let data = v
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        return Ok((v.shape().to_vec(), data));
+    }
+    let t = view_to_f32(path, name, v)?;
+    Ok((t.shape, t.data.iter().map(|&x| x as f64).collect()))
+}
+
 /// Converts an integer tensor view (I64 or I32) to u32 ids, rejecting negative values.
 pub fn view_to_ids(path: &Path, name: &str, v: &TensorView<'_>) -> Result<Vec<u32>> {
     let bytes = v.data();
@@ -152,9 +167,11 @@ pub fn view_to_ids(path: &Path, name: &str, v: &TensorView<'_>) -> Result<Vec<u3
         .collect()
 }
 
-/// A tensor to write: borrowed f32 data or i64 ids (no copies, so multi-GB models stream out).
+/// A tensor to write: borrowed f32 data, f64 values or i64 ids (no copies, so multi-GB models
+/// stream out).
 pub enum OutTensor<'a> {
     F32(&'a Tensor),
+    F64 { shape: Vec<usize>, data: &'a [f64] },
     I64 { shape: Vec<usize>, data: &'a [i64] },
 }
 
@@ -173,6 +190,12 @@ pub fn write_atomic(
                 Dtype::F32,
                 t.shape.clone(),
                 bytemuck::cast_slice::<f32, u8>(&t.data),
+            ),
+            OutTensor::F64 { shape, data } => (
+                n.as_str(),
+                Dtype::F64,
+                shape.clone(),
+                bytemuck::cast_slice::<f64, u8>(data),
             ),
             OutTensor::I64 { shape, data } => (
                 n.as_str(),

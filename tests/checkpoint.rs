@@ -8,7 +8,7 @@ use half::{bf16, f16};
 use imdm_engine::model::checkpoint::{self, load, save};
 use imdm_engine::model::dit_ref;
 use imdm_engine::model::init::random_params;
-use imdm_engine::model::{Algo, DitParams};
+use imdm_engine::model::{Algo, DitConfig, DitParams};
 use imdm_engine::rng::seeded_eps;
 use imdm_engine::tensor::Tokens;
 use safetensors::tensor::Dtype;
@@ -38,7 +38,7 @@ fn logits(p: &DitParams) -> Vec<f32> {
         .collect();
     let tokens = Tokens::new(2, c.length, ids, c.vocab_size).unwrap();
     let eps = seeded_eps(&[5, 6], c.length, c.noise_dim, c.noise_type, 1.0);
-    dit_ref::forward(p, &tokens, Some(&eps)).unwrap().data
+    dit_ref::forward(p, &tokens, Some(&eps), None).unwrap().data
 }
 
 #[test]
@@ -55,6 +55,41 @@ fn round_trip_is_bit_identical() {
             "random weights give non-zero logits"
         );
     }
+}
+
+/// A time-conditioned model keeps `time_conditioning` in its metadata config, reloads equal,
+/// gives the same per-sequence logits, and is refused under a constant-conditioned config.
+#[test]
+fn time_conditioned_model_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = DitConfig {
+        time_conditioning: true,
+        ..small_test_config(Algo::Mdlm)
+    };
+    let p = random_params(&c, 4);
+    let path = dir.path().join("tc.safetensors");
+    save(&path, &p).unwrap();
+    let (_, meta) = read_raw(&path);
+    let js = &meta[checkpoint::META_CONFIG];
+    assert!(js.contains("\"time_conditioning\":true"), "{js}");
+    let q = load(&path, None).unwrap();
+    assert_eq!(p, q);
+    assert!(q.config.time_conditioning);
+    let ids: Vec<u32> = (0..2 * c.length as u32)
+        .map(|i| i % c.vocab_size as u32)
+        .collect();
+    let tokens = Tokens::new(2, c.length, ids, c.vocab_size).unwrap();
+    let sigma = [0.3, 4.0];
+    let a = dit_ref::forward(&p, &tokens, None, Some(&sigma)).unwrap();
+    let b = dit_ref::forward(&q, &tokens, None, Some(&sigma)).unwrap();
+    assert!(a
+        .data
+        .iter()
+        .zip(&b.data)
+        .all(|(x, y)| x.to_bits() == y.to_bits()));
+    let off = small_test_config(Algo::Mdlm);
+    let e = load(&path, Some(&off)).unwrap_err().to_string();
+    assert!(e.contains("time_conditioning mismatch"), "{e}");
 }
 
 /// Rewrites the saved model with `edit` applied to its tensors (metadata kept).

@@ -33,9 +33,9 @@ fn imdm_with_zero_eps_mlp_equals_mdlm_exactly() {
     mdlm.config.algo = Algo::Mdlm;
     mdlm.eps_mlp = None;
     let toks = tokens_with_masks(&imdm, 3);
-    let want = forward(&mdlm, &toks, None).unwrap();
+    let want = forward(&mdlm, &toks, None, None).unwrap();
     for seed in [0, 1, 99] {
-        let got = forward(&imdm, &toks, Some(&eps_for(&imdm, 3, seed))).unwrap();
+        let got = forward(&imdm, &toks, Some(&eps_for(&imdm, 3, seed)), None).unwrap();
         let same = got
             .data
             .iter()
@@ -48,8 +48,8 @@ fn imdm_with_zero_eps_mlp_equals_mdlm_exactly() {
     }
     // And the eps path is live when the last layer is not zero.
     let live = random_params(&small_test_config(Algo::Imdm), 11);
-    let a = forward(&live, &toks, Some(&eps_for(&live, 3, 0))).unwrap();
-    let b = forward(&live, &toks, Some(&eps_for(&live, 3, 1))).unwrap();
+    let a = forward(&live, &toks, Some(&eps_for(&live, 3, 0)), None).unwrap();
+    let b = forward(&live, &toks, Some(&eps_for(&live, 3, 1)), None).unwrap();
     assert!(a
         .data
         .iter()
@@ -63,7 +63,7 @@ fn imdm_with_zero_eps_mlp_equals_mdlm_exactly() {
 fn identity_at_init() {
     let p = init_params(&small_test_config(Algo::Imdm), 0);
     let toks = tokens_with_masks(&p, 2);
-    let logits = forward(&p, &toks, Some(&eps_for(&p, 2, 0))).unwrap();
+    let logits = forward(&p, &toks, Some(&eps_for(&p, 2, 0)), None).unwrap();
     assert!(logits.data.iter().all(|&x| x == 0.0));
     let lp = subs_log_probs(&logits, &toks, p.config.mask_index);
     let v = p.config.vocab_size;
@@ -92,7 +92,7 @@ fn subs_rows_are_normalised() {
     let p = random_params(&small_test_config(Algo::Imdm), 2);
     let toks = tokens_with_masks(&p, 2);
     let lp = subs_log_probs(
-        &forward(&p, &toks, Some(&eps_for(&p, 2, 0))).unwrap(),
+        &forward(&p, &toks, Some(&eps_for(&p, 2, 0)), None).unwrap(),
         &toks,
         p.config.mask_index,
     );
@@ -111,10 +111,10 @@ fn attention_direction() {
         c.causal = causal;
         let p = random_params(&c, 4);
         let mut toks = tokens_with_masks(&p, 1);
-        let a = forward(&p, &toks, None).unwrap();
+        let a = forward(&p, &toks, None, None).unwrap();
         let last = toks.ids.len() - 1;
         toks.ids[last] = (toks.ids[last] + 1) % c.mask_index as u32;
-        let b = forward(&p, &toks, None).unwrap();
+        let b = forward(&p, &toks, None, None).unwrap();
         let v = c.vocab_size;
         let moved = a.data[..v].iter().zip(&b.data[..v]).any(|(x, y)| x != y);
         assert_eq!(moved, !causal, "causal={causal}");
@@ -129,8 +129,8 @@ fn softcap_changes_the_output() {
     let mut q = p.clone();
     q.config.softcap = 0.5;
     let toks = tokens_with_masks(&p, 1);
-    let a = forward(&p, &toks, None).unwrap();
-    let b = forward(&q, &toks, None).unwrap();
+    let a = forward(&p, &toks, None, None).unwrap();
+    let b = forward(&q, &toks, None, None).unwrap();
     assert!(a
         .data
         .iter()
@@ -142,7 +142,7 @@ fn softcap_changes_the_output() {
 #[test]
 fn imdm_requires_eps() {
     let p = random_params(&small_test_config(Algo::Imdm), 1);
-    let e = forward(&p, &tokens_with_masks(&p, 1), None)
+    let e = forward(&p, &tokens_with_masks(&p, 1), None, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("needs eps"), "{e}");

@@ -31,7 +31,7 @@ fn check(config: DitConfig, batch: usize, len: usize, tag: &str) {
     let eps = config
         .has_eps_mlp()
         .then(|| seeded_eps(&seeds, len, config.noise_dim, config.noise_type, 1.0));
-    let want = dit_ref::forward(&p, &tokens, eps.as_ref()).unwrap();
+    let want = dit_ref::forward(&p, &tokens, eps.as_ref(), None).unwrap();
     let want_lp = dit_ref::subs_log_probs(&want, &tokens, config.mask_index);
 
     // The plain upload (training layout) and the inference upload (gates folded into the

@@ -117,6 +117,7 @@ fn single_batch_loop(params: DitParams, pairs: &Couplings, c: &RediTrainConfig) 
             eps: b.eps.as_ref(),
             weight: &b.weight,
             norm,
+            sigma: None,
         };
         out.push(
             fit.step(&mut CpuDit, &[lb], |_| TrainOpts::default())

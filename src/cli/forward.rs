@@ -1,8 +1,10 @@
 //! `imdm-engine forward`: the parity and debugging entry point. Input: a safetensors file with
 //! `tokens` (B, L) int64 and, for IMDM, optionally `eps` (B, L, noise_dim) f32 (drawn from the
 //! reference's seeded hash with seed `--seed + b` for row b when absent). Masked positions are
-//! those holding the mask id. Output: `logits` (raw) and `log_probs` (after SUBS), both
-//! (B, L, V) f32, plus the `tokens` and the `eps` that were used. Keep this format stable.
+//! those holding the mask id. A time-conditioned model (`time_conditioning` in its config) also
+//! needs `sigma` (B) f64 or f32, each sequence's sigma(t). Output: `logits` (raw) and
+//! `log_probs` (after SUBS), both (B, L, V) f32, plus the `tokens`, `eps` and `sigma` that were
+//! used. Keep this format stable.
 
 use clap::Args;
 use std::collections::HashMap;
@@ -10,10 +12,11 @@ use std::path::PathBuf;
 
 use crate::cli::{check_out, ConfigArgs, DeviceArgs};
 use crate::cuda::{Backend, DeviceChoice};
+use crate::diffusion::check_sigma;
 use crate::error::{Error, Result};
 use crate::model::{checkpoint, dit_ref, DitConfig};
 use crate::rng::seeded_eps;
-use crate::stio::{view_to_f32, view_to_ids, write_atomic, OutTensor, StFile};
+use crate::stio::{view_to_f32, view_to_f64, view_to_ids, write_atomic, OutTensor, StFile};
 use crate::tensor::{Tensor, Tokens};
 
 #[derive(Args, Debug)]
@@ -21,11 +24,12 @@ pub struct ForwardArgs {
     /// Model checkpoint (.safetensors).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Input safetensors: `tokens` (B, L) int64, optional `eps` (B, L, noise_dim) f32.
+    /// Input safetensors: `tokens` (B, L) int64, optional `eps` (B, L, noise_dim) f32, and
+    /// `sigma` (B) f64 for a time-conditioned model.
     #[arg(long)]
     pub input: PathBuf,
-    /// Output safetensors: `logits`, `log_probs` (B, L, V) f32, `tokens` and `eps`; written
-    /// atomically.
+    /// Output safetensors: `logits`, `log_probs` (B, L, V) f32, `tokens`, `eps` and `sigma`;
+    /// written atomically.
     #[arg(long)]
     pub out: PathBuf,
     /// Replace an existing --out.
@@ -61,7 +65,7 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     let chosen = a.config.resolve()?;
     let params = checkpoint::load(&a.checkpoint, chosen.as_ref())?;
     let c = &params.config;
-    let (tokens, eps) = read_input(&a, c).map_err(as_input)?;
+    let (tokens, eps, sigma) = read_input(&a, c).map_err(as_input)?;
     let (batch, len) = (tokens.batch, tokens.len);
     crate::sizes::check(
         &format!(
@@ -84,7 +88,7 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         }
         Backend::Cpu => {}
     }
-    let logits = dit_ref::forward(&params, &tokens, eps.as_ref())?;
+    let logits = dit_ref::forward(&params, &tokens, eps.as_ref(), sigma.as_deref())?;
     let log_probs = dit_ref::subs_log_probs(&logits, &tokens, c.mask_index);
     for (name, t) in [("logits", &logits), ("log_probs", &log_probs)] {
         // SUBS log-probs are -inf off the support; anything else non-finite is a fault.
@@ -119,6 +123,10 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     if let Some(e) = &eps {
         out.push(("eps".to_string(), OutTensor::F32(e)));
     }
+    if let Some(s) = &sigma {
+        let shape = vec![s.len()];
+        out.push(("sigma".to_string(), OutTensor::F64 { shape, data: s }));
+    }
     let meta = HashMap::from([
         ("format".to_string(), checkpoint::FORMAT.to_string()),
         ("checkpoint".to_string(), a.checkpoint.display().to_string()),
@@ -133,8 +141,11 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
-/// The tokens and eps of `--input`, checked against the model `c`.
-fn read_input(a: &ForwardArgs, c: &DitConfig) -> Result<(Tokens, Option<Tensor>)> {
+/// The tokens, eps and sigma of `--input`, checked against the model `c`.
+fn read_input(
+    a: &ForwardArgs,
+    c: &DitConfig,
+) -> Result<(Tokens, Option<Tensor>, Option<Vec<f64>>)> {
     let f = StFile::open(&a.input)?;
     let st = f.parse()?;
     let tv = st.tensor("tokens").map_err(|_| {
@@ -183,5 +194,20 @@ fn read_input(a: &ForwardArgs, c: &DitConfig) -> Result<(Tokens, Option<Tensor>)
     } else {
         None
     };
-    Ok((tokens, eps))
+    let sigma = match st.tensor("sigma") {
+        Ok(v) => {
+            let (shape, s) = view_to_f64(&a.input, "sigma", &v)?;
+            if shape != [batch] {
+                return Err(Error::checkpoint(
+                    &a.input,
+                    format!("sigma: expected shape [{batch}] (one per sequence), got {shape:?}"),
+                ));
+            }
+            Some(s)
+        }
+        Err(_) => None,
+    };
+    check_sigma(c, sigma.as_deref(), batch)
+        .map_err(|e| Error::checkpoint(&a.input, e.to_string()))?;
+    Ok((tokens, eps, sigma))
 }

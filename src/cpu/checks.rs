@@ -1,6 +1,7 @@
-//! Validation of what a caller hands the CPU backend: tokens and eps against the model's
+//! Validation of what a caller hands the CPU backend: tokens, eps and sigma against the model's
 //! configuration (a loss batch has its own [`LossBatch::check`](crate::diffusion::LossBatch::check)), with messages that name the tensor and the expected and actual shape.
 
+use crate::diffusion::check_sigma;
 use crate::error::{Error, Result};
 use crate::model::DitConfig;
 use crate::tensor::{Tensor, Tokens};
@@ -17,8 +18,13 @@ pub(super) struct Dims {
     pub v: usize,
 }
 
-/// Checks tokens and eps against the config; returns the sizes.
-pub(super) fn check_inputs(c: &DitConfig, xt: &Tokens, eps: Option<&Tensor>) -> Result<Dims> {
+/// Checks tokens, eps and sigma against the config; returns the sizes.
+pub(super) fn check_inputs(
+    c: &DitConfig,
+    xt: &Tokens,
+    eps: Option<&Tensor>,
+    sigma: Option<&[f64]>,
+) -> Result<Dims> {
     if xt.ids.len() != xt.batch * xt.len || xt.batch == 0 || xt.len == 0 {
         return Err(Error::Shape(format!(
             "xt: expected a non-empty (B, L) = ({}, {}) with B·L ids, got {}",
@@ -47,6 +53,7 @@ pub(super) fn check_inputs(c: &DitConfig, xt: &Tokens, eps: Option<&Tensor>) -> 
         })?;
         e.expect_shape("eps", &[xt.batch, xt.len, c.noise_dim])?;
     }
+    check_sigma(c, sigma, xt.batch)?;
     Ok(Dims {
         batch: xt.batch,
         len: xt.len,

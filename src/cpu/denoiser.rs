@@ -26,6 +26,6 @@ impl Denoiser for CpuDenoiser {
     }
 
     fn log_probs(&mut self, xt: &Tokens, eps: Option<&Tensor>) -> Result<Tensor> {
-        log_probs::<f32>(&self.params, xt, eps)
+        log_probs::<f32>(&self.params, xt, eps, None)
     }
 }

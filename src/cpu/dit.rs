@@ -4,8 +4,11 @@
 //!
 //! ```text
 //! h    = E[xt]  (+ W_b·GELU_exact(W_a eps + b_a) at masked rows)          (rows, D)
-//! c    = SiLU(fc2(SiLU(fc1(feat(σ=0)))))   constant over rows             (cond)
-//! per block i, m = adaLN_i(c) = (shift1, scale1, gate1, shift2, scale2, gate2), each (D):
+//! c    = SiLU(fc2(SiLU(fc1(feat(σ)))))                                    (G, cond)
+//!        G = 1, σ = 0: one constant vector for all rows (MDLM, IMDM);
+//!        G = B, σ = σ_b: one vector per sequence (time conditioning)
+//! per block i, m = adaLN_i(c) = (shift1, scale1, gate1, shift2, scale2, gate2), each (G, D),
+//! vector b serving the rows of sequence b:
 //!   a1 = LN1(h)·(1+scale1)+shift1;  qkv = rope(a1 W_qkv^T);  o = attn(qkv)
 //!   h += gate1 ⊙ dropout(o W_out^T)               dropout stream offset + 2i
 //!   a2 = LN2(h)·(1+scale2)+shift2;  pre = a2 W1^T + b1;  act = GELU_tanh(pre)
@@ -15,12 +18,11 @@
 
 use crate::cpu::attention::{attention_bwd, attention_fwd, rope_apply, AttnSaved, AttnShape, Rope};
 use crate::cpu::checks::{check_inputs, Dims};
+use crate::cpu::cond::{component_major, linear_rows, linear_rows_bwd, row_major, CondActs};
 use crate::cpu::distill_loss::{distill_loss_in_place, distill_row_losses};
 use crate::cpu::layers::*;
 use crate::cpu::loss::{subs_ce_in_place, subs_log_probs};
-use crate::cpu::weights::{
-    check_shapes, expected_shapes, tensor_as, time_feature_at_zero, Lin, Weights,
-};
+use crate::cpu::weights::{check_shapes, expected_shapes, tensor_as, Weights};
 use crate::cpu::{Buf, Real, TrainOpts};
 use crate::diffusion::{DistillBatch, LossBatch};
 use crate::error::Result;
@@ -39,23 +41,10 @@ struct EpsActs<T: Real> {
     act: Buf<T>,
 }
 
-/// The conditioning MLP's activations (one row).
-struct CondActs<T> {
-    /// (256) time feature at sigma = 0
-    feat: Vec<T>,
-    /// (cond) fc1 output
-    c1: Vec<T>,
-    /// (cond) SiLU(c1)
-    s1: Vec<T>,
-    /// (cond) fc2 output
-    c2: Vec<T>,
-    /// (cond) c = SiLU(c2)
-    c: Vec<T>,
-}
-
 /// What one block's backward needs.
 struct BlockActs<T: Real> {
-    /// (6D) adaLN output (shift1, scale1, gate1, shift2, scale2, gate2); None in the AR baseline
+    /// (6, G, D) adaLN output (shift1, scale1, gate1, shift2, scale2, gate2), component-major;
+    /// None in the AR baseline
     mods: Option<Vec<T>>,
     /// LN1 x̂ (rows, D), rstd (rows)
     ln1: LnSaved<T>,
@@ -90,7 +79,7 @@ pub(super) struct Acts<T: Real> {
     eps: Option<EpsActs<T>>,
     cond: Option<CondActs<T>>,
     blocks: Vec<BlockActs<T>>,
-    /// (2D) final (shift, scale)
+    /// (2, G, D) final (shift, scale), component-major
     final_mods: Option<Vec<T>>,
     /// final LN x̂ (rows, D), rstd (rows)
     lnf: LnSaved<T>,
@@ -100,38 +89,20 @@ pub(super) struct Acts<T: Real> {
     pub(super) logits: Buf<T>,
 }
 
-/// (shift, scale) pair `k, k+1` of a modulation vector cut in chunks of `d`.
-fn pair<T>(m: Option<&[T]>, d: usize, k: usize) -> Option<(&[T], &[T])> {
-    m.map(|m| (&m[k * d..(k + 1) * d], &m[(k + 1) * d..(k + 2) * d]))
+/// (shift, scale) pair `k, k+1` of a component-major modulation with components of `w` = G·D.
+fn pair<T>(m: Option<&[T]>, w: usize, k: usize) -> Option<(&[T], &[T])> {
+    m.map(|m| (&m[k * w..(k + 1) * w], &m[(k + 1) * w..(k + 2) * w]))
 }
 
-fn chunk<T>(m: Option<&[T]>, d: usize, k: usize) -> Option<&[T]> {
-    m.map(|m| &m[k * d..(k + 1) * d])
+fn chunk<T>(m: Option<&[T]>, w: usize, k: usize) -> Option<&[T]> {
+    m.map(|m| &m[k * w..(k + 1) * w])
 }
 
-/// Mutable chunks of width `d` of an optional gradient vector (`None`s when absent).
-fn chunks_mut<T>(m: &mut Option<Vec<T>>, d: usize, n: usize) -> Vec<Option<&mut [T]>> {
+/// Mutable components of width `w` of an optional gradient (`None`s when absent).
+fn chunks_mut<T>(m: &mut Option<Vec<T>>, w: usize, n: usize) -> Vec<Option<&mut [T]>> {
     match m {
-        Some(v) => v.chunks_mut(d).map(Some).collect(),
+        Some(v) => v.chunks_mut(w).map(Some).collect(),
         None => (0..n).map(|_| None).collect(),
-    }
-}
-
-/// `one-row linear`: y = W x + b for a single vector.
-fn lin1<T: Real>(l: &Lin<T>, x: &[T]) -> Vec<T> {
-    let mut y = vec![T::zero(); l.out];
-    let (w, b) = l.wb();
-    linear_fwd(x, w, b, (1, l.out, l.inp), &mut y);
-    y
-}
-
-/// Backward of [`lin1`]: parameter grads into `g`, and `dx += W^T dy` when `dx` is given.
-fn lin1_bwd<T: Real>(l: &Lin<T>, g: &mut Lin<T>, x: &[T], dy: &[T], dx: Option<&mut [T]>) {
-    let mut tmp = dx.as_ref().map(|_| vec![T::zero(); l.inp]);
-    let (gw, gb) = g.wb_mut();
-    linear_bwd(dy, x, &l.w, (1, l.out, l.inp), tmp.as_deref_mut(), gw, gb);
-    if let (Some(dx), Some(t)) = (dx, tmp) {
-        dx.iter_mut().zip(t).for_each(|(a, b)| *a += b);
     }
 }
 
@@ -152,12 +123,14 @@ pub(crate) fn dropout_offset(base: u64, block: usize, branch: u64) -> u64 {
     base.wrapping_add(2 * block as u64 + branch)
 }
 
-/// The forward, keeping activations. `dropout` = (seed, offset, p) with p > 0.
+/// The forward, keeping activations. `dropout` = (seed, offset, p) with p > 0; `sigma` (B)
+/// checked by the caller.
 pub(super) fn forward<T: Real>(
     w: &Weights<T>,
     c: &DitConfig,
     xt: &Tokens,
     eps: Option<&Tensor>,
+    sigma: Option<&[f64]>,
     n: Dims,
     dropout: Option<(u64, u64, f32)>,
 ) -> Acts<T> {
@@ -196,31 +169,24 @@ pub(super) fn forward<T: Real>(
         }
         _ => None,
     };
-    // 2. conditioning: constant, since sigma = 0.
-    let cond = w.sigma_map.as_ref().map(|(fc1, fc2)| {
-        let feat = time_feature_at_zero::<T>();
-        let c1 = lin1(fc1, &feat);
-        let s1: Vec<T> = c1.iter().map(|&x| silu(x)).collect();
-        let c2 = lin1(fc2, &s1);
-        let c = c2.iter().map(|&x| silu(x)).collect();
-        CondActs {
-            feat,
-            c1,
-            s1,
-            c2,
-            c,
-        }
-    });
+    // 2. conditioning: one vector per sequence, or the constant one (sigma = 0).
+    let cond = w
+        .sigma_map
+        .as_ref()
+        .map(|(fc1, fc2)| CondActs::forward(fc1, fc2, sigma));
     let cv = cond.as_ref().map(|k| &k.c[..]);
+    // width of one modulation component: G vectors of D
+    let mw = sigma.map_or(1, |s| s.len()) * d;
     let shape = attn_shape(c, n);
     let rope = Rope::<T>::new(n.len, c.head_dim());
     // 3-4. blocks.
     let mut blocks = Vec::with_capacity(w.blocks.len());
     for (i, bw) in w.blocks.iter().enumerate() {
-        let mods = bw.adaln.as_ref().zip(cv).map(|(l, cv)| lin1(l, cv));
+        let mods = bw.adaln.as_ref().zip(cv);
+        let mods = mods.map(|(l, cv)| component_major(&linear_rows(l, cv), 6, d));
         let md = mods.as_deref();
         let mut a1 = Buf::scratch(rows * d);
-        let ln1 = ln_mod_fwd(&h, &bw.norm1, pair(md, d, 0), &mut a1);
+        let ln1 = ln_mod_fwd(&h, &bw.norm1, pair(md, mw, 0), &mut a1);
         let mut qkv = Buf::scratch(rows * 3 * d);
         linear_fwd(&a1, &bw.qkv.w, None, (rows, 3 * d, d), &mut qkv);
         rope_apply(&mut qkv, &rope, n.len, c.heads, false);
@@ -232,9 +198,9 @@ pub(super) fn forward<T: Real>(
             dropout.map(|(s, off, p)| dropout_factors(s, dropout_offset(off, i, k), p, rows * d))
         };
         let keep1 = keep(0);
-        residual_fwd(&mut h, &mut br1, chunk(md, d, 2), keep1.as_deref(), d);
+        residual_fwd(&mut h, &mut br1, chunk(md, mw, 2), keep1.as_deref(), d);
         let mut a2 = Buf::scratch(rows * d);
-        let ln2 = ln_mod_fwd(&h, &bw.norm2, pair(md, d, 3), &mut a2);
+        let ln2 = ln_mod_fwd(&h, &bw.norm2, pair(md, mw, 3), &mut a2);
         let mut pre = Buf::scratch(rows * m);
         linear_fwd(&a2, &bw.fc1.w, bw.fc1.b.as_deref(), (rows, m, d), &mut pre);
         let mut act = Buf::scratch(rows * m);
@@ -242,7 +208,7 @@ pub(super) fn forward<T: Real>(
         let mut br2 = Buf::scratch(rows * d);
         linear_fwd(&act, &bw.fc2.w, bw.fc2.b.as_deref(), (rows, d, m), &mut br2);
         let keep2 = keep(1);
-        residual_fwd(&mut h, &mut br2, chunk(md, d, 5), keep2.as_deref(), d);
+        residual_fwd(&mut h, &mut br2, chunk(md, mw, 5), keep2.as_deref(), d);
         blocks.push(BlockActs {
             mods,
             ln1,
@@ -261,9 +227,15 @@ pub(super) fn forward<T: Real>(
         });
     }
     // 5. final layer.
-    let final_mods = w.final_adaln.as_ref().zip(cv).map(|(l, cv)| lin1(l, cv));
+    let final_mods = w.final_adaln.as_ref().zip(cv);
+    let final_mods = final_mods.map(|(l, cv)| component_major(&linear_rows(l, cv), 2, d));
     let mut y = Buf::scratch(rows * d);
-    let lnf = ln_mod_fwd(&h, &w.final_norm, pair(final_mods.as_deref(), d, 0), &mut y);
+    let lnf = ln_mod_fwd(
+        &h,
+        &w.final_norm,
+        pair(final_mods.as_deref(), mw, 0),
+        &mut y,
+    );
     let mut logits = Buf::scratch(rows * n.v);
     let fl = &w.final_linear;
     linear_fwd(&y, &fl.w, fl.b.as_deref(), (rows, n.v, d), &mut logits);
@@ -291,6 +263,8 @@ pub(super) fn backward<T: Real>(
     let (rows, d, m) = (n.rows, n.d, n.m);
     let cv = a.cond.as_ref().map(|k| &k.c[..]);
     let mut dc = a.cond.as_ref().map(|k| vec![T::zero(); k.c.len()]);
+    // width of one modulation component: G vectors of D
+    let mw = a.final_mods.as_ref().map_or(d, |f| f.len() / 2);
     // Final layer.
     let mut dy = Buf::scratch(rows * d);
     {
@@ -306,11 +280,11 @@ pub(super) fn backward<T: Real>(
         );
     }
     let mut dh = Buf::zeros(rows * d);
-    let mut dfm = a.final_mods.as_ref().map(|_| vec![T::zero(); 2 * d]);
+    let mut dfm = a.final_mods.as_ref().map(|_| vec![T::zero(); 2 * mw]);
     {
-        let mut parts = chunks_mut(&mut dfm, d, 2).into_iter();
+        let mut parts = chunks_mut(&mut dfm, mw, 2).into_iter();
         let dmods = parts.next().flatten().zip(parts.next().flatten());
-        let fm = pair(a.final_mods.as_deref(), d, 0);
+        let fm = pair(a.final_mods.as_deref(), mw, 0);
         ln_mod_bwd(
             &dy,
             &a.lnf,
@@ -323,7 +297,7 @@ pub(super) fn backward<T: Real>(
     }
     if let (Some(l), Some(gl), Some(dm), Some(cv)) = (&w.final_adaln, &mut g.final_adaln, &dfm, cv)
     {
-        lin1_bwd(l, gl, cv, dm, dc.as_deref_mut());
+        linear_rows_bwd(l, gl, cv, &row_major(dm, 2, d), dc.as_deref_mut());
     }
     // Blocks, last first. Scratch buffers are reused across blocks.
     let shape = attn_shape(c, n);
@@ -340,9 +314,9 @@ pub(super) fn backward<T: Real>(
         .rev()
     {
         let md = ba.mods.as_deref();
-        let mut dm = ba.mods.as_ref().map(|_| vec![T::zero(); 6 * d]);
+        let mut dm = ba.mods.as_ref().map(|_| vec![T::zero(); 6 * mw]);
         {
-            let mut p = chunks_mut(&mut dm, d, 6).into_iter();
+            let mut p = chunks_mut(&mut dm, mw, 6).into_iter();
             let (dsh1, dsc1, dg1, dsh2, dsc2, dg2) = (
                 p.next().flatten(),
                 p.next().flatten(),
@@ -355,7 +329,7 @@ pub(super) fn backward<T: Real>(
             residual_bwd(
                 &dh,
                 &ba.br2,
-                chunk(md, d, 5),
+                chunk(md, mw, 5),
                 ba.keep2.as_deref(),
                 d,
                 &mut dbr,
@@ -387,7 +361,7 @@ pub(super) fn backward<T: Real>(
                 &da,
                 &ba.ln2,
                 &bw.norm2,
-                pair(md, d, 3),
+                pair(md, mw, 3),
                 &mut dh,
                 bg.norm2.to_mut(),
                 dmods2,
@@ -396,7 +370,7 @@ pub(super) fn backward<T: Real>(
             residual_bwd(
                 &dh,
                 &ba.br1,
-                chunk(md, d, 2),
+                chunk(md, mw, 2),
                 ba.keep1.as_deref(),
                 d,
                 &mut dbr,
@@ -429,33 +403,20 @@ pub(super) fn backward<T: Real>(
                 &da,
                 &ba.ln1,
                 &bw.norm1,
-                pair(md, d, 0),
+                pair(md, mw, 0),
                 &mut dh,
                 bg.norm1.to_mut(),
                 dmods1,
             );
         }
         if let (Some(l), Some(gl), Some(dm), Some(cv)) = (&bw.adaln, &mut bg.adaln, &dm, cv) {
-            lin1_bwd(l, gl, cv, dm, dc.as_deref_mut());
+            linear_rows_bwd(l, gl, cv, &row_major(dm, 6, d), dc.as_deref_mut());
         }
     }
-    // Conditioning MLP: c = SiLU(c2), c2 = fc2(SiLU(c1)), c1 = fc1(feat).
     if let (Some(k), Some(dc), Some((fc1, fc2)), Some((g1, g2))) =
         (&a.cond, dc, &w.sigma_map, &mut g.sigma_map)
     {
-        let dc2: Vec<T> = dc
-            .iter()
-            .zip(&k.c2)
-            .map(|(&g, &x)| g * silu_grad(x))
-            .collect();
-        let mut ds1 = vec![T::zero(); k.s1.len()];
-        lin1_bwd(fc2, g2, &k.s1, &dc2, Some(&mut ds1));
-        let dc1: Vec<T> = ds1
-            .iter()
-            .zip(&k.c1)
-            .map(|(&g, &x)| g * silu_grad(x))
-            .collect();
-        lin1_bwd(fc1, g1, &k.feat, &dc1, None);
+        k.backward(fc1, fc2, g1, g2, &dc);
     }
     // eps MLP at masked rows (eps itself needs no gradient).
     if let (Some(e), Some((fc1, fc2)), Some((g1, g2))) = (&a.eps, &w.eps_mlp, &mut g.eps_mlp) {
@@ -492,14 +453,14 @@ pub(super) fn loss_and_grad<T: Real>(
     c.validate()?;
     let w = Weights::<T>::view(p)?;
     check_shapes(grads, &expected_shapes(c), "grads")?;
-    let n = check_inputs(c, batch.xt, batch.eps)?;
+    let n = check_inputs(c, batch.xt, batch.eps, batch.sigma)?;
     batch.check(c)?;
     let p_drop = c.dropout as f32;
     let dropout = opts
         .dropout
         .filter(|_| p_drop > 0.0)
         .map(|(seed, offset)| (seed, offset, p_drop));
-    let mut acts = forward(&w, c, batch.xt, batch.eps, n, dropout);
+    let mut acts = forward(&w, c, batch.xt, batch.eps, batch.sigma, n, dropout);
     let mut dlogits = std::mem::take(&mut acts.logits);
     let (xt, x0) = (&batch.xt.ids, &batch.x0.ids);
     let loss = subs_ce_in_place(
@@ -523,12 +484,13 @@ pub(super) fn log_probs<T: Real>(
     p: &DitParams,
     xt: &Tokens,
     eps: Option<&Tensor>,
+    sigma: Option<&[f64]>,
 ) -> Result<Tensor> {
     let c = &p.config;
     c.validate()?;
     let w = Weights::<T>::view(p)?;
-    let n = check_inputs(c, xt, eps)?;
-    let acts = forward(&w, c, xt, eps, n, None);
+    let n = check_inputs(c, xt, eps, sigma)?;
+    let acts = forward(&w, c, xt, eps, sigma, n, None);
     let lp = subs_log_probs(&acts.logits, &xt.ids, c.mask_index, n.v);
     w.recycle();
     Tensor::from_vec(&[n.batch, n.len, n.v], lp)
@@ -562,14 +524,14 @@ pub(super) fn distill_loss_and_grad<T: Real>(
     c.validate()?;
     let w = Weights::<T>::view(p)?;
     check_shapes(grads, &expected_shapes(c), "grads")?;
-    let n = check_inputs(c, batch.xt, batch.eps)?;
+    let n = check_inputs(c, batch.xt, batch.eps, batch.sigma)?;
     check_distill(batch, n)?;
     let p_drop = c.dropout as f32;
     let dropout = opts
         .dropout
         .filter(|_| p_drop > 0.0)
         .map(|(seed, offset)| (seed, offset, p_drop));
-    let mut acts = forward(&w, c, batch.xt, batch.eps, n, dropout);
+    let mut acts = forward(&w, c, batch.xt, batch.eps, batch.sigma, n, dropout);
     let mut dlogits = std::mem::take(&mut acts.logits);
     let loss = distill_loss_in_place(
         &mut dlogits,
@@ -592,9 +554,9 @@ pub(super) fn distill_loss<T: Real>(p: &DitParams, batch: &DistillBatch) -> Resu
     let c = &p.config;
     c.validate()?;
     let w = Weights::<T>::view(p)?;
-    let n = check_inputs(c, batch.xt, batch.eps)?;
+    let n = check_inputs(c, batch.xt, batch.eps, batch.sigma)?;
     check_distill(batch, n)?;
-    let acts = forward(&w, c, batch.xt, batch.eps, n, None);
+    let acts = forward(&w, c, batch.xt, batch.eps, batch.sigma, n, None);
     let rows = distill_row_losses(
         &acts.logits,
         batch.target,

@@ -57,13 +57,15 @@ fn quantised_params(c: &DitConfig, seed: u64) -> DitParams {
 }
 
 /// One loss batch: x0 random non-mask tokens; xt masks about half of them (at least one masked
-/// and one unmasked position); eps from the reference's seeded hash; weights 1/t-like.
+/// and one unmasked position); eps from the reference's seeded hash; weights 1/t-like; for a
+/// time-conditioned model a different sigma per sequence, spread over [0.1, 6).
 struct Case {
     xt: Tokens,
     x0: Tokens,
     eps: Option<Tensor>,
     weight: Vec<f32>,
     norm: f64,
+    sigma: Option<Vec<f64>>,
 }
 
 impl Case {
@@ -90,14 +92,21 @@ impl Case {
             })
             .collect();
         let seeds: Vec<i64> = (0..batch as i64).map(|b| seed as i64 * 100 + b).collect();
+        let weight = (0..rows).map(|_| rng.random_range(0.5..4.0)).collect();
+        let sigma = c.time_conditioning.then(|| {
+            (0..batch)
+                .map(|b| 0.1 + (b as f64 + rng.random_range(0.0..1.0)) * 5.9 / batch as f64)
+                .collect()
+        });
         Case {
             xt: Tokens::new(batch, l, xt, v).unwrap(),
             x0: Tokens::new(batch, l, x0, v).unwrap(),
             eps: c
                 .has_eps_mlp()
                 .then(|| seeded_eps(&seeds, l, c.noise_dim, c.noise_type, 1.0)),
-            weight: (0..rows).map(|_| rng.random_range(0.5..4.0)).collect(),
+            weight,
             norm: rows as f64,
+            sigma,
         }
     }
     fn batch(&self) -> LossBatch<'_> {
@@ -107,6 +116,7 @@ impl Case {
             eps: self.eps.as_ref(),
             weight: &self.weight,
             norm: self.norm,
+            sigma: self.sigma.as_deref(),
         }
     }
     /// Rows `b0..b1` of the batch (same norm).
@@ -127,6 +137,7 @@ impl Case {
             }),
             weight: self.weight[b0 * l..b1 * l].to_vec(),
             norm: self.norm,
+            sigma: self.sigma.as_ref().map(|s| s[b0..b1].to_vec()),
         }
     }
 }
@@ -279,11 +290,12 @@ fn dropout_offsets_follow_the_gpu_rule() {
     assert_ne!(l2, loss64(&one, &k, &at(41)));
 }
 
-fn check_forward(p: &DitParams, xt: &Tokens, eps: Option<&Tensor>, tag: &str) {
-    let logits = dit_ref::forward(p, xt, eps).unwrap();
+fn check_forward(p: &DitParams, k: &Case, tag: &str) {
+    let (xt, eps, sigma) = (&k.xt, k.eps.as_ref(), k.sigma.as_deref());
+    let logits = dit_ref::forward(p, xt, eps, sigma).unwrap();
     let want = dit_ref::subs_log_probs(&logits, xt, p.config.mask_index);
-    let got32 = log_probs::<f32>(p, xt, eps).unwrap();
-    let got64 = log_probs::<f64>(p, xt, eps).unwrap();
+    let got32 = log_probs::<f32>(p, xt, eps, sigma).unwrap();
+    let got64 = log_probs::<f64>(p, xt, eps, sigma).unwrap();
     assert_eq!(got32.shape, want.shape);
     assert_close(&format!("{tag} f32"), &got32.data, &want.data, Tol::F32);
     let tight = Tol {
@@ -303,7 +315,7 @@ fn log_probs_match_dit_ref() {
     ] {
         let p = random_params(&c, 5);
         let k = Case::new(&c, 3, 9);
-        check_forward(&p, &k.xt, k.eps.as_ref(), tag);
+        check_forward(&p, &k, tag);
     }
     // Wider, with L = 1 and L = 13 (odd lengths, a head dim of 16).
     let mut c = tiny(Algo::Imdm, 0.0, false);
@@ -312,7 +324,7 @@ fn log_probs_match_dit_ref() {
         c.length = len;
         let p = random_params(&c, 6);
         let k = Case::new(&c, 2, 10);
-        check_forward(&p, &k.xt, k.eps.as_ref(), &format!("D64 L{len}"));
+        check_forward(&p, &k, &format!("D64 L{len}"));
     }
 }
 
@@ -336,9 +348,9 @@ fn log_probs_match_pytorch_fixtures() {
         let xt = Tokens::new(b, l, ids, p.config.vocab_size).unwrap();
         let get = |n: &str| st.tensor(n).ok().map(|v| view_to_f32(&io, n, &v).unwrap());
         let (eps, want) = (get("eps"), get("log_probs").unwrap());
-        let got32 = log_probs::<f32>(&p, &xt, eps.as_ref()).unwrap();
+        let got32 = log_probs::<f32>(&p, &xt, eps.as_ref(), None).unwrap();
         assert_close(&format!("{name} f32"), &got32.data, &want.data, Tol::F32);
-        let got64 = log_probs::<f64>(&p, &xt, eps.as_ref()).unwrap();
+        let got64 = log_probs::<f64>(&p, &xt, eps.as_ref(), None).unwrap();
         assert_close(&format!("{name} f64"), &got64.data, &want.data, Tol::F32);
     }
 }
@@ -348,7 +360,7 @@ fn loss_equals_explicit_sum_over_dit_ref_log_probs() {
     for c in [tiny(Algo::Imdm, 2.0, false), tiny(Algo::Mdlm, 0.0, false)] {
         let p = random_params(&c, 8);
         let k = Case::new(&c, 4, 12);
-        let logits = dit_ref::forward(&p, &k.xt, k.eps.as_ref()).unwrap();
+        let logits = dit_ref::forward(&p, &k.xt, k.eps.as_ref(), None).unwrap();
         let lp = dit_ref::subs_log_probs(&logits, &k.xt, c.mask_index);
         let v = c.vocab_size;
         let want: f64 = (0..k.xt.ids.len())
@@ -457,7 +469,10 @@ fn cpu_denoiser_is_log_probs_f32() {
     let mut den = CpuDenoiser::new(p.clone()).unwrap();
     assert_eq!(den.config(), &c);
     let got = den.log_probs(&k.xt, k.eps.as_ref()).unwrap();
-    assert_eq!(got, log_probs::<f32>(&p, &k.xt, k.eps.as_ref()).unwrap());
+    assert_eq!(
+        got,
+        log_probs::<f32>(&p, &k.xt, k.eps.as_ref(), None).unwrap()
+    );
 }
 
 #[test]
@@ -494,3 +509,6 @@ fn errors_name_the_tensor_and_shapes() {
     let e = err(loss_and_grad::<f32>(&p, &b, &opts, &mut g));
     assert!(e.contains("weight") && e.contains("10"), "{e}");
 }
+
+#[path = "dit_timecond_tests.rs"]
+mod timecond;

@@ -101,9 +101,18 @@ pub struct LnSaved<T: Real> {
     pub rstd: Buf<T>,
 }
 
+/// Activation rows per modulation vector: a modulation of `len` = G·D values holds G vectors,
+/// vector g serving rows `g·per..(g+1)·per` of a (rows, D) activation. G = 1 is the constant
+/// conditioning (one vector for every row), G = B the per-sequence one (per = L).
+pub fn rows_per_vector(rows: usize, len: usize, d: usize) -> usize {
+    let groups = len / d;
+    debug_assert!(len == groups * d && groups > 0 && rows % groups == 0);
+    rows / groups
+}
+
 /// `y = (x̂ ⊙ w)·(1 + scale) + shift` per row of width D = `w.len()`, with `x̂` the LayerNorm of
-/// the row (eps 1e-5, biased variance). `mods` = (shift, scale), each (D), broadcast over rows;
-/// `None` is the AR baseline's plain `x̂ ⊙ w`.
+/// the row (eps 1e-5, biased variance). `mods` = (shift, scale), each G vectors of width D, G
+/// dividing the rows ([`rows_per_vector`]); `None` is the AR baseline's plain `x̂ ⊙ w`.
 pub fn ln_mod_fwd<T: Real>(
     x: &[T],
     w: &[T],
@@ -112,8 +121,9 @@ pub fn ln_mod_fwd<T: Real>(
 ) -> LnSaved<T> {
     let d = w.len();
     let rows = x.len() / d;
-    // y = x̂·a + b with per-column a = w(1+scale), b = shift.
+    // y = x̂·a + b with per-column a = w(1+scale), b = shift, one (a, b) per vector.
     let (a, b) = ln_coefficients(w, mods);
+    let per = rows_per_vector(rows, a.len(), d);
     let mut s = LnSaved {
         xhat: Buf::scratch(rows * d),
         rstd: Buf::scratch(rows),
@@ -123,12 +133,15 @@ pub fn ln_mod_fwd<T: Real>(
         .zip(y.par_chunks_mut(d))
         .zip(s.xhat.par_chunks_mut(d))
         .zip(s.rstd.par_iter_mut())
-        .for_each(|(((xr, yr), xh), rs)| {
+        .enumerate()
+        .for_each(|(row, (((xr, yr), xh), rs))| {
+            let g = row / per * d;
+            let (a, b) = (&a[g..g + d], &b[g..g + d]);
             let mean = sum(xr) * inv_d;
             xh.iter_mut().zip(xr).for_each(|(h, &v)| *h = v - mean);
             let r = T::one() / (dot(xh, xh) * inv_d + eps).sqrt();
             *rs = r;
-            for ((y, h), (&a, &b)) in yr.iter_mut().zip(xh.iter_mut()).zip(a.iter().zip(&b)) {
+            for ((y, h), (&a, &b)) in yr.iter_mut().zip(xh.iter_mut()).zip(a.iter().zip(b)) {
                 *h *= r;
                 *y = *h * a + b;
             }
@@ -136,10 +149,12 @@ pub fn ln_mod_fwd<T: Real>(
     s
 }
 
+/// Per-vector coefficients (a, b) = (w(1+scale), shift), each G·D long (G = 1 unmodulated).
 fn ln_coefficients<T: Real>(w: &[T], mods: Option<(&[T], &[T])>) -> (Vec<T>, Vec<T>) {
     match mods {
         Some((shift, scale)) => (
             w.iter()
+                .cycle()
                 .zip(scale)
                 .map(|(&w, &s)| w * (T::one() + s))
                 .collect(),
@@ -151,7 +166,8 @@ fn ln_coefficients<T: Real>(w: &[T], mods: Option<(&[T], &[T])>) -> (Vec<T>, Vec
 
 /// Backward of [`ln_mod_fwd`]: `dx += rstd·(g − mean(g) − x̂·mean(g ⊙ x̂))` with
 /// `g = dy ⊙ w(1+scale)` (**accumulates**: x is the residual stream); `dw += Σ dy(1+scale) ⊙ x̂`;
-/// `dshift += Σ dy` and `dscale += Σ dy ⊙ x̂ ⊙ w` when modulated.
+/// when modulated, `dshift += Σ dy` and `dscale += Σ dy ⊙ x̂ ⊙ w`, each sum over the rows its
+/// vector serves (`dmods` as long as `mods`).
 pub fn ln_mod_bwd<T: Real>(
     dy: &[T],
     saved: &LnSaved<T>,
@@ -162,7 +178,9 @@ pub fn ln_mod_bwd<T: Real>(
     dmods: Option<(&mut [T], &mut [T])>,
 ) {
     let d = w.len();
+    let rows = dy.len() / d;
     let (a, _) = ln_coefficients(w, mods);
+    let per = rows_per_vector(rows, a.len(), d);
     let inv_d = T::one() / T::lit(d as f64);
     // Rows in chunks, so that each task reuses one scratch row for g = dy ⊙ a.
     const ROWS: usize = 64;
@@ -170,16 +188,19 @@ pub fn ln_mod_bwd<T: Real>(
         .zip(saved.xhat.par_chunks(d * ROWS))
         .zip(saved.rstd.par_chunks(ROWS))
         .zip(dx.par_chunks_mut(d * ROWS))
-        .for_each(|(((gs, xhs), rs), dxs)| {
+        .enumerate()
+        .for_each(|(ci, (((gs, xhs), rs), dxs))| {
             let mut ga = vec![T::zero(); d];
-            for (((g, xh), &r), dxr) in gs
+            for (i, (((g, xh), &r), dxr)) in gs
                 .chunks_exact(d)
                 .zip(xhs.chunks_exact(d))
                 .zip(rs)
                 .zip(dxs.chunks_exact_mut(d))
+                .enumerate()
             {
+                let v = (ci * ROWS + i) / per * d;
                 ga.iter_mut()
-                    .zip(g.iter().zip(&a))
+                    .zip(g.iter().zip(&a[v..v + d]))
                     .for_each(|(o, (&g, &a))| *o = g * a);
                 let (m1, m2) = (sum(&ga) * inv_d, dot(&ga, xh) * inv_d);
                 for ((dx, &g), &h) in dxr.iter_mut().zip(&ga).zip(xh) {
@@ -187,19 +208,32 @@ pub fn ln_mod_bwd<T: Real>(
                 }
             }
         });
-    // Σ_rows dy ⊙ x̂, then the chain rule per column.
-    let mut s1 = vec![T::zero(); d];
-    for (g, xh) in dy.chunks_exact(d).zip(saved.xhat.chunks_exact(d)) {
-        s1.iter_mut()
+    // Σ dy ⊙ x̂ over the rows of each vector, then the chain rule per column.
+    let mut s1 = vec![T::zero(); a.len()];
+    for (row, (g, xh)) in dy
+        .chunks_exact(d)
+        .zip(saved.xhat.chunks_exact(d))
+        .enumerate()
+    {
+        let v = row / per * d;
+        s1[v..v + d]
+            .iter_mut()
             .zip(g.iter().zip(xh))
             .for_each(|(s, (&g, &h))| *s += g * h);
     }
     match (mods, dmods) {
         (Some((_, scale)), Some((dshift, dscale))) => {
-            col_sum_into(dy, d, dshift);
-            for j in 0..d {
-                dw[j] += s1[j] * (T::one() + scale[j]);
-                dscale[j] += s1[j] * w[j];
+            for ((dsh, dyv), (sv, (scv, dscv))) in
+                dshift.chunks_exact_mut(d).zip(dy.chunks(per * d)).zip(
+                    s1.chunks_exact(d)
+                        .zip(scale.chunks_exact(d).zip(dscale.chunks_exact_mut(d))),
+                )
+            {
+                col_sum_into(dyv, d, dsh);
+                for j in 0..d {
+                    dw[j] += sv[j] * (T::one() + scv[j]);
+                    dscv[j] += sv[j] * w[j];
+                }
             }
         }
         _ => dw.iter_mut().zip(&s1).for_each(|(g, &s)| *g += s),
@@ -298,9 +332,10 @@ pub fn dropout_factors<T: Real>(seed: u64, offset: u64, p: f32, n: usize) -> Buf
     out
 }
 
-/// `h += gate ⊙ dropout(branch)` per row of width `d` (gate (d) broadcast over rows, `None` =
-/// 1). `keep` holds [`dropout_factors`] (`None`: no dropout). On return `branch` holds
-/// `dropout(branch)`, which the backward needs for the gate gradient.
+/// `h += gate ⊙ dropout(branch)` per row of width `d` (gate: G vectors of width d, G dividing
+/// the rows, [`rows_per_vector`]; `None` = 1). `keep` holds [`dropout_factors`] (`None`: no
+/// dropout). On return `branch` holds `dropout(branch)`, which the backward needs for the gate
+/// gradient.
 pub fn residual_fwd<T: Real>(
     h: &mut [T],
     branch: &mut [T],
@@ -314,19 +349,22 @@ pub fn residual_fwd<T: Real>(
             .zip(k.par_iter())
             .for_each(|(b, &k)| *b *= k);
     }
+    let per = gate.map_or(1, |g| rows_per_vector(h.len() / d, g.len(), d));
     h.par_chunks_mut(d)
         .zip(branch.par_chunks(d))
-        .for_each(|(hr, br)| match gate {
+        .enumerate()
+        .for_each(|(row, (hr, br))| match gate {
             Some(g) => hr
                 .iter_mut()
-                .zip(br.iter().zip(g))
+                .zip(br.iter().zip(&g[row / per * d..][..d]))
                 .for_each(|(h, (&b, &g))| *h += g * b),
             None => hr.iter_mut().zip(br).for_each(|(h, &b)| *h += b),
         });
 }
 
-/// Backward of [`residual_fwd`]: `dbranch = dh ⊙ gate ⊙ keep` (=), `dgate += Σ_rows dh ⊙
-/// dropped` with `dropped` the branch after dropout. `dh` itself passes through unchanged.
+/// Backward of [`residual_fwd`]: `dbranch = dh ⊙ gate ⊙ keep` (=), `dgate += Σ dh ⊙ dropped`
+/// over the rows each gate vector serves, with `dropped` the branch after dropout. `dh` itself
+/// passes through unchanged.
 pub fn residual_bwd<T: Real>(
     dh: &[T],
     dropped: &[T],
@@ -336,13 +374,15 @@ pub fn residual_bwd<T: Real>(
     dbranch: &mut [T],
     dgate: Option<&mut [T]>,
 ) {
+    let per = gate.map_or(1, |g| rows_per_vector(dh.len() / d, g.len(), d));
     dbranch
         .par_chunks_mut(d)
         .zip(dh.par_chunks(d))
-        .for_each(|(db, g)| match gate {
+        .enumerate()
+        .for_each(|(row, (db, g))| match gate {
             Some(gt) => db
                 .iter_mut()
-                .zip(g.iter().zip(gt))
+                .zip(g.iter().zip(&gt[row / per * d..][..d]))
                 .for_each(|(o, (&g, &gt))| *o = g * gt),
             None => db.copy_from_slice(g),
         });
@@ -353,8 +393,9 @@ pub fn residual_bwd<T: Real>(
             .for_each(|(b, &k)| *b *= k);
     }
     if let Some(dg) = dgate {
-        for (g, br) in dh.chunks_exact(d).zip(dropped.chunks_exact(d)) {
-            dg.iter_mut()
+        for (row, (g, br)) in dh.chunks_exact(d).zip(dropped.chunks_exact(d)).enumerate() {
+            dg[row / per * d..][..d]
+                .iter_mut()
                 .zip(g.iter().zip(br))
                 .for_each(|(o, (&g, &b))| *o += g * b);
         }

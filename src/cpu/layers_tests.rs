@@ -62,6 +62,8 @@ fn linear_backward_matches_fd() {
     );
 }
 
+/// Modulated with one (shift, scale) for all rows and with one per pair of rows (G = 2: the
+/// per-sequence conditioning, each vector's gradient summed over its own rows).
 #[test]
 fn ln_modulate_backward_matches_fd() {
     let (rows, d) = (4, 7);
@@ -71,9 +73,9 @@ fn ln_modulate_backward_matches_fd() {
         .map(|v| v + 0.7)
         .collect();
     let w = rand_vec(6, d, 0.5, 1.5);
-    let (shift, scale) = (rand_vec(7, d, -0.5, 0.5), rand_vec(8, d, -0.5, 0.5));
     let r = rand_vec(9, rows * d, -1.0, 1.0);
-    for modulated in [true, false] {
+    for (modulated, g) in [(true, 1), (true, 2), (false, 1)] {
+        let (shift, scale) = (rand_vec(7, g * d, -0.5, 0.5), rand_vec(8, g * d, -0.5, 0.5));
         let f = |x: &[f64], w: &[f64], sh: &[f64], sc: &[f64]| {
             let mut y = vec![0.0; rows * d];
             ln_mod_fwd(x, w, modulated.then_some((sh, sc)), &mut y);
@@ -83,20 +85,56 @@ fn ln_modulate_backward_matches_fd() {
         let mods = modulated.then_some((&shift[..], &scale[..]));
         let saved = ln_mod_fwd(&x, &w, mods, &mut y);
         let (mut dx, mut dw) = (vec![0.25; rows * d], vec![0.5; d]);
-        let (mut dsh, mut dsc) = (vec![0.5; d], vec![0.5; d]);
+        let (mut dsh, mut dsc) = (vec![0.5; g * d], vec![0.5; g * d]);
         let dmods = modulated.then_some((&mut dsh[..], &mut dsc[..]));
         ln_mod_bwd(&r, &saved, &w, mods, &mut dx, &mut dw, dmods);
-        let tag = if modulated { "modulated" } else { "plain" };
+        let tag = if modulated {
+            format!("modulated G={g}")
+        } else {
+            "plain".into()
+        };
         let want = fd_grad(|x| f(x, &w, &shift, &scale), &x, H, None);
         assert_grad(&format!("ln {tag} dx (+=)"), &sub(&dx, 0.25), &want, TOL);
         let want = fd_grad(|w| f(&x, w, &shift, &scale), &w, H, None);
         assert_grad(&format!("ln {tag} dw"), &sub(&dw, 0.5), &want, TOL);
         if modulated {
             let want = fd_grad(|s| f(&x, &w, s, &scale), &shift, H, None);
-            assert_grad("ln dshift", &sub(&dsh, 0.5), &want, TOL);
+            assert_grad(&format!("ln {tag} dshift"), &sub(&dsh, 0.5), &want, TOL);
             let want = fd_grad(|s| f(&x, &w, &shift, s), &scale, H, None);
-            assert_grad("ln dscale", &sub(&dsc, 0.5), &want, TOL);
+            assert_grad(&format!("ln {tag} dscale"), &sub(&dsc, 0.5), &want, TOL);
         }
+    }
+}
+
+/// G modulation vectors act on their own rows only: the forward over all rows equals G
+/// forwards over each vector's rows, bit for bit.
+#[test]
+fn per_vector_modulation_equals_separate_calls() {
+    let (g, per, d) = (3, 5, 8);
+    let x = rand_vec(30, g * per * d, -2.0, 2.0);
+    let w = rand_vec(31, d, 0.5, 1.5);
+    let (shift, scale) = (
+        rand_vec(32, g * d, -1.0, 1.0),
+        rand_vec(33, g * d, -1.0, 1.0),
+    );
+    let br = rand_vec(34, g * per * d, -1.0, 1.0);
+    let mut y = vec![0.0; x.len()];
+    ln_mod_fwd(&x, &w, Some((&shift, &scale)), &mut y);
+    let (mut h, mut b) = (x.clone(), br.clone());
+    residual_fwd(&mut h, &mut b, Some(&scale), None, d);
+    for v in 0..g {
+        let (rs, ms) = (v * per * d..(v + 1) * per * d, v * d..(v + 1) * d);
+        let mut yv = vec![0.0; per * d];
+        ln_mod_fwd(
+            &x[rs.clone()],
+            &w,
+            Some((&shift[ms.clone()], &scale[ms.clone()])),
+            &mut yv,
+        );
+        assert!(yv == y[rs.clone()], "ln_mod vector {v}");
+        let (mut hv, mut bv) = (x[rs.clone()].to_vec(), br[rs.clone()].to_vec());
+        residual_fwd(&mut hv, &mut bv, Some(&scale[ms]), None, d);
+        assert!(hv == h[rs], "residual vector {v}");
     }
 }
 
@@ -307,9 +345,15 @@ fn residual_backward_matches_fd() {
     let (rows, d) = (3, 6);
     let h = rand_vec(14, rows * d, -1.0, 1.0);
     let br = rand_vec(15, rows * d, -1.0, 1.0);
-    let gate = rand_vec(16, d, -1.5, 1.5);
     let r = rand_vec(17, rows * d, -1.0, 1.0);
-    for (p, gated) in [(0.0f32, true), (0.3, true), (0.3, false)] {
+    // G = 3: one gate per row (the per-sequence conditioning at L = 1).
+    for (p, gated, groups) in [
+        (0.0f32, true, 1),
+        (0.3, true, 1),
+        (0.3, true, 3),
+        (0.3, false, 1),
+    ] {
+        let gate = rand_vec(16, groups * d, -1.5, 1.5);
         let keep = (p > 0.0).then(|| dropout_factors::<f64>(3, 4, p, rows * d));
         let f = |h: &[f64], br: &[f64], g: &[f64]| {
             let (mut h, mut br) = (h.to_vec(), br.to_vec());
@@ -319,10 +363,10 @@ fn residual_backward_matches_fd() {
         let (mut hh, mut dropped) = (h.clone(), br.clone());
         let g = gated.then_some(&gate[..]);
         residual_fwd(&mut hh, &mut dropped, g, keep.as_deref(), d);
-        let (mut dbr, mut dg) = (vec![0.0; rows * d], vec![0.5; d]);
+        let (mut dbr, mut dg) = (vec![0.0; rows * d], vec![0.5; groups * d]);
         let dgate = gated.then_some(&mut dg[..]);
         residual_bwd(&r, &dropped, g, keep.as_deref(), d, &mut dbr, dgate);
-        let tag = format!("p {p} gated {gated}");
+        let tag = format!("p {p} gated {gated} G={groups}");
         assert_grad(
             &format!("residual dh {tag}"),
             &r,

@@ -14,18 +14,8 @@ use crate::error::Result;
 use crate::model::DitParams;
 use crate::tensor::{Tensor, Tokens};
 
-/// Refuses a σ the forward cannot take.
-fn check_sigma(sigma: Option<&[f64]>) -> Result<()> {
-    match sigma {
-        Some(s) if s.iter().any(|&x| x != 0.0) => Err(crate::error::Error::Config(
-            "the CPU forward has no per-row time conditioning in this build".into(),
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// Raw logits (B·L, V) of `xt` in evaluation mode (no dropout), in `T`, with σ per row for
-/// time-conditioned models (`None`: σ = 0).
+/// Raw logits (B·L, V) of `xt` in evaluation mode (no dropout), in `T`, with σ (B) per
+/// sequence for time-conditioned models (`None` for the others; checked as `LossBatch`'s).
 pub fn logits<T: Real>(
     p: &DitParams,
     xt: &Tokens,
@@ -34,10 +24,9 @@ pub fn logits<T: Real>(
 ) -> Result<Vec<T>> {
     let c = &p.config;
     c.validate()?;
-    check_sigma(sigma)?;
     let w = Weights::<T>::view(p)?;
-    let n = check_inputs(c, xt, eps)?;
-    let mut acts = forward(&w, c, xt, eps, n, None);
+    let n = check_inputs(c, xt, eps, sigma)?;
+    let mut acts = forward(&w, c, xt, eps, sigma, n, None);
     let out = std::mem::take(&mut acts.logits).into_vec();
     w.recycle();
     Ok(out)
@@ -58,16 +47,15 @@ pub fn logits_loss_and_grad<T: Real>(
 ) -> Result<f64> {
     let c = &p.config;
     c.validate()?;
-    check_sigma(sigma)?;
     let w = Weights::<T>::view(p)?;
     check_shapes(grads, &expected_shapes(c), "grads")?;
-    let n = check_inputs(c, xt, eps)?;
+    let n = check_inputs(c, xt, eps, sigma)?;
     let p_drop = c.dropout as f32;
     let dropout = opts
         .dropout
         .filter(|_| p_drop > 0.0)
         .map(|(seed, offset)| (seed, offset, p_drop));
-    let mut acts = forward(&w, c, xt, eps, n, dropout);
+    let mut acts = forward(&w, c, xt, eps, sigma, n, dropout);
     let mut dlogits = std::mem::take(&mut acts.logits);
     let value = loss(&mut dlogits)?;
     let mut g = w.zeros_like();

@@ -17,6 +17,8 @@
 //! - [`kv_cache`]: incremental decoding of the causal (AR) DiT with a key/value cache.
 //! - [`Buf`] (`pool`): activation buffers recycled across steps (page faults were ~15%).
 //! - `weights`: typed views of [`DitParams`] (borrowed for f32) and gradient buffers.
+//! - `cond`: the conditioning path: time features, the sigma map with its backward, and the
+//!   layout of the adaLN modulations (one vector, or one per sequence).
 //! - `checks`: validation of tokens, eps and loss batches against the configuration.
 //! - `dit`: the whole model: forward keeping per-block activations, backward to every parameter.
 //! - [`CpuDenoiser`]: the samplers' [`crate::diffusion::Denoiser`] on this backend.
@@ -33,9 +35,11 @@
 //! (best 99 GFLOP/s), about 70% of it in sgemm. Two cores peak near 220 GFLOP/s, so no CPU
 //! implementation can go below about 50 ms for that step here.
 //!
-//! Conventions: the conditioning vector is constant (sigma = 0, spec 4.2), so each adaLN
-//! modulation is one vector broadcast over all rows, and its gradient is a sum over rows that
-//! flows on into `sigma_map`. Dropout follows the GPU forward (`cuda::dit`): block i's
+//! Conventions: without time conditioning the conditioning vector is constant (sigma = 0, spec
+//! 4.2), so each adaLN modulation is one vector broadcast over all rows and its gradient a sum
+//! over all rows; with it (`DitConfig::time_conditioning`) there is one vector per sequence,
+//! from that sequence's sigma, and each gradient sums over that sequence's rows. Either way the
+//! gradient flows on through the adaLN linears into `sigma_map`. Dropout follows the GPU forward (`cuda::dit`): block i's
 //! attention branch uses stream offset `offset + 2i`, its MLP branch `offset + 2i + 1`, and
 //! element (row r, column j) of a branch is Philox index `r·D + j` ([`crate::rng::dropout_keep`]).
 
@@ -51,6 +55,7 @@ use crate::tensor::{Tensor, Tokens};
 
 pub mod attention;
 mod checks;
+mod cond;
 mod denoiser;
 pub mod distill_loss;
 mod dit;
@@ -290,6 +295,12 @@ pub fn distill_loss_eval<T: Real>(p: &DitParams, batch: &DistillBatch) -> Result
 
 /// SUBS log-probabilities (B, L, V) in evaluation mode: the same values as
 /// `dit_ref::subs_log_probs(dit_ref::forward(..))` up to the accumulation precision of `T`.
-pub fn log_probs<T: Real>(p: &DitParams, xt: &Tokens, eps: Option<&Tensor>) -> Result<Tensor> {
-    dit::log_probs::<T>(p, xt, eps)
+/// `sigma` (B) is each sequence's sigma(t) for a time-conditioned model, `None` otherwise.
+pub fn log_probs<T: Real>(
+    p: &DitParams,
+    xt: &Tokens,
+    eps: Option<&Tensor>,
+    sigma: Option<&[f64]>,
+) -> Result<Tensor> {
+    dit::log_probs::<T>(p, xt, eps, sigma)
 }

@@ -279,14 +279,6 @@ pub(crate) fn check_shapes(
     Ok(())
 }
 
-/// The sinusoidal time feature at sigma = 0: `[cos 0]·128 ++ [sin 0]·128` (spec 2.2 step 2).
-pub(crate) fn time_feature_at_zero<T: Real>() -> Vec<T> {
-    let half = TIME_FEATURES / 2;
-    (0..TIME_FEATURES)
-        .map(|i| if i < half { T::one() } else { T::zero() })
-        .collect()
-}
-
 /// A tensor's data as `T` (inputs such as eps).
 pub(crate) fn tensor_as<T: Real>(t: &Tensor) -> Cow<'_, [T]> {
     T::view(&t.data)

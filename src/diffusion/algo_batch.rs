@@ -30,7 +30,10 @@ pub struct AlgoBatch {
 impl AlgoBatch {
     /// The borrowed view a loss implementation takes.
     pub fn as_loss(&self) -> LossBatch<'_> {
-        self.noised.as_loss()
+        LossBatch {
+            sigma: self.sigma.as_deref(),
+            ..self.noised.as_loss()
+        }
     }
 
     /// Positions that carry a loss term (masked, or predicted for AR).

@@ -25,6 +25,41 @@ pub struct LossBatch<'a> {
     /// Divisor of the weighted sum: the number of tokens of the whole (global) batch, so
     /// micro-batch losses and gradients add up to the batch mean.
     pub norm: f64,
+    /// (B) per-sequence sigma(t) for a time-conditioned model (`DitConfig::time_conditioning`);
+    /// `None` for every other model, whose conditioning is the constant sigma = 0 (spec 4.2).
+    pub sigma: Option<&'a [f64]>,
+}
+
+/// Checks a per-sequence sigma against the model and the batch size: present exactly when the
+/// configuration is time-conditioned, then B finite values >= 0 (spec 2.2 step 2).
+pub fn check_sigma(c: &DitConfig, sigma: Option<&[f64]>, batch: usize) -> Result<()> {
+    match (c.time_conditioning, sigma) {
+        (false, None) => Ok(()),
+        (false, Some(_)) => Err(Error::Config(
+            "sigma: given for a model without time conditioning (time_conditioning is off in \
+             its config; MDLM and IMDM use the constant sigma = 0)"
+                .into(),
+        )),
+        (true, None) => Err(Error::Config(format!(
+            "sigma: the model is time-conditioned (time_conditioning in its config) and needs \
+             one sigma per sequence ({batch} values), got none"
+        ))),
+        (true, Some(s)) => {
+            if s.len() != batch {
+                return Err(Error::Shape(format!(
+                    "sigma: expected B = {batch} values, got {}",
+                    s.len()
+                )));
+            }
+            match s.iter().position(|x| !(x.is_finite() && *x >= 0.0)) {
+                Some(i) => Err(Error::Config(format!(
+                    "sigma: value {} of sequence {i} must be finite and >= 0",
+                    s[i]
+                ))),
+                None => Ok(()),
+            }
+        }
+    }
 }
 
 impl LossBatch<'_> {
@@ -32,7 +67,8 @@ impl LossBatch<'_> {
     /// a non-empty (B, L) input with ids in the vocabulary, targets of the same shape that are
     /// never the mask token and equal the input where it is not masked (SUBS carries unmasked
     /// tokens over), B·L weights, a finite positive norm, and eps of shape (B, L, noise_dim)
-    /// when the model has the eps MLP. Returns (B, L).
+    /// when the model has the eps MLP, and a sigma exactly when the model is time-conditioned
+    /// ([`check_sigma`]). Returns (B, L).
     pub fn check(&self, c: &DitConfig) -> Result<(usize, usize)> {
         let (xt, x0) = (self.xt, self.x0);
         let (bsz, len) = (xt.batch, xt.len);
@@ -94,6 +130,7 @@ impl LossBatch<'_> {
             })?;
             e.expect_shape("eps", &[bsz, len, c.noise_dim])?;
         }
+        check_sigma(c, self.sigma, bsz)?;
         Ok((bsz, len))
     }
 }
@@ -150,6 +187,9 @@ pub struct DistillBatch<'a> {
     pub mode: DistillMode,
     /// Divisor of the summed row losses: the masked positions of the whole (global) batch.
     pub norm: f64,
+    /// (B) per-sequence sigma(t) of a time-conditioned student; `None` otherwise (as in
+    /// [`LossBatch::sigma`]).
+    pub sigma: Option<&'a [f64]>,
 }
 
 #[cfg(test)]

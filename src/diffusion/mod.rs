@@ -16,7 +16,7 @@ pub mod stats;
 pub mod stream;
 pub mod toy;
 
-pub use denoiser::{Denoiser, DistillBatch, DistillMode, LossBatch};
+pub use denoiser::{check_sigma, Denoiser, DistillBatch, DistillMode, LossBatch};
 pub use posterior::{Outcome, SamplerKind, StepAlphas, TokenFilter};
 pub use sampler::{generate, NoiseRemoval, SampleOutput, SamplerConfig};
 pub use stream::SamplerStream;

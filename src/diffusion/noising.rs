@@ -46,6 +46,7 @@ impl NoisedBatch {
             eps: self.eps.as_ref(),
             weight: &self.weight,
             norm: self.norm,
+            sigma: None,
         }
     }
 

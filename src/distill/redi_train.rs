@@ -182,6 +182,7 @@ pub fn train_on_couplings_with(
                 eps: b.eps.as_ref(),
                 weight: &b.weight,
                 norm,
+                sigma: None,
             };
             let opts = TrainOpts {
                 dropout: (c.dropout > 0.0)
@@ -229,6 +230,7 @@ pub fn validate_couplings(
                 eps: b.eps.as_ref(),
                 weight: &b.weight,
                 norm: 1.0,
+                sigma: None,
             },
         )?;
         let x0 = Tokens {

@@ -532,6 +532,7 @@ impl Sdtt {
                 target: &ro.target,
                 mode: self.sdtt.mode,
                 norm,
+                sigma: None,
             };
             let opts = TrainOpts {
                 dropout: (self.model.dropout > 0.0).then(|| {
@@ -604,6 +605,7 @@ impl Sdtt {
                 target: &ro.target,
                 mode: DistillMode::KlBwd,
                 norm: 1.0,
+                sigma: None,
             };
             sum += cpu::distill_loss_eval::<f32>(params, &batch)?;
             masked += nb.masked();

@@ -75,6 +75,19 @@ fn check_compatible(path: &Path, file: &DitConfig, chosen: &DitConfig) -> Result
             ),
         ));
     }
+    if file.time_conditioning != chosen.time_conditioning {
+        let on_off = |b: bool| if b { "on" } else { "off" };
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "time_conditioning mismatch: the checkpoint has it {}, the chosen configuration \
+                 {} (a time-conditioned model needs one sigma per sequence; the others use the \
+                 constant sigma = 0)",
+                on_off(file.time_conditioning),
+                on_off(chosen.time_conditioning)
+            ),
+        ));
+    }
     if file.algo == Algo::Imdm && file.noise_dim != chosen.noise_dim {
         return Err(Error::checkpoint(
             path,

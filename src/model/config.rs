@@ -227,6 +227,13 @@ impl DitConfig {
         if self.blocks == 0 || self.cond_dim == 0 || self.mlp_ratio == 0 || self.length == 0 {
             return bad("blocks, cond_dim, mlp_ratio and length must be positive".into());
         }
+        if self.time_conditioning && self.causal {
+            return bad(
+                "time_conditioning needs the adaLN modulation, which the causal AR baseline \
+                 (causal) does not have; turn one of them off"
+                    .into(),
+            );
+        }
         if self.algo == Algo::Ar && !self.causal {
             return bad("algo ar is the causal DiT: it needs causal = true".into());
         }
@@ -328,5 +335,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("invalid config JSON"), "{e}");
+    }
+
+    #[test]
+    fn time_conditioning_round_trips_and_refuses_the_causal_mode() {
+        let mut c = DitConfig::minimini();
+        c.time_conditioning = true;
+        let j = c.to_json();
+        assert!(j.contains("\"time_conditioning\":true"), "{j}");
+        assert_eq!(DitConfig::from_json(&j).unwrap(), c);
+        // Files written before the field existed read as off.
+        let old = DitConfig::minimini()
+            .to_json()
+            .replace(",\"time_conditioning\":false", "");
+        assert!(!old.contains("time_conditioning"), "{old}");
+        assert!(!DitConfig::from_json(&old).unwrap().time_conditioning);
+        c.causal = true;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("time_conditioning") && e.contains("causal"),
+            "{e}"
+        );
     }
 }

@@ -5,11 +5,16 @@
 //! (`tools/reference/`, fixtures in `tests/fixtures/`).
 //!
 //! Deliberate differences from the reference code: everything is f32/f64 where the reference
-//! runs the blocks, logits and log-softmax in bf16 (spec 4.3 quirk 1), and the rotary table is
-//! computed in f64 rather than fp32-then-bf16.
+//! runs the blocks, logits and log-softmax in bf16 (spec 4.3 quirk 1), the rotary table is
+//! computed in f64 rather than fp32-then-bf16, and so is the time feature's frequency ladder
+//! (bf16 in the reference; deviation 14.42).
+//!
+//! Conditioning: one constant vector (sigma = 0, MDLM and IMDM) or, for a time-conditioned
+//! model, one per sequence from its sigma (spec 2.2), each modulating its own sequence's rows.
 
 use rayon::prelude::*;
 
+use crate::diffusion::check_sigma;
 use crate::error::{Error, Result};
 use crate::model::params::{inv_freq, DitParams, Linear, TIME_FEATURES};
 use crate::tensor::{Tensor, Tokens};
@@ -52,21 +57,53 @@ fn silu(x: f64) -> f64 {
     x / (1.0 + (-x).exp())
 }
 
+/// One layer's adaLN modulation: `rows` vectors of `n` chunks of width D each (n = 6 in a block:
+/// shift, scale, gate for msa then mlp; n = 2 in the final layer: shift, scale). Activation row
+/// r uses vector `r / per`: a single vector serves every row under the constant conditioning,
+/// one per sequence (`per` = L) under time conditioning.
+pub struct Mods {
+    /// (rows, n·D)
+    m: Vec<f32>,
+    /// chunk width D
+    d: usize,
+    /// n·D
+    width: usize,
+    per: usize,
+}
+
+impl Mods {
+    /// `adaLN(c)` for every conditioning vector of `cond`.
+    fn new(cond: &Cond, adaln: &Linear, n: usize) -> Self {
+        let width = adaln.out_dim();
+        Mods {
+            m: linear(&cond.c, adaln),
+            d: width / n,
+            width,
+            per: cond.per,
+        }
+    }
+
+    /// Chunk `k` of the vector serving activation row `row`.
+    pub fn chunk(&self, row: usize, k: usize) -> &[f32] {
+        let at = row / self.per * self.width + k * self.d;
+        &self.m[at..at + self.d]
+    }
+}
+
 /// LayerNorm without bias (eps 1e-5, biased variance) times `weight`, then
-/// `z·(1+scale) + shift` when a modulation is given. Rows of width D.
-pub fn layer_norm_modulate(
-    x: &[f32],
-    weight: &[f32],
-    shift_scale: Option<(&[f32], &[f32])>,
-) -> Vec<f32> {
+/// `z·(1+scale) + shift` with (shift, scale) = chunks (k, k+1) of `mods` when given. Rows of
+/// width D.
+pub fn layer_norm_modulate(x: &[f32], weight: &[f32], mods: Option<(&Mods, usize)>) -> Vec<f32> {
     let d = weight.len();
     let mut y = vec![0f32; x.len()];
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
-        .for_each(|(yr, xr)| {
+        .enumerate()
+        .for_each(|(r, (yr, xr))| {
             let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
             let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
             let rstd = 1.0 / (var + 1e-5).sqrt();
+            let shift_scale = mods.map(|(m, k)| (m.chunk(r, k), m.chunk(r, k + 1)));
             for j in 0..d {
                 let mut z = (xr[j] as f64 - mean) * rstd * weight[j] as f64;
                 if let Some((shift, scale)) = shift_scale {
@@ -78,10 +115,9 @@ pub fn layer_norm_modulate(
     y
 }
 
-/// The conditioning vector `c = SiLU(sigma_map(sigma))` (spec 2.2, step 2): the sinusoidal
-/// feature `[cos(σf), sin(σf)]`, Linear, SiLU, Linear, and DIT.forward's extra SiLU.
-pub fn cond_vector(p: &DitParams, sigma: f64) -> Option<Vec<f32>> {
-    let s = p.sigma_map.as_ref()?;
+/// The sinusoidal time feature `[cos(σf), sin(σf)]`, f_k = exp(−ln(10000)·k/128), in f64
+/// (spec 2.2 step 2; deviation 14.42), rounded to f32.
+fn time_feature(sigma: f64) -> Vec<f32> {
     let half = TIME_FEATURES / 2;
     let mut feat = vec![0f32; TIME_FEATURES];
     for k in 0..half {
@@ -89,7 +125,21 @@ pub fn cond_vector(p: &DitParams, sigma: f64) -> Option<Vec<f32>> {
         feat[k] = (sigma * f).cos() as f32;
         feat[half + k] = (sigma * f).sin() as f32;
     }
-    let h: Vec<f32> = linear(&feat, &s.fc1)
+    feat
+}
+
+/// The conditioning vectors of one forward: (rows, cond), vector `r / per` serving activation
+/// row r.
+struct Cond {
+    c: Vec<f32>,
+    per: usize,
+}
+
+/// The conditioning vector `c = SiLU(sigma_map(sigma))` (spec 2.2, step 2): the sinusoidal
+/// feature `[cos(σf), sin(σf)]`, Linear, SiLU, Linear, and DIT.forward's extra SiLU.
+pub fn cond_vector(p: &DitParams, sigma: f64) -> Option<Vec<f32>> {
+    let s = p.sigma_map.as_ref()?;
+    let h: Vec<f32> = linear(&time_feature(sigma), &s.fc1)
         .iter()
         .map(|&v| silu(v as f64) as f32)
         .collect();
@@ -175,11 +225,13 @@ fn attention(
     out
 }
 
-/// `h += gate ⊙ branch` over rows of width `d` (gate absent = 1).
-fn gated_add(h: &mut [f32], branch: &[f32], gate: Option<&[f32]>, d: usize) {
+/// `h += gate ⊙ branch` over rows of width `d`, the gate being chunk k of `mods` (absent = 1).
+fn gated_add(h: &mut [f32], branch: &[f32], gate: Option<(&Mods, usize)>, d: usize) {
     h.par_chunks_mut(d)
         .zip(branch.par_chunks(d))
-        .for_each(|(hr, br)| {
+        .enumerate()
+        .for_each(|(r, (hr, br))| {
+            let gate = gate.map(|(m, k)| m.chunk(r, k));
             for j in 0..d {
                 let g = gate.map_or(1.0, |g| g[j] as f64);
                 hr[j] = (hr[j] as f64 + g * br[j] as f64) as f32;
@@ -187,18 +239,20 @@ fn gated_add(h: &mut [f32], branch: &[f32], gate: Option<&[f32]>, d: usize) {
         });
 }
 
-/// Slices `k` of a modulation vector split into `n` equal chunks.
-fn chunk(v: &[f32], n: usize, k: usize) -> &[f32] {
-    let w = v.len() / n;
-    &v[k * w..(k + 1) * w]
-}
-
 /// Raw logits (B, L, V) of the DiT for `tokens` and, for IMDM, `eps` (B, L, noise_dim) used
-/// as given (no reset redraw). Eval mode: no dropout. sigma = 0 (no time conditioning).
-pub fn forward(p: &DitParams, tokens: &Tokens, eps: Option<&Tensor>) -> Result<Tensor> {
+/// as given (no reset redraw). Eval mode: no dropout. `sigma` (B) is each sequence's sigma(t)
+/// for a time-conditioned model (SEDD, D3PM; spec 2.2) and `None` for the others, which are
+/// conditioned on the constant sigma = 0 (spec 4.2).
+pub fn forward(
+    p: &DitParams,
+    tokens: &Tokens,
+    eps: Option<&Tensor>,
+    sigma: Option<&[f64]>,
+) -> Result<Tensor> {
     let c = &p.config;
     let (bsz, len, d, v) = (tokens.batch, tokens.len, c.hidden, c.vocab_size);
     let rows = bsz * len;
+    check_sigma(c, sigma, bsz)?;
     // 1. embedding (+ IMDM eps MLP at masked positions).
     let mut h = vec![0f32; rows * d];
     for (r, &t) in tokens.ids.iter().enumerate() {
@@ -220,41 +274,48 @@ pub fn forward(p: &DitParams, tokens: &Tokens, eps: Option<&Tensor>) -> Result<T
             }
         }
     }
-    // 2. conditioning (constant: sigma is always 0).
-    let cond = cond_vector(p, 0.0);
+    // 2. conditioning: one vector per sequence, or the constant one (sigma = 0) for all rows.
+    let cond = match sigma {
+        Some(s) => s
+            .iter()
+            .map(|&sg| cond_vector(p, sg))
+            .collect::<Option<Vec<_>>>()
+            .map(|cs| Cond {
+                c: cs.concat(),
+                per: len,
+            }),
+        None => cond_vector(p, 0.0).map(|c| Cond { c, per: rows }),
+    };
     let hd = c.head_dim();
     // 3-4. blocks.
     for b in &p.blocks {
-        let m = match (&b.adaln, &cond) {
-            (Some(a), Some(cv)) => Some(linear(cv, a)),
-            _ => None,
-        };
         // (shift, scale, gate) for msa then mlp; all absent in the AR baseline.
-        let ms = |k: usize| m.as_ref().map(|m| chunk(m, 6, k));
-        let pair = |k: usize| ms(k).zip(ms(k + 1));
-        let a = layer_norm_modulate(&h, &b.norm1.data, pair(0));
+        let m = b
+            .adaln
+            .as_ref()
+            .zip(cond.as_ref())
+            .map(|(a, cv)| Mods::new(cv, a, 6));
+        let at = |k: usize| m.as_ref().map(|m| (m, k));
+        let a = layer_norm_modulate(&h, &b.norm1.data, at(0));
         let mut qkv = linear(&a, &b.attn_qkv);
         rotary(&mut qkv, len, c.heads, hd);
         let att = attention(&qkv, len, c.heads, hd, c.softcap, c.causal);
-        gated_add(&mut h, &linear(&att, &b.attn_out), ms(2), d);
-        let a = layer_norm_modulate(&h, &b.norm2.data, pair(3));
+        gated_add(&mut h, &linear(&att, &b.attn_out), at(2), d);
+        let a = layer_norm_modulate(&h, &b.norm2.data, at(3));
         let hid: Vec<f32> = linear(&a, &b.mlp_fc1)
             .iter()
             .map(|&x| gelu_tanh(x as f64) as f32)
             .collect();
-        gated_add(&mut h, &linear(&hid, &b.mlp_fc2), ms(5), d);
+        gated_add(&mut h, &linear(&hid, &b.mlp_fc2), at(5), d);
     }
-    // 5. final layer.
+    // 5. final layer: (shift, scale).
     let f = &p.final_layer;
-    let m = match (&f.adaln, &cond) {
-        (Some(a), Some(cv)) => Some(linear(cv, a)),
-        _ => None,
-    };
-    let y = layer_norm_modulate(
-        &h,
-        &f.norm.data,
-        m.as_ref().map(|m| (chunk(m, 2, 0), chunk(m, 2, 1))),
-    );
+    let m = f
+        .adaln
+        .as_ref()
+        .zip(cond.as_ref())
+        .map(|(a, cv)| Mods::new(cv, a, 2));
+    let y = layer_norm_modulate(&h, &f.norm.data, m.as_ref().map(|m| (m, 0)));
     Tensor::from_vec(&[bsz, len, v], linear(&y, &f.linear))
 }
 

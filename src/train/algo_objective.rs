@@ -24,8 +24,8 @@ pub struct BaselineObjective {
     pub d3pm: D3pmOptions,
 }
 
-fn sigma_of<'a>(_b: &LossBatch<'a>, algo: Algo) -> Result<&'a [f64]> {
-    None.ok_or_else(|| {
+fn sigma_of<'a>(b: &LossBatch<'a>, algo: Algo) -> Result<&'a [f64]> {
+    b.sigma.ok_or_else(|| {
         Error::Config(format!(
             "the {} loss needs one sigma per sequence; the batch has none",
             algo.name()

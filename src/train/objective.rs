@@ -106,7 +106,7 @@ impl Objective for CpuDit {
     }
 
     fn eval_loss(&mut self, params: &DitParams, batch: &LossBatch) -> Result<f64> {
-        let lp = cpu::log_probs::<f32>(params, batch.xt, batch.eps)?;
+        let lp = cpu::log_probs::<f32>(params, batch.xt, batch.eps, batch.sigma)?;
         weighted_nll(&lp, batch)
     }
 }
@@ -379,6 +379,7 @@ mod tests {
             eps: None,
             weight: &[2.0, 0.0],
             norm: 4.0,
+            sigma: None,
         };
         assert_eq!(weighted_nll(&lp, &lb).unwrap(), 0.25);
     }

@@ -4,14 +4,15 @@ Written from the reference description only (docs/reference.md 2.2, 2.3, 2.5, 3.
 NOT derived from any other implementation. It exists to produce parity fixtures for the Rust CPU
 reference, so it favours literal, readable maths over speed: everything runs in float64 on the
 CPU, in eval mode (no dropout), bidirectional attention only (the causal mode of spec 2.4 is not
-modelled).
+modelled). The conditioning takes one sigma per sequence: zeros for MDLM and IMDM (spec 4.2), each
+sequence's sigma(t) for a time-conditioned model (spec 2.2, `time_conditioning` in the config).
 
 Parameters are a plain dict `name -> tensor` keyed by the reference names of spec 2.5, without
 the `backbone.` prefix (a prefix, if present, is stripped). `cfg` is the engine's config object
 (the JSON stored in the safetensors metadata): it needs `algo`, `mask_index`, `heads`, `blocks`,
 `softcap` and, for IMDM, `noise_dim`.
 
-    logits = forward(params, cfg, tokens, eps)            # (B, L, V) float64
+    logits = forward(params, cfg, tokens, eps, sigma)     # (B, L, V) float64; sigma (B,) or None
     log_probs = subs_log_probs(logits, tokens, cfg['mask_index'])
 """
 import math
@@ -90,7 +91,8 @@ def modulate(z, shift, scale):
 def timestep_features(sigma):
     """[cos(sigma f_k)]_k ++ [sin(sigma f_k)]_k, f_k = exp(-ln(10000) k / 128), k = 0..127.
 
-    With sigma = 0 (always, for MDLM and IMDM) this is exactly [1]*128 ++ [0]*128.
+    With sigma = 0 (always, for MDLM and IMDM) this is exactly [1]*128 ++ [0]*128. The frequency
+    ladder is float64 here (the reference builds it in bf16; docs/reference.md deviation 14.42).
     """
     half = TIME_FEATURES // 2
     k = torch.arange(half, dtype=F64)
@@ -183,7 +185,8 @@ def forward(params, cfg, tokens, eps=None, sigma=None, stats=None):
     """Logits (B, L, V), float64.
 
     tokens: (B, L) int64. eps: (B, L, noise_dim), used as given (no reset redraw); required for
-    IMDM, ignored for MDLM. sigma: (B,), defaults to zeros (no time conditioning, spec 4.2).
+    IMDM, ignored for MDLM. sigma: (B,), each sequence's sigma(t) for a time-conditioned model;
+    defaults to zeros (no time conditioning, spec 4.2).
     stats: optional dict that receives 'max_abs_score' (largest |q.k|/sqrt(hd) before softcap).
     """
     P = _prepare(params)
@@ -205,7 +208,7 @@ def forward(params, cfg, tokens, eps=None, sigma=None, stats=None):
     elif cfg['algo'] != 'mdlm':
         raise ValueError(f"unknown algo {cfg['algo']!r}")
 
-    # 2. conditioning vector (constant, since sigma = 0)
+    # 2. conditioning vectors, one per sequence (all equal when sigma = 0)
     if sigma is None:
         sigma = torch.zeros(B, dtype=F64)
     c = conditioning(P, sigma)

@@ -2,10 +2,13 @@
 
     python3 tools/reference/make_fixtures.py --out DIR
 
+    python3 tools/reference/make_fixtures.py --out DIR --only sedd_tiny
+
 For each fixture NAME: DIR/NAME.model.safetensors (weights as stored, plus rotary_emb.inv_freq,
 metadata {"format": "imdm-engine/1", "config": <JSON>}) and DIR/NAME.io.safetensors (tokens int64,
-eps float32 for IMDM, logits and SUBS log_probs float32, computed in float64 by dit.py from
-exactly the stored weights and eps). Also DIR/converted_tiny.safetensors, made by running
+eps float32 for IMDM, sigma float64 (B,) for a time-conditioned model, logits and SUBS log_probs
+float32, computed in float64 by dit.py from exactly the stored weights, eps and sigma). `--only`
+writes the named fixtures alone and leaves the others as committed. Also DIR/converted_tiny.safetensors, made by running
 tools/convert_ckpt.py on a fake Lightning checkpoint whose EMA holds the imdm_tiny weights, so
 it must reproduce imdm_tiny.io.safetensors. CPU only; needs torch, numpy and safetensors.
 """
@@ -41,16 +44,25 @@ FIXTURES = [
     ('imdm_hd64_bf16', 104, 3, torch.bfloat16, '',
      dict(vocab_size=40, mask_index=3, length=7, hidden=128, heads=2, blocks=1, cond_dim=16,
           softcap=0.0, algo='imdm', noise_dim=8)),
+    # time conditioning (SEDD/D3PM style): an absorbing-state model fed one sigma per sequence
+    ('sedd_tiny', 105, 3, torch.float32, '',
+     dict(vocab_size=53, mask_index=52, length=11, hidden=64, heads=2, blocks=2, cond_dim=32,
+          softcap=0.0, algo='mdlm', noise_dim=24, time_conditioning=True)),
 ]
 
 
 def make_config(f):
-    """The engine config object, all fields, in this order (floats stay JSON numbers)."""
+    """The engine config object, all fields, in this order (floats stay JSON numbers).
+
+    `time_conditioning` (engine default off) is written only where a fixture turns it on, so the
+    configs of the older fixtures, and of tools/convert_ckpt.py's output, stay as they were.
+    """
     return {'preset': 'custom', 'vocab_size': f['vocab_size'], 'mask_index': f['mask_index'],
             'length': f['length'], 'hidden': f['hidden'], 'heads': f['heads'],
             'blocks': f['blocks'], 'cond_dim': f['cond_dim'], 'mlp_ratio': 4, 'dropout': 0.0,
             'softcap': float(f['softcap']), 'algo': f['algo'], 'noise_dim': f['noise_dim'],
-            'noise_type': 'rand', 'noise_scale': 1.0, 'causal': False}
+            'noise_type': 'rand', 'noise_scale': 1.0, 'causal': False,
+            **({'time_conditioning': True} if f.get('time_conditioning') else {})}
 
 
 def init_std(name, shape, cfg):
@@ -98,13 +110,20 @@ def random_inputs(cfg, B):
     eps = None
     if cfg['algo'] == 'imdm':
         eps = (torch.rand(B, L, cfg['noise_dim'], dtype=F64) * 2.0 - 1.0).to(torch.float32)
-    return tokens, eps
+    sigma = None
+    if cfg.get('time_conditioning'):
+        # one time per sequence, spread over (0, 1) and the last (fully masked) row at t = 0.999,
+        # through the log-linear schedule's total noise sigma(t) = -log(1 - (1 - 1e-4) t)
+        t = (torch.arange(B, dtype=F64) + torch.rand(B, dtype=F64)) / B
+        t[-1] = 0.999
+        sigma = -torch.log1p(-(1.0 - 1e-4) * t)
+    return tokens, eps, sigma
 
 
-def run_model(params, cfg, tokens, eps):
+def run_model(params, cfg, tokens, eps, sigma=None):
     """float64 logits and SUBS log-probs from the stored tensors (upcast inside dit.forward)."""
     stats = {}
-    logits = dit.forward(params, cfg, tokens, eps, stats=stats)
+    logits = dit.forward(params, cfg, tokens, eps, sigma, stats=stats)
     lp = dit.subs_log_probs(logits, tokens, cfg['mask_index'])
     return logits, lp, stats
 
@@ -113,8 +132,8 @@ def write_fixture(out_dir, name, seed, B, dtype, prefix, fields):
     torch.manual_seed(seed)
     cfg = make_config(fields)
     params = random_params(cfg, dtype)
-    tokens, eps = random_inputs(cfg, B)
-    logits, lp, stats = run_model(params, cfg, tokens, eps)
+    tokens, eps, sigma = random_inputs(cfg, B)
+    logits, lp, stats = run_model(params, cfg, tokens, eps, sigma)
     assert torch.isfinite(logits).all() and torch.isfinite(lp).all()
 
     model = {prefix + k: v.contiguous() for k, v in params.items()}
@@ -125,13 +144,16 @@ def write_fixture(out_dir, name, seed, B, dtype, prefix, fields):
           'log_probs': lp.to(torch.float32).contiguous()}
     if eps is not None:
         io['eps'] = eps.contiguous()
+    if sigma is not None:
+        io['sigma'] = sigma.contiguous()
     save_file(io, os.path.join(out_dir, f'{name}.io.safetensors'),
               metadata={'format': 'imdm-engine/1', 'fixture': name})
 
     frac = (tokens == cfg['mask_index']).double().mean().item()
     print(f'{name:18s} B={B} L={cfg["length"]} V={cfg["vocab_size"]} {str(dtype)[6:]:8s} '
           f'max|logit|={logits.abs().max().item():.3f} masked={frac:.3f} '
-          f'max|score|={stats["max_abs_score"]:.3f} softcap={cfg["softcap"]}')
+          f'max|score|={stats["max_abs_score"]:.3f} softcap={cfg["softcap"]}'
+          + ('' if sigma is None else f' sigma={[round(x, 4) for x in sigma.tolist()]}'))
     return params, cfg, tokens, eps, logits
 
 
@@ -170,13 +192,21 @@ def write_converted(out_dir, params, cfg, tokens, eps, logits):
 def main():
     ap = argparse.ArgumentParser(description='write the DiT parity fixtures')
     ap.add_argument('--out', required=True, help='output directory (created if missing)')
+    ap.add_argument('--only', nargs='+', metavar='NAME', default=None,
+                    help='write only these fixtures (converted_tiny comes with imdm_tiny)')
     a = ap.parse_args()
+    names = [f[0] for f in FIXTURES]
+    unknown = sorted(set(a.only or []) - set(names))
+    if unknown:
+        ap.error(f'--only: unknown fixture(s) {unknown}; known: {names}')
     os.makedirs(a.out, exist_ok=True)
     torch.set_num_threads(1)  # deterministic CPU reductions
     results = {}
     for name, seed, B, dtype, prefix, fields in FIXTURES:
-        results[name] = write_fixture(a.out, name, seed, B, dtype, prefix, fields)
-    write_converted(a.out, *results['imdm_tiny'])
+        if a.only is None or name in a.only:
+            results[name] = write_fixture(a.out, name, seed, B, dtype, prefix, fields)
+    if 'imdm_tiny' in results:
+        write_converted(a.out, *results['imdm_tiny'])
 
 
 if __name__ == '__main__':
