@@ -109,3 +109,52 @@ fn d3pm_times_are_discrete() {
     }
     assert_eq!(discretize(0.25, 4), 0.5);
 }
+
+/// The corrected L_vb is a KL divergence, never negative; the written rule is unbounded below
+/// at late times (α_t < 1 − α_t) once x_θ puts its mass on the mask: about −T·ln 2 per masked
+/// position at t → 1.
+#[test]
+fn d3pm_written_rule_is_not_a_bound() {
+    let (v, mask, len) = (5usize, 4usize, 1usize);
+    let mut worst_corrected = f64::INFINITY;
+    let mut written_at_mask = 0.0;
+    for (k, &alpha_t) in [0.9, 0.6, 0.3, 0.05, 0.001].iter().enumerate() {
+        for &zm in &[-3.0, 0.0, 3.0, 12.0] {
+            let z = [0.3, -0.2, 0.1 * k as f64, 0.5, zm];
+            for (rule, out) in [
+                (AlphaS::Corrected, &mut worst_corrected),
+                (AlphaS::AsWritten, &mut written_at_mask),
+            ] {
+                let o = D3pmOptions {
+                    steps: 1000,
+                    alpha_s: rule,
+                    subs_masking: false,
+                };
+                let l = vb_in_place(
+                    &mut z.to_vec(),
+                    &[mask as u32],
+                    &[1],
+                    &[alpha_t],
+                    len,
+                    1.0,
+                    mask,
+                    v,
+                    &o,
+                );
+                match rule {
+                    AlphaS::Corrected => *out = out.min(l),
+                    AlphaS::AsWritten if alpha_t == 0.001 && zm == 12.0 => *out = l,
+                    AlphaS::AsWritten => {}
+                }
+            }
+        }
+    }
+    assert!(
+        worst_corrected >= -1e-9,
+        "corrected L_vb {worst_corrected} < 0"
+    );
+    assert!(
+        written_at_mask < -600.0,
+        "written rule at t -> 1: {written_at_mask}"
+    );
+}
