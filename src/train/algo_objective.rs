@@ -129,3 +129,7 @@ impl Objective for BaselineObjective {
         run::<f32>(&self.d3pm, params, batch, &TrainOpts::default(), None)
     }
 }
+
+#[cfg(test)]
+#[path = "algo_objective_tests.rs"]
+mod tests;
