@@ -15,7 +15,7 @@ use crate::data::shards::MANIFEST;
 use crate::data::Manifest;
 use crate::diffusion::d3pm::{AlphaS, D3pmOptions};
 use crate::error::{Error, Result};
-use crate::model::{checkpoint, DitConfig, DitParams};
+use crate::model::{checkpoint, Algo, DitConfig, DitParams};
 use crate::train::algo_objective::BaselineObjective;
 use crate::train::config::{DataSpec, Freeze, TokenDtype, TrainConfig};
 use crate::train::curves::{plot_runs, CURVES_FILE};
@@ -530,7 +530,12 @@ fn hms(s: f64) -> String {
     }
 }
 
-fn printer(steps: u64) -> impl FnMut(&Event) {
+fn printer(steps: u64, algo: Algo) -> impl FnMut(&Event) {
+    let what = match algo {
+        Algo::Ar => "NLL",
+        Algo::Sedd | Algo::D3pm => "bound",
+        Algo::Mdlm | Algo::Imdm => "NELBO",
+    };
     move |e| match e {
         Event::Progress {
             log,
@@ -551,7 +556,7 @@ fn printer(steps: u64) -> impl FnMut(&Event) {
             hms(*eta_s)
         ),
         Event::Validation(v) => crate::sayln!(
-            "validation at step {}: NELBO {:.4} nats/token, PPL {:.3} (EMA weights, {} tokens)",
+            "validation at step {}: {what} {:.4} nats/token, PPL {:.3} (EMA weights, {} tokens)",
             v.step,
             v.nelbo,
             v.ppl,
@@ -660,7 +665,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
     };
     if !a.quiet {
-        trainer.set_observer(printer(trainer.cfg.steps));
+        trainer.set_observer(printer(trainer.cfg.steps, model.algo));
     }
     trainer.set_peak_flops(
         gpu.as_ref()
