@@ -264,3 +264,47 @@ fn sigma_must_match_the_config() {
         .to_string();
     assert!(e.contains("without time conditioning"), "{e}");
 }
+
+/// The distillation loss uses the student's per-sequence sigma: against its own log-probs at
+/// the same sigma the KL is 0 with a zero gradient; at another sigma it is positive, and the
+/// evaluation entry point agrees with the training one.
+#[test]
+fn distillation_conditions_the_student_on_its_sigma() {
+    use crate::cpu::{distill_loss_and_grad, distill_loss_eval};
+    use crate::diffusion::{DistillBatch, DistillMode};
+    let c = timecond(Algo::Mdlm, 0.0);
+    let p = random_params(&c, 29);
+    let k = Case::new(&c, 3, 30);
+    let s = k.sigma.clone().unwrap();
+    let own = log_probs::<f64>(&p, &k.xt, None, Some(&s)).unwrap();
+    let masked =
+        k.xt.ids
+            .iter()
+            .filter(|&&t| t as usize == c.mask_index)
+            .count();
+    let base = DistillBatch {
+        xt: &k.xt,
+        eps: None,
+        target: &own.data,
+        mode: DistillMode::KlBwd,
+        norm: masked as f64,
+        sigma: None,
+    };
+    let batch = |sigma| DistillBatch {
+        sigma: Some(sigma),
+        ..base
+    };
+    let opts = TrainOpts::default();
+    let mut g = DitParams::zeros(&c);
+    let same = distill_loss_and_grad::<f64>(&p, &batch(&s[..]), &opts, &mut g).unwrap();
+    // the target is the f32 rounding of the student's f64 log-probs
+    assert!(same.abs() < 1e-7, "KL to itself {same}");
+    let gmax = flat(&g).iter().fold(0f64, |m, x| m.max(x.abs()));
+    assert!(gmax < 1e-6, "gradient at the minimum {gmax}");
+    let other: Vec<f64> = s.iter().map(|x| x + 1.0).collect();
+    let mut g = DitParams::zeros(&c);
+    let moved = distill_loss_and_grad::<f64>(&p, &batch(&other[..]), &opts, &mut g).unwrap();
+    assert!(moved > 1e-4, "KL at another sigma {moved}");
+    let eval = distill_loss_eval::<f64>(&p, &batch(&other[..])).unwrap();
+    assert!((eval - moved).abs() <= 1e-12 * moved, "{eval} vs {moved}");
+}
