@@ -98,7 +98,8 @@ def sedd_case(g):
         steps[kind] = dict(logits=flat(zr), sigma=float(st), dsigma=float(d), probs=flat(p),
                            uniforms=flat(u), token=race(p, u))
     return dict(v=v, mask=mask, len=l, norm=norm, sigma=flat(sigma), logits=flat(z),
-                xt=xt.reshape(-1).tolist(), x0=x0.reshape(-1).tolist(), loss=float(loss.detach()), grad=flat(z.grad), **steps)
+                xt=xt.reshape(-1).tolist(), x0=x0.reshape(-1).tolist(),
+                loss=float(loss.detach()), grad=flat(z.grad), **steps)
 
 
 def d3pm_vb(log_x, xt, x0, alpha_t, T, mask, corrected):
