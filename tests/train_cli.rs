@@ -140,7 +140,11 @@ fn bad_flags_are_named() {
             "--device cuda: head dim 4",
         ),
         (toy(d, &["--device", "cuda"]), "runs on the CPU only"),
-        (toy(d, &["--ar"]), "--ar"),
+        (
+            toy(d, &["--algo", "sedd", "--device", "cuda"]),
+            "the sedd baseline trains on the CPU",
+        ),
+        (toy(d, &["--ar", "--algo", "mdlm"]), "--ar"),
         (toy(d, &["--lr=-1"]), "--lr -1"),
         (toy(d, &["--ema", "1.5"]), "--ema 1.5"),
         (

@@ -80,9 +80,10 @@ pub fn sample(
 ) -> Result<SampleResult> {
     let (b, l, v, mask, _) = shape.dims();
     let c = config(preset, shape, algo);
+    algo.require_subs("--algo", "bench sample")?;
     let kind = match algo {
         Algo::Imdm => SamplerKind::ImdmPosterior,
-        Algo::Mdlm => SamplerKind::MdlmPosterior,
+        _ => SamplerKind::MdlmPosterior,
     };
     let params = random_params(&c, 0);
     let s = &gpu.stream;

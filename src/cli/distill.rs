@@ -211,6 +211,10 @@ fn redi_data(a: RediDataArgs) -> Result<()> {
         println!("source weights: {}", source.weights.display());
     }
     let params = checkpoint::load(&source.weights, None)?;
+    params.config.algo.require_subs(
+        &format!("--checkpoint {}", source.weights.display()),
+        "redi-datagen",
+    )?;
     let spec = super::train::parse_data(&a.data, None)?;
     let (mut src, _) = data::open(&spec, &params.config, a.seed, 0)?;
     let x0 = src.next_batch(a.pairs)?;
@@ -301,6 +305,10 @@ fn redi_train(a: RediTrainArgs) -> Result<()> {
             "has no recorded configuration (write it with `init`/`train`)",
         )
     })?;
+    target.algo.require_subs(
+        &format!("--init {}", source.weights.display()),
+        "redi-train",
+    )?;
     if a.imdm {
         target.algo = crate::model::Algo::Imdm;
     }
@@ -338,10 +346,7 @@ fn redi_train(a: RediTrainArgs) -> Result<()> {
         "redi-train: {} ({}), {} training couplings, {} held out, batch {} in micro-batches \
          of {micro}, dropout {}, EMA {} from update {}",
         source.weights.display(),
-        match params.config.algo {
-            crate::model::Algo::Imdm => "IMDM",
-            crate::model::Algo::Mdlm => "MDLM",
-        },
+        params.config.algo.name().to_uppercase(),
         pairs.len(),
         valid.len(),
         a.batch,

@@ -9,11 +9,14 @@ use crate::cli::{check_out, ConfigArgs, DeviceArgs};
 use crate::cpu::CpuDenoiser;
 use crate::cuda::denoiser::GpuDenoiser;
 use crate::cuda::Backend;
+use crate::cuda::DeviceChoice;
 use crate::data::VALID;
+use crate::diffusion::d3pm::{AlphaS, D3pmOptions};
 use crate::diffusion::Denoiser;
 use crate::error::{Error, Result};
+use crate::eval::baseline_ppl::heldout_bound;
 use crate::eval::ppl::{heldout_ppl, PplOptions};
-use crate::model::checkpoint;
+use crate::model::{checkpoint, Algo};
 use crate::train::trainer::VALIDATION_SEED;
 
 #[derive(Args, Debug)]
@@ -24,7 +27,9 @@ pub struct EvalArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
-    /// Held-out NELBO per token and PPL = exp(NELBO) on prepared shards (spec 8.1).
+    /// Held-out NELBO per token and PPL = exp(NELBO) on prepared shards (spec 8.1); for the
+    /// baselines their own bound (AR: the exact NLL; SEDD: score entropy; D3PM: L_vb), on the
+    /// CPU.
     ///
     /// Every sequence of the split once, in stored order; per batch, antithetic times over its
     /// rows, random masks and (IMDM) random eps from --seed. The file is evaluated as given:
@@ -65,6 +70,13 @@ pub struct PplArgs {
     /// Replace an existing --json file.
     #[arg(long)]
     pub force: bool,
+    /// D3PM models: the number of discrete steps T of the bound [default: 1000, the
+    /// reference's].
+    #[arg(long)]
+    pub d3pm_steps: Option<usize>,
+    /// D3PM models: α_s in the second L_vb term (as-written or corrected; see `train`).
+    #[arg(long, value_enum)]
+    pub d3pm_alpha_s: Option<AlphaS>,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Configuration to assume when the checkpoint carries none.
@@ -98,10 +110,41 @@ fn run_ppl(a: PplArgs) -> Result<()> {
         &[a.batch, c.length, c.vocab_size, 3],
         4,
     )?;
-    let backend = Backend::resolve(a.device.device)?;
-    let (mut den, device): (Box<dyn Denoiser + '_>, &str) = match &backend {
-        Backend::Cpu => (Box::new(CpuDenoiser::new(params)?), "cpu"),
-        Backend::Cuda(gpu) => (Box::new(GpuDenoiser::new(gpu, &params)?), "cuda"),
+    let baseline = !c.algo.is_subs();
+    if baseline && a.device.device == DeviceChoice::Cuda {
+        return Err(Error::Config(format!(
+            "--device cuda: the {} bound is computed on the CPU only (--device cpu)",
+            c.algo.name()
+        )));
+    }
+    if c.algo != Algo::D3pm && (a.d3pm_steps.is_some() || a.d3pm_alpha_s.is_some()) {
+        return Err(Error::Config(format!(
+            "--d3pm-steps/--d3pm-alpha-s: --checkpoint {} holds a {} model, not d3pm",
+            a.checkpoint.display(),
+            c.algo.name()
+        )));
+    }
+    let d = D3pmOptions::default();
+    let d3pm = D3pmOptions {
+        steps: a.d3pm_steps.unwrap_or(d.steps),
+        alpha_s: a.d3pm_alpha_s.unwrap_or(d.alpha_s),
+        ..d
+    };
+    if d3pm.steps < 2 {
+        return Err(Error::Config(format!(
+            "--d3pm-steps {}: needs at least 2 steps",
+            d3pm.steps
+        )));
+    }
+    let backend = if baseline {
+        Backend::Cpu
+    } else {
+        Backend::resolve(a.device.device)?
+    };
+    let (den, device): (Option<Box<dyn Denoiser + '_>>, &str) = match &backend {
+        _ if baseline => (None, "cpu"),
+        Backend::Cpu => (Some(Box::new(CpuDenoiser::new(params.clone())?)), "cpu"),
+        Backend::Cuda(gpu) => (Some(Box::new(GpuDenoiser::new(gpu, &params)?)), "cuda"),
     };
     let opts = PplOptions {
         batch: a.batch,
@@ -134,7 +177,16 @@ fn run_ppl(a: PplArgs) -> Result<()> {
             last = std::time::Instant::now();
         }
     };
-    let r = heldout_ppl(den.as_mut(), &a.data, &a.split, opts, &mut progress)?;
+    let r = match den {
+        Some(mut den) => heldout_ppl(den.as_mut(), &a.data, &a.split, opts, &mut progress)?,
+        None => heldout_bound(&params, d3pm, &a.data, &a.split, opts, &mut progress)?,
+    };
+    let bound = match c.algo {
+        Algo::Ar => "exact NLL",
+        Algo::Sedd => "score-entropy bound",
+        Algo::D3pm => "discrete-time L_vb bound",
+        Algo::Mdlm | Algo::Imdm => "NELBO",
+    };
     if !r.nelbo.is_finite() {
         return Err(Error::Config(format!(
             "--checkpoint {}: the held-out NELBO is {} (the model's probabilities are not \
@@ -148,7 +200,8 @@ fn run_ppl(a: PplArgs) -> Result<()> {
         "data": a.data.display().to_string(),
         "split": a.split,
         "preset": c.preset,
-        "algo": format!("{:?}", c.algo).to_lowercase(),
+        "algo": c.algo.name(),
+        "bound": bound,
         "length": c.length,
         "batch": opts.batch,
         "seed": opts.seed,
@@ -165,8 +218,9 @@ fn run_ppl(a: PplArgs) -> Result<()> {
         return Ok(());
     }
     crate::sayln!(
-        "NELBO {:.4} nats/token, PPL {:.3} ({} sequences, {} tokens, {} masked; {:.1}s, \
-         {:.0} tok/s)",
+        "{} ({bound}) {:.4} nats/token, PPL {:.3} ({} sequences, {} tokens, {} scored; \
+         {:.1}s, {:.0} tok/s)",
+        c.algo.name(),
         r.nelbo,
         r.ppl,
         r.sequences,

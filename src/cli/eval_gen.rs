@@ -345,9 +345,13 @@ pub fn run_with_judge(a: &GenArgs, judge: &dyn Judge) -> Result<GenReport> {
         let params = checkpoint::load(path, None)?;
         let c = params.config.clone();
         let tok = model_tokenizer(a, &c, text.as_deref())?;
+        c.algo.require_subs(
+            &format!("--checkpoint {}", arg.display()),
+            "eval gen's sampler",
+        )?;
         let kind = match a.sampler.unwrap_or(match c.algo {
             Algo::Imdm => SamplerChoice::Imdm,
-            Algo::Mdlm => SamplerChoice::Mdlm,
+            _ => SamplerChoice::Mdlm,
         }) {
             SamplerChoice::Imdm => SamplerKind::ImdmPosterior,
             SamplerChoice::Mdlm => SamplerKind::MdlmPosterior,

@@ -20,6 +20,7 @@ pub mod init;
 pub mod plot;
 pub mod probe;
 pub mod sample;
+pub mod sample_baselines;
 pub mod sdtt;
 pub mod train;
 
@@ -53,12 +54,14 @@ pub enum Command {
     Probe(probe::ProbeArgs),
     /// GPU benchmarks: kernels, whole forward, sampler steps.
     Bench(bench::BenchArgs),
-    /// Train MDLM or IMDM (NELBO) into a resumable run directory.
+    /// Train MDLM or IMDM (NELBO), or an AR, SEDD or D3PM baseline, into a resumable run
+    /// directory.
     #[command(long_about = train::LONG_ABOUT)]
     Train(Box<train::TrainArgs>),
     /// Text data: tokenize a corpus into token shards, inspect prepared shards.
     Data(data::DataArgs),
-    /// Generate token ids (unconditional, prefix or infill) with the IMDM or MDLM sampler.
+    /// Generate token ids (unconditional, prefix or infill) with the IMDM or MDLM sampler, or
+    /// from an AR, SEDD or D3PM baseline with its own sampler.
     Sample(sample::SampleArgs),
     /// Evaluate: held-out NELBO and perplexity on prepared shards; generative evaluation
     /// under a judge LM.
@@ -83,7 +86,8 @@ pub struct ConfigArgs {
     /// IMDM noise dimension (default: the hidden size; the OWT scripts use 2048).
     #[arg(long)]
     pub noise_dim: Option<usize>,
-    /// Algorithm: imdm adds the eps MLP, mdlm does not.
+    /// Algorithm: imdm adds the eps MLP to mdlm; ar is the causal DiT without adaLN; sedd and
+    /// d3pm are the absorbing-state baselines with per-row time conditioning.
     #[arg(long, value_enum)]
     pub algo: Option<Algo>,
     /// Distribution of eps at masked positions.
@@ -95,8 +99,8 @@ pub struct ConfigArgs {
     /// Sequence length (default: the preset's; 128 for LM1B).
     #[arg(long)]
     pub length: Option<usize>,
-    /// Causal AR baseline (no adaLN, causal attention).
-    #[arg(long)]
+    /// The causal AR baseline (no adaLN, causal attention): the same as --algo ar.
+    #[arg(long, conflicts_with = "algo")]
     pub ar: bool,
 }
 
@@ -133,7 +137,7 @@ impl ConfigArgs {
             c.noise_dim = n;
         }
         if let Some(a) = self.algo {
-            c.algo = a;
+            c.set_algo(a);
         }
         if let Some(t) = self.noise_type {
             c.noise_type = t;
@@ -145,7 +149,7 @@ impl ConfigArgs {
             c.length = l;
         }
         if self.ar {
-            c.causal = true;
+            c.set_algo(Algo::Ar);
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `imdm-engine sample`: unconditional, prefix or infill generation from a checkpoint, written
+//! `imdm-engine sample`: unconditional, prefix or infill generation from a checkpoint (the
+//! baselines AR, SEDD and D3PM: `cli::sample_baselines`), written
 //! as JSONL token ids (one object per sample: `id`, `tokens`, `nfe`, `seed`; with `--decode`
 //! also `text`, the tokens decoded with special tokens kept, as the reference's `batch_decode`,
 //! spec 8.2). The run reports the mean unigram entropy of the samples (spec 8.3: over the
@@ -91,6 +92,13 @@ pub struct SampleArgs {
     /// Replace an existing --out.
     #[arg(long)]
     pub force: bool,
+    /// The BOS id every AR sample starts with (ar models only; GPT-2 text: 50256).
+    #[arg(long)]
+    pub bos: Option<u32>,
+    /// AR: the reference's sampler, rerunning the whole prefix every step, instead of the
+    /// KV-cached decoder (the same tokens, much slower).
+    #[arg(long)]
+    pub uncached: bool,
     /// Decode each sample into a "text" field: a folder prepared by `data prepare` (its
     /// manifest names the tokenizer), or `gpt2` / `bert` (reference conventions; `gpt2:clean`,
     /// `bert:clean`). The tokenizer's V and mask must be the model's.
@@ -311,6 +319,16 @@ pub fn run(a: SampleArgs) -> Result<()> {
             c.length
         )));
     }
+    if !c.algo.is_subs() {
+        return crate::cli::sample_baselines::run(&a, params, len);
+    }
+    if a.bos.is_some() || a.uncached {
+        return Err(config_err(format!(
+            "--bos/--uncached: for ar models; --checkpoint {} holds a {} model",
+            a.checkpoint.display(),
+            c.algo.name()
+        )));
+    }
     crate::sizes::check(
         &format!(
             "--batch {} x length {len} x V {}: the sampler's probabilities",
@@ -327,7 +345,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     };
     let kind = match a.sampler.unwrap_or(match c.algo {
         Algo::Imdm => SamplerChoice::Imdm,
-        Algo::Mdlm => SamplerChoice::Mdlm,
+        _ => SamplerChoice::Mdlm,
     }) {
         SamplerChoice::Imdm => SamplerKind::ImdmPosterior,
         SamplerChoice::Mdlm => SamplerKind::MdlmPosterior,

@@ -169,6 +169,8 @@ fn student_config(a: &SdttArgs, teacher: &Path) -> Result<DitConfig> {
         )
     })?;
     check_teacher(&tc, teacher)?;
+    tc.algo
+        .require_subs(&format!("--teacher {}", teacher.display()), "distill sdtt")?;
     if a.mdlm && tc.algo == Algo::Imdm {
         return Err(Error::checkpoint(
             teacher,

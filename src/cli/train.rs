@@ -1,6 +1,6 @@
 //! `imdm-engine train`: MDLM / IMDM training on the CPU backend or the GPU (`--device cuda`:
-//! `cuda::GpuTrainer`, weights, optimizer and EMA resident on the device), into a resumable
-//! run directory. The flags resolve into a [`RunConfig`] written to `DIR/config.json`;
+//! `cuda::GpuTrainer`, weights, optimizer and EMA resident on the device), and the AR, SEDD
+//! and D3PM baselines on the CPU, into a resumable run directory. The flags resolve into a [`RunConfig`] written to `DIR/config.json`;
 //! `--resume` continues a run from its recorded configuration (on either device).
 
 use std::path::{Path, PathBuf};
@@ -13,8 +13,10 @@ use crate::cuda::trainer::{GpuTrainOptions, GpuTrainer};
 use crate::cuda::{DeviceChoice, Gpu};
 use crate::data::shards::MANIFEST;
 use crate::data::Manifest;
+use crate::diffusion::d3pm::{AlphaS, D3pmOptions};
 use crate::error::{Error, Result};
-use crate::model::{checkpoint, DitConfig, DitParams};
+use crate::model::{checkpoint, Algo, DitConfig, DitParams};
+use crate::train::algo_objective::BaselineObjective;
 use crate::train::config::{DataSpec, Freeze, TokenDtype, TrainConfig};
 use crate::train::curves::{plot_runs, CURVES_FILE};
 use crate::train::init::initial_params;
@@ -51,8 +53,11 @@ impl ObjectiveKind {
         }
     }
 
-    fn build(self, gpu: Option<Gpu>) -> Box<dyn Objective> {
+    fn build(self, gpu: Option<Gpu>, model: &DitConfig, cfg: &TrainConfig) -> Box<dyn Objective> {
         match (self, gpu) {
+            (ObjectiveKind::Dit, _) if !model.algo.is_subs() => {
+                Box::new(BaselineObjective { d3pm: cfg.d3pm })
+            }
             (ObjectiveKind::Dit, Some(gpu)) => {
                 Box::new(GpuTrainer::new(gpu, GpuTrainOptions::default()))
             }
@@ -71,9 +76,17 @@ pub(super) fn resolve_device(
     model: &DitConfig,
 ) -> Result<Option<Gpu>> {
     let fits = HEAD_DIMS.contains(&model.head_dim());
+    let subs = model.algo.is_subs();
     match choice {
         DeviceChoice::Cpu => Ok(None),
         DeviceChoice::Cuda => {
+            if !subs {
+                return Err(Error::Config(format!(
+                    "--device cuda: the GPU trainer trains mdlm and imdm (the NELBO); the {} \
+                     baseline trains on the CPU (--device cpu)",
+                    model.algo.name()
+                )));
+            }
             if kind == ObjectiveKind::LinearSoftmax {
                 return Err(Error::Config(
                     "--device cuda: the linear-softmax test objective runs on the CPU only".into(),
@@ -90,7 +103,7 @@ pub(super) fn resolve_device(
             }
             Ok(Some(Gpu::new(0)?))
         }
-        DeviceChoice::Auto => Ok((kind == ObjectiveKind::Dit && fits)
+        DeviceChoice::Auto => Ok((kind == ObjectiveKind::Dit && fits && subs)
             .then(|| Gpu::new(0).ok())
             .flatten()),
     }
@@ -99,7 +112,10 @@ pub(super) fn resolve_device(
 /// The long `--help` text of `train`.
 pub const LONG_ABOUT: &str = "\
 Train a masked diffusion model (MDLM NELBO, spec 4.6, or IMDM, spec 4.7) on the CPU or the GPU \
-(--device cuda: weights, gradients, AdamW and EMA stay on the device; bit-reproducible).
+(--device cuda: weights, gradients, AdamW and EMA stay on the device; bit-reproducible), or one \
+of the baselines on the CPU: --algo ar (or --ar; the causal DiT, next-token cross-entropy), \
+--algo sedd (score entropy, time-conditioned) or --algo d3pm (discrete-time L_vb, \
+time-conditioned; --d3pm-steps, --d3pm-alpha-s).
 
 A new run needs a model (--preset, optionally with size overrides, or --init with a checkpoint \
 that records its configuration), --data and --run-dir. Defaults follow the reference (spec 9): \
@@ -194,6 +210,13 @@ pub struct TrainArgs {
     /// Chrome trace here (Perfetto opens it), then print the per-range summary. GPU only.
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    /// D3PM's number of discrete steps T (d3pm models; the reference's is 1000).
+    #[arg(long)]
+    pub d3pm_steps: Option<usize>,
+    /// D3PM's α_s in the second L_vb term: as-written (`t − dt`, the reference's code) or
+    /// corrected (`1 − t + dt`, the exact posterior; deviation 14.53).
+    #[arg(long, value_enum)]
+    pub d3pm_alpha_s: Option<AlphaS>,
     /// Initial weights (.safetensors) to fine-tune. An MDLM checkpoint loads into an IMDM run
     /// with the eps MLP initialised as the reference does (zero last layer), so step 0 equals
     /// the MDLM.
@@ -279,13 +302,6 @@ pub(crate) fn parse_data(s: &str, dtype: Option<TokenDtype>) -> Result<DataSpec>
 /// with every override applied.
 fn resolve_model(a: &TrainArgs) -> Result<DitConfig> {
     let c = &a.config;
-    if c.ar {
-        return Err(Error::Config(
-            "--ar: the autoregressive baseline trains with another loss; not supported by \
-             `train`"
-                .into(),
-        ));
-    }
     let mut m = match (c.preset, &a.init) {
         (Some(p), _) => DitConfig::preset(p),
         (None, Some(init)) => checkpoint::read_config(init)?.ok_or_else(|| {
@@ -370,6 +386,11 @@ fn resolve_train(a: &TrainArgs) -> Result<TrainConfig> {
             ln_only: a.ln_tune,
         },
         init: a.init.clone(),
+        d3pm: D3pmOptions {
+            steps: a.d3pm_steps.unwrap_or(d.d3pm.steps),
+            alpha_s: a.d3pm_alpha_s.unwrap_or(d.d3pm.alpha_s),
+            ..d.d3pm
+        },
         ..d
     };
     c.validate()?;
@@ -442,6 +463,16 @@ fn resolve_resume(a: &TrainArgs, dir: &Path, rec: &RunConfig) -> Result<TrainCon
     check("--clip", a.clip.map(|x| x.to_string()), t.clip.to_string());
     check("--seed", a.seed.map(|x| x.to_string()), t.seed.to_string());
     check(
+        "--d3pm-steps",
+        a.d3pm_steps.map(|x| x.to_string()),
+        t.d3pm.steps.to_string(),
+    );
+    check(
+        "--d3pm-alpha-s",
+        a.d3pm_alpha_s.map(|x| format!("{x:?}")),
+        format!("{:?}", t.d3pm.alpha_s),
+    );
+    check(
         "--eval-size",
         a.eval_size.map(|x| x.to_string()),
         t.eval_size.to_string(),
@@ -499,7 +530,12 @@ fn hms(s: f64) -> String {
     }
 }
 
-fn printer(steps: u64) -> impl FnMut(&Event) {
+fn printer(steps: u64, algo: Algo) -> impl FnMut(&Event) {
+    let what = match algo {
+        Algo::Ar => "NLL",
+        Algo::Sedd | Algo::D3pm => "bound",
+        Algo::Mdlm | Algo::Imdm => "NELBO",
+    };
     move |e| match e {
         Event::Progress {
             log,
@@ -520,7 +556,7 @@ fn printer(steps: u64) -> impl FnMut(&Event) {
             hms(*eta_s)
         ),
         Event::Validation(v) => crate::sayln!(
-            "validation at step {}: NELBO {:.4} nats/token, PPL {:.3} (EMA weights, {} tokens)",
+            "validation at step {}: {what} {:.4} nats/token, PPL {:.3} (EMA weights, {} tokens)",
             v.step,
             v.nelbo,
             v.ppl,
@@ -629,7 +665,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
     };
     if !a.quiet {
-        trainer.set_observer(printer(trainer.cfg.steps));
+        trainer.set_observer(printer(trainer.cfg.steps, model.algo));
     }
     trainer.set_peak_flops(
         gpu.as_ref()
@@ -650,7 +686,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         _ => None,
     };
-    let mut obj = objective.build(gpu);
+    let mut obj = objective.build(gpu, &model, &trainer.cfg);
     let val = trainer.run(obj.as_mut())?;
     if let (Some(p), Some(device)) = (&a.trace, traced) {
         let (spans, dropped) = crate::cuda::trace::finish()?;

@@ -75,7 +75,7 @@ struct BlockActs<T: Real> {
 }
 
 /// Everything the forward keeps.
-struct Acts<T: Real> {
+pub(super) struct Acts<T: Real> {
     eps: Option<EpsActs<T>>,
     cond: Option<CondActs<T>>,
     blocks: Vec<BlockActs<T>>,
@@ -86,7 +86,7 @@ struct Acts<T: Real> {
     /// (rows, D) final modulated LN output
     y: Buf<T>,
     /// (rows, V)
-    logits: Buf<T>,
+    pub(super) logits: Buf<T>,
 }
 
 /// (shift, scale) pair `k, k+1` of a component-major modulation with components of `w` = G·D.
@@ -125,7 +125,7 @@ pub(crate) fn dropout_offset(base: u64, block: usize, branch: u64) -> u64 {
 
 /// The forward, keeping activations. `dropout` = (seed, offset, p) with p > 0; `sigma` (B)
 /// checked by the caller.
-fn forward<T: Real>(
+pub(super) fn forward<T: Real>(
     w: &Weights<T>,
     c: &DitConfig,
     xt: &Tokens,
@@ -251,7 +251,7 @@ fn forward<T: Real>(
 }
 
 /// The backward from `dlogits` (rows, V), accumulating every parameter gradient into `g`.
-fn backward<T: Real>(
+pub(super) fn backward<T: Real>(
     w: &Weights<T>,
     g: &mut Weights<'static, T>,
     a: &Acts<T>,

@@ -12,6 +12,9 @@
 //! - [`loss`]: the SUBS log-softmax, fused with the weighted cross-entropy and its gradient.
 //! - [`distill_loss`]: the SUBS log-softmax fused with the SDTT distillation losses (KL both
 //!   ways, mse, tvd on log-probs) and their gradient.
+//! - [`logits_loss`]: the loss hook (forward to logits, a caller's loss writes dlogits, the
+//!   backward runs) through which the AR, SEDD and D3PM baselines train.
+//! - [`kv_cache`]: incremental decoding of the causal (AR) DiT with a key/value cache.
 //! - [`Buf`] (`pool`): activation buffers recycled across steps (page faults were ~15%).
 //! - `weights`: typed views of [`DitParams`] (borrowed for f32) and gradient buffers.
 //! - `cond`: the conditioning path: time features, the sigma map with its backward, and the
@@ -58,7 +61,9 @@ pub mod distill_loss;
 mod dit;
 pub mod fastmath;
 pub mod gemm;
+pub mod kv_cache;
 pub mod layers;
+pub mod logits_loss;
 pub mod loss;
 mod pool;
 mod weights;

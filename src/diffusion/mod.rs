@@ -1,12 +1,17 @@
 //! The diffusion side of the engine, independent of how the DiT is computed (CPU or GPU):
 //! the batch a loss sees and the `Denoiser` contract that samplers drive.
 
+pub mod algo_batch;
+pub mod ar;
+pub mod d3pm;
 pub mod denoiser;
+pub mod logits_model;
 pub mod metrics;
 pub mod noising;
 pub mod posterior;
 pub mod sampler;
 pub mod schedule;
+pub mod sedd;
 pub mod stats;
 pub mod stream;
 pub mod toy;

@@ -61,9 +61,10 @@ pub struct DatagenConfig {
 /// reference's `as_mdlm` + `mdlm_posterior`).
 pub fn sampler_for(algo: Algo, steps: usize) -> SamplerConfig {
     let mut s = SamplerConfig::new(steps);
+    // Only MDLM/IMDM models reach the distillation (the commands refuse the others).
     s.kind = match algo {
         Algo::Imdm => SamplerKind::ImdmPosterior,
-        Algo::Mdlm => SamplerKind::MdlmPosterior,
+        Algo::Mdlm | Algo::Ar | Algo::Sedd | Algo::D3pm => SamplerKind::MdlmPosterior,
     };
     s
 }

@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Which diffusion algorithm a denoiser serves. It decides whether the eps MLP exists.
+/// Which algorithm a model serves: the loss it trains with, the sampler it is drawn with and
+/// the bound `eval ppl` reports. It decides whether the eps MLP exists (IMDM), whether the
+/// network is causal (AR) and whether it is time-conditioned (SEDD, D3PM).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Algo {
@@ -13,15 +15,50 @@ pub enum Algo {
     Mdlm,
     /// Infinite mask: MDLM plus `imdm_mlp(eps)` added at masked positions (spec 3).
     Imdm,
+    /// Autoregressive baseline: the causal DiT without adaLN, shifted next-token
+    /// cross-entropy (spec 2.4, `algo.AR`).
+    Ar,
+    /// SEDD with the absorbing state: score parameterisation, score-entropy loss, analytic
+    /// sampler; time-conditioned (`algo.SEDDAbsorb`).
+    Sedd,
+    /// D3PM with the absorbing state: 'mean' parameterisation, discrete-time L_vb with the
+    /// reconstruction term; time-conditioned (`algo.D3PMAbsorb`).
+    D3pm,
 }
 
 impl Algo {
-    /// The spelling of the CLI flag, the JSON record and messages: "mdlm" or "imdm".
+    /// The spelling of the CLI flag, the JSON record and messages.
     pub fn name(self) -> &'static str {
         match self {
             Algo::Mdlm => "mdlm",
             Algo::Imdm => "imdm",
+            Algo::Ar => "ar",
+            Algo::Sedd => "sedd",
+            Algo::D3pm => "d3pm",
         }
+    }
+
+    /// Whether this is one of the SUBS masked diffusion models (MDLM, IMDM) that the
+    /// MDLM/IMDM samplers, the NELBO evaluation, distillation and the GPU trainer serve.
+    pub fn is_subs(self) -> bool {
+        matches!(self, Algo::Mdlm | Algo::Imdm)
+    }
+
+    /// Whether the model reads a per-row sigma(t) (SEDD, D3PM).
+    pub fn is_time_conditioned(self) -> bool {
+        matches!(self, Algo::Sedd | Algo::D3pm)
+    }
+
+    /// Refuses a model of another algorithm than MDLM/IMDM where only those are served:
+    /// `what` names the file or flag, `tool` the command and what it does.
+    pub fn require_subs(self, what: &str, tool: &str) -> Result<()> {
+        if self.is_subs() {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "{what} holds a {} model, but {tool} serves mdlm and imdm models only",
+            self.name()
+        )))
     }
 }
 
@@ -197,6 +234,16 @@ impl DitConfig {
                     .into(),
             );
         }
+        if self.algo == Algo::Ar && !self.causal {
+            return bad("algo ar is the causal DiT: it needs causal = true".into());
+        }
+        if self.algo.is_time_conditioned() && (self.causal || !self.time_conditioning) {
+            return bad(format!(
+                "algo {} is the time-conditioned bidirectional DiT: it needs \
+                 time_conditioning = true and causal = false",
+                self.algo.name()
+            ));
+        }
         if self.algo == Algo::Imdm && self.noise_dim == 0 {
             return bad("IMDM needs noise_dim > 0".into());
         }
@@ -222,6 +269,23 @@ impl DitConfig {
             }
         }
         Ok(())
+    }
+
+    /// Sets `algo` and the switches it implies: AR is causal, SEDD and D3PM are
+    /// time-conditioned, MDLM and IMDM are neither (an explicit `causal` MDLM stays causal).
+    pub fn set_algo(&mut self, algo: Algo) {
+        self.algo = algo;
+        match algo {
+            Algo::Ar => {
+                self.causal = true;
+                self.time_conditioning = false;
+            }
+            Algo::Sedd | Algo::D3pm => {
+                self.causal = false;
+                self.time_conditioning = true;
+            }
+            Algo::Mdlm | Algo::Imdm => self.time_conditioning = false,
+        }
     }
 
     /// Parses the JSON stored in checkpoint metadata, then validates it.

@@ -255,6 +255,60 @@ mod tests {
     use super::*;
     use crate::model::config::Algo;
 
+    /// The reference's parameter count of each mode (spec 2.5), as a formula in the sizes:
+    /// `blk = 2D + 3D² + D² + (4D² + 4D) + (4D² + D)` per block without adaLN,
+    /// `AR = 2VD + V + D + N·blk` (no sigma map, no adaLN: spec 2.4),
+    /// `MDLM = SEDD = D3PM = AR + (256C + C + C² + C) + N·(6DC + 6D) + (2DC + 2D)` (time
+    /// conditioning adds no parameter: the sigma map exists in every bidirectional model),
+    /// `IMDM = MDLM + 4D·nd + 4D + 4D²`.
+    #[test]
+    fn parameter_counts_follow_the_reference_formula() {
+        let formula = |c: &DitConfig| {
+            let (v, d, n, k, nd) = (c.vocab_size, c.hidden, c.blocks, c.cond_dim, c.noise_dim);
+            let blk = 2 * d + 3 * d * d + d * d + (4 * d * d + 4 * d) + (4 * d * d + d);
+            let ar = 2 * v * d + v + d + n * blk;
+            let bidir =
+                ar + (256 * k + k + k * k + k) + n * (6 * d * k + 6 * d) + 2 * d * k + 2 * d;
+            match c.algo {
+                Algo::Ar => ar,
+                Algo::Mdlm | Algo::Sedd | Algo::D3pm => bidir,
+                Algo::Imdm => bidir + 4 * d * nd + 4 * d + 4 * d * d,
+            }
+        };
+        for preset in [
+            DitConfig::small(),
+            DitConfig::tiny(),
+            DitConfig::synthetic(),
+        ] {
+            for algo in [Algo::Mdlm, Algo::Imdm, Algo::Ar, Algo::Sedd, Algo::D3pm] {
+                let mut c = preset.clone();
+                c.set_algo(algo);
+                c.validate().unwrap();
+                assert_eq!(
+                    DitParams::zeros(&c).count(),
+                    formula(&c),
+                    "{} {algo:?}",
+                    c.preset
+                );
+            }
+        }
+        // The published figures (spec 2.5) and the AR baseline's at the same sizes.
+        let count = |mut c: DitConfig, algo| {
+            c.set_algo(algo);
+            DitParams::zeros(&c).count()
+        };
+        assert_eq!(count(DitConfig::small(), Algo::Mdlm), 169_627_218);
+        assert_eq!(count(DitConfig::small(), Algo::Sedd), 169_627_218);
+        assert_eq!(count(DitConfig::small(), Algo::D3pm), 169_627_218);
+        assert_eq!(count(DitConfig::small(), Algo::Ar), 162_246_482);
+        assert_eq!(count(DitConfig::tiny(), Algo::Mdlm), 33_789_010);
+        assert_eq!(count(DitConfig::tiny(), Algo::Ar), 32_088_402);
+        assert_eq!(count(DitConfig::synthetic(), Algo::D3pm), 14_119_121);
+        let mut c = DitConfig::small();
+        c.noise_dim = 2048;
+        assert_eq!(count(c, Algo::Imdm), 178_281_042);
+    }
+
     #[test]
     fn named_mut_matches_named() {
         for algo in [Algo::Imdm, Algo::Mdlm] {

@@ -4,6 +4,8 @@
 //! (seeded inputs). Integration tests share theirs in `tests/common`.
 
 #[cfg(test)]
+pub mod algos_fixture;
+#[cfg(test)]
 pub mod grad;
 #[cfg(test)]
 pub mod inputs;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::diffusion::d3pm::D3pmOptions;
 use crate::error::{Error, Result};
 
 /// Element type of a token file.
@@ -87,6 +88,10 @@ pub struct TrainConfig {
     pub freeze: Freeze,
     /// Initial weights (fine-tuning), recorded for provenance.
     pub init: Option<PathBuf>,
+    /// D3PM's discrete steps and L_vb variant (read by d3pm models only). Absent in older
+    /// files: the reference's settings.
+    #[serde(default)]
+    pub d3pm: D3pmOptions,
 }
 
 impl Default for TrainConfig {
@@ -112,6 +117,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             freeze: Freeze::default(),
             init: None,
+            d3pm: D3pmOptions::default(),
         }
     }
 }
@@ -132,6 +138,12 @@ impl TrainConfig {
             return bad(format!(
                 "--batch {} must be a multiple of --micro-batch {}",
                 self.batch, self.micro_batch
+            ));
+        }
+        if self.d3pm.steps < 2 {
+            return bad(format!(
+                "--d3pm-steps {}: D3PM needs at least 2 discrete steps",
+                self.d3pm.steps
             ));
         }
         if self.steps == 0 {

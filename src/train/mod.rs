@@ -8,6 +8,7 @@
 //! antithetic times over the global batch; the MDLM/IMDM NELBO normalised by the global batch's
 //! token count.
 
+pub mod algo_objective;
 pub mod config;
 pub mod curves;
 pub mod data;

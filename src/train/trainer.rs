@@ -25,7 +25,8 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use crate::cpu::TrainOpts;
-use crate::diffusion::noising::{micro_batch, nelbo_batch};
+use crate::diffusion::algo_batch::{algo_batch, scored_tokens};
+use crate::diffusion::noising::micro_batch;
 use crate::diffusion::schedule::antithetic_times;
 use crate::error::{Error, Result};
 use crate::model::{DitConfig, DitParams};
@@ -341,7 +342,7 @@ impl Trainer {
         }
         let t = antithetic_times(&mut stream(seed, TIMES, s), b);
         let (mut noise, mut eps) = (stream(seed, NOISE, s), stream(seed, EPS, s));
-        let norm = (b * l) as f64;
+        let norm = scored_tokens(&self.model, b) as f64;
         // A resident objective (GPU) keeps the state on its device; see `Resident`.
         let resident = obj.resident().is_some();
         if let Some(r) = obj.resident() {
@@ -356,7 +357,15 @@ impl Trainer {
         let accum = self.cfg.accumulation() as u64;
         for k in 0..accum {
             let (xk, tk) = micro_batch(&x0, &t, m, k as usize)?;
-            let nb = nelbo_batch(&mut noise, &mut eps, &xk, tk, &self.model, norm)?;
+            let nb = algo_batch(
+                &mut noise,
+                &mut eps,
+                &xk,
+                tk,
+                &self.model,
+                &self.cfg.d3pm,
+                norm,
+            )?;
             let opts = TrainOpts {
                 dropout: (self.model.dropout > 0.0).then(|| {
                     let dseed = seed ^ DROPOUT.wrapping_mul(GOLDEN);
@@ -437,7 +446,7 @@ impl Trainer {
                 ids: val.ids[start * l..(start + n) * l].to_vec(),
             };
             let t = antithetic_times(&mut rng, n);
-            let nb = nelbo_batch(&mut rng, &mut eps, &x, &t, &self.model, 1.0)?;
+            let nb = algo_batch(&mut rng, &mut eps, &x, &t, &self.model, &self.cfg.d3pm, 1.0)?;
             sum += if resident {
                 let r = obj.resident().expect("resident");
                 r.eval_loss_ema(LossInput::Nelbo(nb.as_loss()))?
@@ -445,7 +454,7 @@ impl Trainer {
                 obj.eval_loss(&self.ema.shadow, &nb.as_loss())?
             };
         }
-        let tokens = val.batch * l;
+        let tokens = scored_tokens(&self.model, val.batch);
         let nelbo = sum / tokens as f64;
         let v = ValLog {
             step: self.step,
@@ -512,7 +521,7 @@ impl Trainer {
         let mut rng = stream(VALIDATION_SEED, VALIDATION, 0);
         let mut eps = stream(VALIDATION_SEED, VALIDATION_EPS, 0);
         let t = antithetic_times(&mut rng, n);
-        let nb = nelbo_batch(&mut rng, &mut eps, &x, &t, &self.model, 1.0)?;
+        let nb = algo_batch(&mut rng, &mut eps, &x, &t, &self.model, &self.cfg.d3pm, 1.0)?;
         let loss = obj.eval_loss(&self.params, &nb.as_loss())?;
         if !loss.is_finite() {
             return Err(Error::NonFinite {
