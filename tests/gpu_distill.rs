@@ -172,6 +172,11 @@ fn mdlm_distillation_gradients_match_cpu() {
 /// An in-library SDTT run of `steps` steps (two micro-batches per step), student and teacher
 /// independent random weights.
 fn sdtt_run(c: &DitConfig, steps: u64) -> Sdtt {
+    sdtt_run_with(c, steps, |_| {})
+}
+
+/// `sdtt_run` with the SDTT settings edited by `edit` (rounds, growth options).
+fn sdtt_run_with(c: &DitConfig, steps: u64, edit: impl FnOnce(&mut SdttConfig)) -> Sdtt {
     let cfg = TrainConfig {
         batch: 8,
         micro_batch: 4,
@@ -185,12 +190,13 @@ fn sdtt_run(c: &DitConfig, steps: u64) -> Sdtt {
         save_every: 0,
         ..TrainConfig::default()
     };
-    let sd = SdttConfig {
+    let mut sd = SdttConfig {
         orig_steps: 16,
         grow_dt_every: 1000,
         student: c.algo,
         ..SdttConfig::default()
     };
+    edit(&mut sd);
     let src = SyntheticSource::new(c.vocab_size, c.mask_index, c.length, 5).unwrap();
     let val = SyntheticSource::new(c.vocab_size, c.mask_index, c.length, 6)
         .unwrap()
@@ -240,6 +246,42 @@ fn resident_sdtt_steps_track_the_cpu_run() {
         assert_ne!(b.params, init, "{algo:?}: the device weights moved");
         assert_eq!(b.opt.step, 4, "{algo:?}: the device optimizer's step count");
     }
+}
+
+/// Across round boundaries (every 2 steps, the EMA becoming teacher and student, AdamW
+/// restarting) the resident GPU run still follows the CPU run: a wrong teacher swap or a
+/// missing reload of the device state would move the GPU losses away from the CPU's after
+/// step 2 (a GPU-only comparison, as the CLI resume test makes, would not see it).
+#[test]
+fn resident_sdtt_tracks_the_cpu_run_across_round_boundaries() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let c = tiny(Algo::Imdm);
+    let edit = |sd: &mut SdttConfig| {
+        sd.grow_dt_every = 2;
+        sd.ema_on_growth = true;
+        sd.reset_optimizer_on_growth = true;
+    };
+    let mut a = sdtt_run_with(&c, 6, edit);
+    let mut b = sdtt_run_with(&c, 6, edit);
+    b.use_gpu(gpu);
+    for _ in 0..6 {
+        let (x, y) = (a.step().unwrap(), b.step().unwrap());
+        assert_eq!((x.round, x.masked), (y.round, y.masked), "step {}", x.step);
+        assert!(
+            (x.loss - y.loss).abs() <= CURVE_REL * x.loss.abs(),
+            "step {} (round {}): CPU loss {}, GPU {}",
+            x.step,
+            x.round,
+            x.loss,
+            y.loss
+        );
+    }
+    assert_eq!(a.teacher_round, 2, "the CPU run crossed two boundaries");
+    b.sync_from_device().unwrap();
+    assert_eq!(
+        b.opt.step, a.opt.step,
+        "AdamW restarted on both devices alike"
+    );
 }
 
 fn cli_config() -> DitConfig {
