@@ -16,11 +16,14 @@
 
 use std::time::Instant;
 
+use rand_chacha::ChaCha8Rng;
+
 use crate::data::{Check, Loader, LoaderOptions, ShardSet};
 use crate::diffusion::noising::nelbo_batch;
 use crate::diffusion::schedule::antithetic_times;
 use crate::diffusion::Denoiser;
 use crate::error::{Error, Result};
+use crate::model::DitConfig;
 use crate::tensor::Tokens;
 use crate::train::objective::weighted_nll;
 use crate::train::trainer::{stream, VALIDATION, VALIDATION_EPS, VALIDATION_SEED};
@@ -61,16 +64,32 @@ pub struct PplReport {
     pub seconds: f64,
 }
 
-/// NELBO and PPL of `den` on `split` of the prepared folder `dir` (see the module doc).
-/// `progress(done, total)` is called after every batch.
-pub fn heldout_ppl(
-    den: &mut dyn Denoiser,
+/// What [`walk_split`] summed over a split.
+pub(crate) struct Walk {
+    /// Σ of the per-batch scores.
+    pub sum: f64,
+    pub sequences: u64,
+    /// Σ of the per-batch counts (masked or scored positions).
+    pub counted: u64,
+    pub batches: u64,
+    pub seconds: f64,
+}
+
+/// The evaluation protocol of this module (see the module doc), shared by every held-out
+/// estimate: opens `split` of `dir` for `config`'s model, walks its first `opts.limit`
+/// sequences once in stored order, refuses a sequence holding the mask id, draws each batch's
+/// antithetic times, and calls `score(masks, eps, x0, t) -> (sum, count)` with the streams for
+/// the masks and ε; a non-finite sum is an error naming `what`, the batch and its first
+/// sequence. `progress(done, total)` after every batch.
+pub(crate) fn walk_split(
+    config: &DitConfig,
     dir: &std::path::Path,
     split: &str,
     opts: PplOptions,
+    what: &str,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<PplReport> {
-    let config = den.config().clone();
+    mut score: impl FnMut(&mut ChaCha8Rng, &mut ChaCha8Rng, &Tokens, &[f64]) -> Result<(f64, u64)>,
+) -> Result<Walk> {
     let set = ShardSet::open(dir, split, Check::Full)?;
     set.check_model(config.vocab_size, config.mask_index as u32, config.length)?;
     let total = opts.limit.map_or(set.len(), |n| n.min(set.len()));
@@ -84,7 +103,7 @@ pub fn heldout_ppl(
     let mut rng = stream(opts.seed, VALIDATION, 0);
     let mut eps = stream(opts.seed, VALIDATION_EPS, 0);
     let t0 = Instant::now();
-    let (mut sum, mut done, mut masked, mut batches) = (0.0f64, 0u64, 0u64, 0u64);
+    let (mut sum, mut done, mut counted, mut batches) = (0.0f64, 0u64, 0u64, 0u64);
     let l = config.length;
     while done < total {
         let b = loader.next_batch();
@@ -106,30 +125,60 @@ pub fn heldout_ppl(
             ));
         }
         let t = antithetic_times(&mut rng, rows);
-        let nb = nelbo_batch(&mut rng, &mut eps, &x, &t, &config, 1.0)?;
-        let lp = den.log_probs(&nb.xt, nb.eps.as_ref())?;
-        let s = weighted_nll(&lp, &nb.as_loss())?;
+        let (s, n) = score(&mut rng, &mut eps, &x, &t)?;
         if !s.is_finite() {
             return Err(Error::Config(format!(
-                "the NELBO of {split} batch {batches} (sequences {}..) is {s}",
+                "the {what} of {split} batch {batches} (sequences {}..) is {s}",
                 b.indices[0]
             )));
         }
         sum += s;
-        masked += nb.masked() as u64;
+        counted += n;
         done += rows as u64;
         batches += 1;
         progress(done, total);
     }
-    let tokens = done * l as u64;
-    let nelbo = sum / tokens as f64;
+    Ok(Walk {
+        sum,
+        sequences: done,
+        counted,
+        batches,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// NELBO and PPL of `den` on `split` of the prepared folder `dir` (see the module doc).
+/// `progress(done, total)` is called after every batch.
+pub fn heldout_ppl(
+    den: &mut dyn Denoiser,
+    dir: &std::path::Path,
+    split: &str,
+    opts: PplOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<PplReport> {
+    let config = den.config().clone();
+    let w = walk_split(
+        &config,
+        dir,
+        split,
+        opts,
+        "NELBO",
+        progress,
+        |rng, eps, x, t| {
+            let nb = nelbo_batch(rng, eps, x, t, &config, 1.0)?;
+            let lp = den.log_probs(&nb.xt, nb.eps.as_ref())?;
+            Ok((weighted_nll(&lp, &nb.as_loss())?, nb.masked() as u64))
+        },
+    )?;
+    let tokens = w.sequences * config.length as u64;
+    let nelbo = w.sum / tokens as f64;
     Ok(PplReport {
         nelbo,
         ppl: nelbo.exp(),
-        sequences: done,
+        sequences: w.sequences,
         tokens,
-        masked,
-        batches,
-        seconds: t0.elapsed().as_secs_f64(),
+        masked: w.counted,
+        batches: w.batches,
+        seconds: w.seconds,
     })
 }
