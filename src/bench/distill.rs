@@ -21,24 +21,21 @@
 
 use std::time::Instant;
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
 use super::timing::Timer;
+use super::train::noised_global_batch;
 use super::Shape;
 use crate::cpu::TrainOpts;
 use crate::cuda::dit::{ForwardOpts, GpuDit, Keep, Workspace};
 use crate::cuda::trainer::{device_memory_used, GpuTrainOptions};
 use crate::cuda::Gpu;
-use crate::diffusion::noising::{micro_batch, nelbo_batch, NoisedBatch};
-use crate::diffusion::schedule::{antithetic_times, SAMPLING_EPS};
+use crate::diffusion::noising::NoisedBatch;
+use crate::diffusion::schedule::SAMPLING_EPS;
 use crate::diffusion::DistillMode;
 use crate::distill::rollout::Spacing;
 use crate::distill::sdtt::SdttGpu;
 use crate::error::{Error, Result};
 use crate::model::init::init_params;
 use crate::model::{Algo, DitConfig, DitParams, Preset};
-use crate::tensor::Tokens;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::{Ema, Resident};
 
@@ -108,24 +105,7 @@ pub fn distill(
     let n_params = student.count();
 
     // One global batch of random non-mask tokens, noised once (host work excluded).
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let ids: Vec<u32> = (0..b * l)
-        .map(|_| loop {
-            let t = rng.random_range(0..v as u32);
-            if t != mask as u32 {
-                break t;
-            }
-        })
-        .collect();
-    let x0 = Tokens::new(b, l, ids, v)?;
-    let t = antithetic_times(&mut rng, b);
-    let mut eps = ChaCha8Rng::seed_from_u64(2);
-    let batches: Vec<NoisedBatch> = (0..b / micro)
-        .map(|k| {
-            let (xk, tk) = micro_batch(&x0, &t, micro, k)?;
-            nelbo_batch(&mut rng, &mut eps, &xk, tk, &c, 1.0)
-        })
-        .collect::<Result<_>>()?;
+    let batches = noised_global_batch(&c, b, micro, 1.0)?;
     let norm = batches.iter().map(|nb| nb.masked()).sum::<usize>().max(1) as f64;
 
     let ms_forward = forward_ms(&gpu, &teacher, &batches[0])? * (b / micro) as f64;

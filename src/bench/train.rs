@@ -119,25 +119,7 @@ pub fn train(
     drop((params, opt, ema));
 
     // One global batch of random non-mask tokens, noised once (host work excluded).
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let ids: Vec<u32> = (0..b * l)
-        .map(|_| loop {
-            let t = rng.random_range(0..v as u32);
-            if t != mask as u32 {
-                break t;
-            }
-        })
-        .collect();
-    let x0 = Tokens::new(b, l, ids, v)?;
-    let t = antithetic_times(&mut rng, b);
-    let mut eps = ChaCha8Rng::seed_from_u64(2);
-    let norm = (b * l) as f64;
-    let batches: Vec<NoisedBatch> = (0..b / m)
-        .map(|k| {
-            let (xk, tk) = micro_batch(&x0, &t, m, k)?;
-            nelbo_batch(&mut rng, &mut eps, &xk, tk, &c, norm)
-        })
-        .collect::<Result<_>>()?;
+    let batches = noised_global_batch(&c, b, m, (b * l) as f64)?;
     let dropout = (c.dropout > 0.0).then_some((7u64, 0u64));
     let step = |s: u64, trainer: &mut GpuTrainer| -> Result<f64> {
         trainer.zero_grads()?;
@@ -227,4 +209,34 @@ pub fn print(r: &TrainResult) {
         r.last_loss,
         r.tflop_total
     );
+}
+
+/// The benchmarks' input: one global batch of `b` random non-mask rows, noised once with
+/// antithetic times and cut into micro-batches of `micro` rows, every loss divided by `norm`;
+/// fixed seeds, so every benchmark of a shape sees the same tokens.
+pub(super) fn noised_global_batch(
+    c: &DitConfig,
+    b: usize,
+    micro: usize,
+    norm: f64,
+) -> Result<Vec<NoisedBatch>> {
+    let (l, v, mask) = (c.length, c.vocab_size, c.mask_index);
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let ids: Vec<u32> = (0..b * l)
+        .map(|_| loop {
+            let t = rng.random_range(0..v as u32);
+            if t != mask as u32 {
+                break t;
+            }
+        })
+        .collect();
+    let x0 = Tokens::new(b, l, ids, v)?;
+    let t = antithetic_times(&mut rng, b);
+    let mut eps = ChaCha8Rng::seed_from_u64(2);
+    (0..b / micro)
+        .map(|k| {
+            let (xk, tk) = micro_batch(&x0, &t, micro, k)?;
+            nelbo_batch(&mut rng, &mut eps, &xk, tk, c, norm)
+        })
+        .collect()
 }
