@@ -23,6 +23,7 @@ pub mod sample;
 pub mod sample_baselines;
 pub mod sdtt;
 pub mod train;
+mod train_resolve;
 
 /// Masked diffusion language models (MDLM, IMDM) with hand-written CUDA kernels.
 ///
